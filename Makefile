@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv on first use
+# (and again whenever pyproject.toml changes), so a fresh machine needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bnsurgery demo --out bnsurgery-demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check bnsurgery tests examples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bn_kernel.py
+
+clean:
+	rm -rf $(VENV) bnsurgery-demo .pytest_cache

@@ -1,0 +1,89 @@
+"""The one error hierarchy of bnsurgery.
+
+Every error a user can cause derives from :class:`BnSurgeryError` *and* from the builtin it
+naturally is (``ValueError``, ``TypeError``, ...), so callers may catch either. Messages follow one
+shape: what failed, where (a module's qualified name or a file), the offending value, what was
+expected, then a line starting with ``Hint:`` that says how to fix it. :func:`format_message`
+builds that shape so every raise site reads the same.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BnSurgeryError",
+    "ExportError",
+    "FusionError",
+    "IncompatibleModuleError",
+    "InvalidInputError",
+    "MissingDependencyError",
+    "NumericMismatchError",
+    "ReplacementError",
+    "UnsafeFileError",
+    "format_message",
+]
+
+
+def format_message(what: str, *, where: str | None = None, got: object = None,
+                   expected: object = None, hint: str | None = None) -> str:
+    """Build a message in the house shape: what, where, got vs expected, then a hint.
+
+    Args:
+        what: One sentence saying what failed.
+        where: The module qualified name, file or argument the problem is in.
+        got: The offending value (omitted when ``None``).
+        expected: What would have been accepted (omitted when ``None``).
+        hint: How to fix it; rendered on its own line as ``Hint: ...``.
+
+    Returns:
+        The formatted message.
+    """
+    text = what.rstrip(".")
+    if where:
+        text += f" (at {where})"
+    text += "."
+    if got is not None or expected is not None:
+        parts = []
+        if got is not None:
+            parts.append(f"got {got}")
+        if expected is not None:
+            parts.append(f"expected {expected}")
+        text += " " + "; ".join(parts).capitalize() + "."
+    if hint:
+        text += f"\nHint: {hint}"
+    return text
+
+
+class BnSurgeryError(Exception):
+    """Base class of every error bnsurgery raises on purpose."""
+
+
+class InvalidInputError(BnSurgeryError, ValueError):
+    """An argument or tensor has the wrong shape, rank, dtype or value."""
+
+
+class IncompatibleModuleError(BnSurgeryError, TypeError):
+    """A module is of a type the operation cannot handle."""
+
+
+class ReplacementError(BnSurgeryError, RuntimeError):
+    """A BatchNorm layer could not be swapped (or swapped back)."""
+
+
+class FusionError(BnSurgeryError, RuntimeError):
+    """BatchNorm folding could not be done as asked (raised by ``strict=True``)."""
+
+
+class ExportError(BnSurgeryError, RuntimeError):
+    """Exporting a model (ONNX, TensorRT, torch.export) failed."""
+
+
+class NumericMismatchError(BnSurgeryError, RuntimeError):
+    """Two models that should compute the same numbers do not."""
+
+
+class UnsafeFileError(BnSurgeryError, ValueError):
+    """A file would need arbitrary code to be unpickled to load; it was refused."""
+
+
+class MissingDependencyError(BnSurgeryError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
