@@ -47,7 +47,8 @@ def format_message(what: str, *, where: str | None = None, got: object = None,
             parts.append(f"got {got}")
         if expected is not None:
             parts.append(f"expected {expected}")
-        text += " " + "; ".join(parts).capitalize() + "."
+        joined = "; ".join(parts)
+        text += " " + joined[0].upper() + joined[1:] + "."
     if hint:
         text += f"\nHint: {hint}"
     return text

@@ -1,0 +1,39 @@
+"""Shared test fixtures: seeding, calibrated models, and a spy for torch's batch-norm kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: Substrings of aten operator names that belong to torch's batch-norm family.
+BATCH_NORM_OP_MARKERS = ("batch_norm", "native_batch_norm", "_batch_norm", "cudnn_batch_norm",
+                         "miopen_batch_norm", "batch_norm_stats", "batch_norm_elemt")
+
+
+class AtenOpRecorder(TorchDispatchMode):
+    """Records the name of every aten operator that runs while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+    def batch_norm_ops(self) -> list[str]:
+        return sorted({op for op in self.ops if any(m in op for m in BATCH_NORM_OP_MARKERS)})
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
