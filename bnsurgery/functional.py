@@ -76,13 +76,76 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+# --- Memory layout -------------------------------------------------------------------------
+# Per-channel reductions over (N, *spatial) are slow in torch when they span non-adjacent
+# dimensions. Viewing the memory as a contiguous (A, C, L) block turns them into fast ones:
+# a contiguous NCHW tensor is (N, C, H*W), a channels-last one or a 2-D (N, C) one is
+# (N*H*W, C, 1). Everything below reads that block, never the strided original.
+
+
+def _block(x: Tensor) -> Tensor:
+    """``x`` as a contiguous ``(A, C, L)`` view of its memory (copying only odd layouts)."""
+    channels = x.shape[1]
+    if x.is_contiguous():
+        return x.view(x.shape[0], channels, -1)
+    if x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return x.permute(0, *range(2, x.dim()), 1).reshape(-1, channels, 1)
+    return x.contiguous().view(x.shape[0], channels, -1)
+
+
+def _channel_sum(block: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-channel sum of an ``(A, C, L)`` block."""
+    if block.shape[2] == 1:
+        return block.sum((0, 2), dtype=dtype)
+    return block.sum(2, dtype=dtype).sum(0)
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel ``sum(a * b)`` of two ``(A, C, L)`` blocks, without an ``a * b`` temporary.
+
+    With ``L > 1`` every (sample, channel) row is one dot product, done as a batched matrix
+    product of ``(1, L) @ (L, 1)`` matrices; the ``A`` partial sums are then added per channel.
+    """
+    rows, channels, length = a.shape
+    if length == 1:
+        return (a * b).sum((0, 2))
+    partial = torch.bmm(a.reshape(rows * channels, 1, length),
+                        b.reshape(rows * channels, length, 1))
+    return partial.view(rows, channels).sum(0)
+
+
+def _like(t: Tensor, reference: Tensor) -> Tensor:
+    """``t`` with ``reference``'s dtype and memory layout, so their blocks line up."""
+    if t.dtype == reference.dtype and t.stride() == reference.stride():
+        return t
+    return torch.empty_like(reference).copy_(t)
+
+
+def _affine(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``x * scale + shift`` per channel in one pass, rounded once to ``out_dtype``.
+
+    torch vectorises a fused multiply-add only when at most one operand is broadcast along the
+    innermost dimension. With channels innermost (2-D or channels-last) scale and shift already
+    vary along it; otherwise shift is spread over one sample's spatial extent first (a tensor the
+    size of one sample, small next to the batch).
+    """
+    scale_b, shift_b = _per_channel(scale, x), _per_channel(shift, x)
+    if x.dim() > 2 and not _block(x).shape[2] == 1:
+        shift_b = shift_b.expand(1, x.shape[1], *x.shape[2:]).contiguous()
+    return torch.addcmul(shift_b, x, scale_b).to(out_dtype)
+
+
+# --- The maths -----------------------------------------------------------------------------
+
+
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and *biased* variance of ``x``, in the accumulation dtype.
 
     Two passes (mean first, then the mean squared deviation from it) rather than
     ``E[x^2] - E[x]^2``, which loses every significant digit when the mean is large compared to
-    the spread. Two plain reductions are also faster on CPU than ``torch.var_mean`` over
-    non-adjacent dimensions.
+    the spread.
 
     Args:
         x: Input of shape ``(N, C, *spatial)`` with at least one value per channel.
@@ -90,24 +153,17 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(mean, var)``, each of shape ``(C,)``.
     """
-    dims = _reduce_dims(x)
+    mean, centred = _centre(x)
+    block = _block(centred)
+    return mean, _channel_dot(block, block) / (x.numel() // x.shape[1])
+
+
+def _centre(x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(mean, x - mean)`` in the accumulation dtype; the batch mean unless ``mean`` is given."""
     acc = _accumulate_dtype(x.dtype)
-    mean = x.mean(dims, dtype=acc)
-    var = (x - _per_channel(mean, x)).square().mean(dims)
-    return mean, var.to(acc)
-
-
-def _normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-               bias: Tensor | None) -> Tensor:
-    """``y = (x - mean) * invstd * weight + bias``, as one multiply-add ``x * scale + shift``."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    # Computing in float32 and rounding once keeps half-precision outputs within one rounding of
-    # the exact value, like torch's kernels; addcmul promotes a half x to float32 on the fly.
-    y = torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
-    return y.to(x.dtype)
+    if mean is None:
+        mean = _channel_sum(_block(x), acc) / (x.numel() // x.shape[1])
+    return mean, x - _per_channel(mean, x)
 
 
 def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
@@ -121,32 +177,103 @@ def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | Non
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def _input_gradient(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
-                    invstd: Tensor, training: bool, sum_dy: Tensor | None,
-                    sum_dy_xmu: Tensor | None) -> Tensor:
-    """``dL/dx``; see the module docstring for the formula.
+def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+             running_var: Tensor | None, training: bool, momentum: float,
+             eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Output, the mean used and ``invstd``; updates the running statistics in training."""
+    acc = _accumulate_dtype(x.dtype)
+    channels = x.shape[1]
+    if x.numel() == 0:
+        # An empty batch has no statistics: return an empty output and leave the buffers alone.
+        empty = torch.zeros(channels, dtype=acc, device=x.device)
+        return x.clone(), empty, empty
+    weight = None if weight is None else weight.to(acc)
+    bias = None if bias is None else bias.to(acc)
+    if training:
+        count = x.numel() // channels
+        mean, centred = _centre(x)
+        block = _block(centred)
+        var = _channel_dot(block, block) / count
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        invstd = torch.rsqrt(var + eps)
+        # y = (x - mean) * invstd * weight + bias, from the centred values already at hand.
+        scale = invstd if weight is None else invstd * weight
+        shift = torch.zeros_like(scale) if bias is None else bias
+        return _affine(centred, scale, shift, x.dtype), mean, invstd
+    mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+    # y = x * scale + shift with scale = weight * invstd and shift = bias - mean * scale.
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return _affine(x, scale, shift, x.dtype), mean, invstd
 
-    In training mode ``dL/dx = a * g + b * x + c`` per channel, with ``a = weight * invstd``,
-    ``b = -a * invstd^2 * mean(g * (x - mean))`` and ``c = -a * mean(g) - b * mean``: two fused
-    multiply-adds over the input instead of materialising ``x_hat``.
+
+def _backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+              training: bool, needs: tuple[bool, bool, bool]
+              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for input, weight and bias; see the module docstring for the formulas.
+
+    In training mode ``dL/dx = a * g + b * (x - mean) + c`` per channel, with
+    ``a = weight * invstd``, ``b = -a * invstd^2 * mean(g * (x - mean))`` and
+    ``c = -a * mean(g)``: the formula of the module docstring with its per-channel factors
+    gathered, applied in place on the one temporary ``x - mean``.
     """
     acc = invstd.dtype
-    a = invstd if weight is None else invstd * weight.to(acc)
-    if not training:
-        return (grad_out * _per_channel(a, grad_out)).to(x.dtype)
     count = x.numel() // x.shape[1]
-    b = -a * invstd.square() * (sum_dy_xmu / count)
-    c = -a * (sum_dy / count) - b * mean
-    grad_in = torch.addcmul(_per_channel(c, x), x, _per_channel(b, x))
-    if torch.is_grad_enabled():  # double backward: stay out of place so autograd can follow
-        grad_in = torch.addcmul(grad_in, grad_out, _per_channel(a, x))
+    _, centred = _centre(x, mean)
+    g = _like(grad_out, centred)
+    g_block, centred_block = _block(g), _block(centred)
+    sum_dy = _channel_sum(g_block, acc)
+    sum_dy_xmu = _channel_dot(g_block, centred_block)
+    a = invstd if weight is None else invstd * weight.to(acc)
+    grad_x = None
+    if needs[0]:
+        if training:
+            b = -a * invstd.square() * (sum_dy_xmu / count)
+            c = -a * (sum_dy / count)
+            grad_x = centred.mul_(_per_channel(b, x))
+            grad_x.addcmul_(g, _per_channel(a, x)).add_(_per_channel(c, x))
+        else:
+            grad_x = g * _per_channel(a, x)
+        grad_x = grad_x.to(x.dtype)
+    grad_w = sum_dy_xmu * invstd if needs[1] else None
+    grad_b = sum_dy if needs[2] else None
+    return grad_x, grad_w, grad_b
+
+
+def _backward_differentiable(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                             invstd: Tensor, training: bool, eps: float
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """The same gradients, written literally and out of place so autograd can differentiate them.
+
+    Used for double backward (``create_graph=True``). In training the statistics are recomputed
+    from ``x`` inside the graph, because they depend on ``x`` and the second derivative must see
+    that dependence.
+    """
+    acc = invstd.dtype
+    dims = _reduce_dims(x)
+    xf, g = x.to(acc), grad_out.to(acc)
+    if training:
+        mean = xf.mean(dims)
+        var = (xf - _per_channel(mean, x)).square().mean(dims)
+        invstd = torch.rsqrt(var + eps)
+    x_hat = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
+    w = torch.ones_like(invstd) if weight is None else weight.to(acc)
+    grad_b = g.sum(dims)
+    grad_w = (g * x_hat).sum(dims)
+    if training:
+        inner = g - _per_channel(g.mean(dims), x) - x_hat * _per_channel((g * x_hat).mean(dims), x)
     else:
-        grad_in.addcmul_(grad_out, _per_channel(a, x))
-    return grad_in.to(x.dtype)
+        inner = g
+    grad_x = _per_channel(w * invstd, x) * inner
+    return grad_x.to(x.dtype), grad_w, grad_b
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """The autograd node of :func:`batch_norm`: forward and backward written out by hand."""
+    """The autograd node of :func:`batch_norm`: forward and backward written out by hand.
+
+    Like torch's kernel it saves the input, the mean and ``1/std`` for backward (nothing
+    input-sized besides the input itself) and recomputes ``x - mean`` when it is needed.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -163,52 +290,21 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, mean, invstd = ctx.saved_tensors
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        needs = tuple(ctx.needs_input_grad[:3])
         if x.numel() == 0:
             zeros = None if weight is None else torch.zeros_like(weight)
-            return (torch.zeros_like(x) if needs_x else None, zeros if needs_w else None,
-                    zeros if needs_b else None, None, None, None, None, None)
-        if ctx.training and torch.is_grad_enabled():
-            # create_graph=True: the statistics must be functions of x for the second derivative
-            # to be right, so recompute them inside the graph instead of using the saved copies.
-            mean, var = batch_norm_stats(x)
-            invstd = torch.rsqrt(var + ctx.eps)
-        acc = invstd.dtype
-        dims = _reduce_dims(x)
-        g = grad_out.to(acc) if grad_out.dtype != acc else grad_out
-        sum_dy = sum_dy_xmu = None
-        if ctx.training or needs_w or needs_b:
-            sum_dy = g.sum(dims)
-            sum_dy_xmu = (g * (x - _per_channel(mean, x))).sum(dims)
-        grad_x = grad_w = grad_b = None
-        if needs_x:
-            grad_x = _input_gradient(g, x, weight, mean, invstd, ctx.training, sum_dy,
-                                     sum_dy_xmu)
-        if needs_w:
-            grad_w = (sum_dy_xmu * invstd).to(weight.dtype)
-        if needs_b:
-            grad_b = sum_dy.to(ctx.bias_dtype)
+            grads = (torch.zeros_like(x), zeros, zeros)
+        elif torch.is_grad_enabled():
+            grads = _backward_differentiable(grad_out, x, weight, mean, invstd, ctx.training,
+                                             ctx.eps)
+        else:
+            grads = _backward(grad_out, x, weight, mean, invstd, ctx.training, needs)
+        grad_x, grad_w, grad_b = (g if need else None for g, need in zip(grads, needs))
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and ctx.bias_dtype is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
-
-
-def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-             running_var: Tensor | None, training: bool, momentum: float,
-             eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Output, the mean used and ``invstd``; updates the running statistics in training."""
-    acc = _accumulate_dtype(x.dtype)
-    channels = x.shape[1]
-    if x.numel() == 0:
-        # An empty batch has no statistics: return an empty output and leave the buffers alone.
-        empty = torch.zeros(channels, dtype=acc, device=x.device)
-        return x.clone(), empty, empty
-    if training:
-        mean, var = batch_norm_stats(x)
-        _update_running_stats(running_mean, running_var, mean, var, x.numel() // channels,
-                              momentum)
-    else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    invstd = torch.rsqrt(var + eps)
-    return _normalize(x, mean, invstd, weight, bias), mean, invstd
 
 
 def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
