@@ -28,6 +28,7 @@ from bnsurgery.replace import (
     replace_batchnorm,
     restore_batchnorm,
 )
+from bnsurgery.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,8 @@ __all__ = [
     "ReplacementError",
     "ReplacementPlan",
     "ReplacementRecord",
+    "SyncBatchNorm",
+    "SyncBatchNormAct",
     "UnsafeFileError",
     "batch_norm",
     "calibrate_batchnorm",

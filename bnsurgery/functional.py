@@ -228,13 +228,19 @@ def _backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, 
     _, scratch = _centre(x, mean)
     g = _like(grad_out, scratch)
     sum_dy = _channel_sum(_block(g), acc)
+    # The saved mean is rounded, so x - mean is off by a per-channel constant: the mean of the
+    # centred values, ideally 0. Measuring it and taking sum(g) times it back out keeps
+    # sum(g * (x - mean)) accurate when the mean is large next to the spread.
+    residual = _channel_sum(_block(scratch), acc) / count if training else None
     sum_dy_xmu = _channel_sum(_block(scratch.mul_(g)), acc)
+    if training:
+        sum_dy_xmu = sum_dy_xmu - residual * sum_dy
     a = invstd if weight is None else invstd * weight.to(acc)
     grad_x = None
     if needs[0]:
         if training:
             b = -a * invstd.square() * (sum_dy_xmu / count)
-            c = -a * (sum_dy / count)
+            c = -a * (sum_dy / count) - b * residual
             grad_x = torch.sub(x, _per_channel(mean, x), out=scratch).mul_(_per_channel(b, x))
             grad_x.addcmul_(g, _per_channel(a, x)).add_(_per_channel(c, x))
         else:
