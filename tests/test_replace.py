@@ -318,3 +318,25 @@ def test_directly_built_layers_restore_to_torch_classes():
 def test_not_a_module_is_a_clear_error():
     with pytest.raises(InvalidInputError, match="needs a torch.nn.Module.*Got dict"):
         bnsurgery.replace_batchnorm({})
+
+
+def test_torch_syncbatchnorm_round_trips():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
+    bnsurgery.calibrate_batchnorm(model, torch.randn(4, 3, 5, 5), inplace=True).eval()
+    replaced = bnsurgery.replace_batchnorm(model)
+    assert type(replaced[1]) is bnsurgery.SyncBatchNorm
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(replaced(x), model(x))
+    restored = bnsurgery.restore_batchnorm(replaced)
+    assert type(restored[1]) is nn.SyncBatchNorm
+    assert torch.equal(restored(x), model(x))
+
+
+def test_sync_conversion_keeps_activation_and_restores_plain_classes():
+    model = nn.Sequential(nn.BatchNorm2d(4), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU))
+    synced = bnsurgery.replace_batchnorm(model, sync=True)
+    assert [type(m) for m in synced] == [bnsurgery.SyncBatchNorm, bnsurgery.SyncBatchNormAct]
+    assert isinstance(synced[1].act, nn.ReLU)
+    restored = bnsurgery.restore_batchnorm(synced)
+    assert [type(m) for m in restored] == [nn.BatchNorm2d, timm.layers.BatchNormAct2d]
+    assert not hasattr(restored[0], "process_group")
