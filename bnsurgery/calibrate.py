@@ -59,8 +59,9 @@ def randomize_batchnorm_affine(model: nn.Module, *, seed: int = 0, inplace: bool
             if isinstance(bias, torch.Tensor):
                 bias.copy_(torch.randn(bias.shape, generator=gen) * 0.2)
             if not isinstance(module, nn.modules.batchnorm._NormBase):
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(shape, generator=gen) + 0.5)
     return model
 
 
@@ -105,7 +106,9 @@ def calibrate_batchnorm(
             "calibrate_batchnorm's nudge must be non-negative", where="nudge", got=nudge,
             expected="a float >= 0", hint="pass nudge=0.0 to keep the measured statistics"))
     model = randomize_batchnorm_affine(model, seed=seed, inplace=inplace)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = tuple(example_inputs)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
              and m.track_running_stats]
     saved = {id(m): (m.training, getattr(m, "momentum", None)) for m in model.modules()}

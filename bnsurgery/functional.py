@@ -310,7 +310,7 @@ class _BatchNormFunction(torch.autograd.Function):
                                              ctx.eps)
         else:
             grads = _backward(grad_out, x, weight, mean, invstd, ctx.training, needs)
-        grad_x, grad_w, grad_b = (g if need else None for g, need in zip(grads, needs))
+        grad_x, grad_w, grad_b = (g if need else None for g, need in zip(grads, needs, strict=True))
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None and ctx.bias_dtype is not None:

@@ -20,7 +20,7 @@ PAIRS = {
     "2d": (nn.BatchNorm2d, bnsurgery.BatchNorm2d, (3, 4, 5, 3)),
     "3d": (nn.BatchNorm3d, bnsurgery.BatchNorm3d, (2, 4, 3, 2, 3)),
 }
-OPTIONS = [dict(zip(("affine", "track_running_stats", "momentum", "bias"), values))
+OPTIONS = [dict(zip(("affine", "track_running_stats", "momentum", "bias"), values, strict=True))
            for values in itertools.product([True, False], [True, False], [0.1, None],
                                            [True, False])
            if values[0] or values[3]]  # bias=False only matters with affine=True
@@ -61,9 +61,9 @@ def test_several_steps_match_torch(options, pair, mode, dtype):
         out.backward(grad)
         out_ref.backward(grad)
         torch.testing.assert_close(x.grad, x_ref.grad, **TOL[dtype])
-        for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
+        for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, p_ref.grad, **TOL[dtype], msg=name)
-        for (name, b), b_ref in zip(ours.named_buffers(), ref.buffers()):
+        for (name, b), b_ref in zip(ours.named_buffers(), ref.buffers(), strict=True):
             torch.testing.assert_close(b, b_ref, **TOL[dtype], msg=name)
         if opt_ref is not None:
             opt_ref.step()
