@@ -20,6 +20,8 @@ from bnsurgery.errors import (
     UnsafeFileError,
 )
 from bnsurgery.functional import batch_norm
+from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batchnorm, plan_fusion
+from bnsurgery.pairs import FoldPair, find_fold_pairs
 from bnsurgery.replace import (
     ReplacementPlan,
     ReplacementRecord,
@@ -39,7 +41,11 @@ __all__ = [
     "BatchNormAct2d",
     "BnSurgeryError",
     "ExportError",
+    "FoldPair",
+    "FoldRecord",
+    "FoldedBatchNormAct",
     "FusionError",
+    "FusionPlan",
     "IncompatibleModuleError",
     "InvalidInputError",
     "MissingDependencyError",
@@ -52,6 +58,9 @@ __all__ = [
     "UnsafeFileError",
     "batch_norm",
     "calibrate_batchnorm",
+    "find_fold_pairs",
+    "fuse_batchnorm",
+    "plan_fusion",
     "plan_replacement",
     "randomize_batchnorm_affine",
     "register_replacement",

@@ -1,0 +1,139 @@
+"""Latency of BatchNorm-fused models, and the time fuse_batchnorm itself takes.
+
+Compares, for each model at batch 8 on CPU (random weights, calibrated BatchNorm statistics):
+
+* ``original``: the model as built, BatchNorms in eval mode;
+* ``fused``: ``bnsurgery.fuse_batchnorm(model)``;
+* ``bn_deleted``: every BatchNorm replaced by ``nn.Identity`` without folding: the speed limit
+  (BatchNorm costing nothing); its outputs are wrong, it only bounds what folding can gain.
+
+The variants run interleaved (A B C, B C A, ...) so load changes on the machine hit all of them,
+and the ratios are medians measured in this one run. Then it times ``fuse_batchnorm(resnet152)``
+against ``copy.deepcopy(resnet152)``, the least any non-inplace transformation costs.
+
+Rerun with::
+
+    .venv/bin/python benchmarks/fuse_latency.py
+    .venv/bin/python benchmarks/fuse_latency.py --models resnet50 --rounds 30 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnsurgery._bn_registry import looks_like_batchnorm  # noqa: E402
+from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
+from bnsurgery.fuse import fuse_batchnorm  # noqa: E402
+
+COMMAND = ".venv/bin/python benchmarks/fuse_latency.py"
+
+
+def build(name: str, size: int) -> nn.Module:
+    """A torchvision model with random weights and BatchNorm statistics calibrated at ``size``."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    image = torch.randn(2, 3, size, size)
+    return calibrate_batchnorm(model, image, steps=2, inplace=True).eval()
+
+
+def delete_batchnorms(model: nn.Module) -> nn.Module:
+    """A copy with every BatchNorm replaced by nn.Identity (no folding: the speed limit)."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if looks_like_batchnorm(child):
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+def interleaved_latency(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int,
+                        warmup: int) -> dict[str, list[float]]:
+    """Seconds per forward of each variant, run in rotating order each round."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                variants[name](x)
+        for round_index in range(rounds):
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                variants[name](x)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+",
+                        default=["resnet50", "efficientnet_b0", "mobilenet_v3_large"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--fuse-model", default="resnet152")
+    parser.add_argument("--fuse-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    print(f"bnsurgery fuse latency benchmark: torch {torch.__version__}, CPU, "
+          f"{args.threads} threads, batch {args.batch}x3x{args.size}x{args.size}, "
+          f"{args.rounds} interleaved rounds, medians")
+    print("compares: original model / fuse_batchnorm(model) / every BatchNorm deleted (limit)")
+    header = (f"{'model':20s} {'original ms':>12s} {'fused ms':>10s} {'bn_deleted ms':>14s} "
+              f"{'fused/deleted':>14s} {'fused/original':>15s}  max|fused-original|/scale")
+    print(header)
+    worst = 0.0
+    for name in args.models:
+        model = build(name, args.size)
+        fused = fuse_batchnorm(model, strict=True)
+        deleted = delete_batchnorms(model)
+        x = torch.randn(args.batch, 3, args.size, args.size)
+        with torch.inference_mode():
+            reference, result = model(x), fused(x)
+        error = ((result - reference).abs().max() / reference.abs().max()).item()
+        times = interleaved_latency({"original": model, "fused": fused, "bn_deleted": deleted},
+                                    x, args.rounds, args.warmup)
+        med = {key: statistics.median(value) * 1e3 for key, value in times.items()}
+        ratio_limit = med["fused"] / med["bn_deleted"]
+        worst = max(worst, ratio_limit)
+        print(f"{name:20s} {med['original']:12.1f} {med['fused']:10.1f} "
+              f"{med['bn_deleted']:14.1f} {ratio_limit:13.3f}x "
+              f"{med['fused'] / med['original']:14.3f}x  {error:.1e}", flush=True)
+    print(f"target fused/deleted <= 1.05x: {'met' if worst <= 1.05 else 'NOT met'} "
+          f"(worst {worst:.3f}x)")
+
+    model = build(args.fuse_model, 64)
+    fuse_batchnorm(model)  # first call pays for imports and torch.fx warm-up
+    fuse_times, copy_times = [], []
+    for _ in range(args.fuse_repeats):
+        start = time.perf_counter()
+        copy.deepcopy(model)
+        copy_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fuse_batchnorm(model)
+        fuse_times.append(time.perf_counter() - start)
+    fuse_s, copy_s = statistics.median(fuse_times), statistics.median(copy_times)
+    print(f"fuse_batchnorm({args.fuse_model}): {fuse_s:.3f} s median of {args.fuse_repeats} "
+          f"(copy.deepcopy of the model: {copy_s:.3f} s; ratio {fuse_s / copy_s:.2f}x); "
+          f"target <= 2 s: {'met' if fuse_s <= 2 else 'NOT met'}")
+    print(f"rerun: {COMMAND} --rounds {args.rounds} --threads {args.threads}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+"""Dataflow graphs of a model's BatchNorm, convolution and Linear calls, found three ways.
+
+Pairing layers by registration order (``for conv, bn in zip(convs, bns)``) is wrong whenever the
+forward uses modules in another order, twice, or not at all. What a fold needs is the *dataflow*:
+which call produced the tensor a BatchNorm normalises, who else reads that tensor, and how often
+each module runs. This module records it in one small graph (:class:`Dataflow`) built by
+
+* ``"fx"``: ``torch.fx`` symbolic tracing with BatchNorm-likes, convolutions and Linear layers
+  kept as leaves (no inputs needed; fails on data-dependent Python control flow);
+* ``"export"``: a ``torch.export`` graph whose ATen nodes are mapped back to module calls through
+  their ``nn_module_stack`` (needs example inputs; handles shape-dependent control flow);
+* ``"hooks"``: one real forward run on example inputs, with hooks on the leaf modules and a
+  ``TorchFunctionMode`` that sees every torch function applied outside them (handles anything
+  that runs, but only sees the path those inputs take).
+
+The export and hooks builders work on a deep copy, so the caller's model (buffers, RNG-driven
+layers, hooks) is never touched. The graph is consumed by :mod:`bnsurgery.pairs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from bnsurgery._bn_registry import looks_like_batchnorm
+
+__all__ = ["Dataflow", "FlowNode", "build_dataflow", "is_leaf_of_interest"]
+
+logger = logging.getLogger(__name__)
+
+_CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+
+# Functions that read only a tensor's metadata. Reading a conv output's shape does not depend on
+# its values, so it is not a "user" that would stop the fold.
+_METADATA_READS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous",
+    "is_floating_point", "is_complex", "element_size", "get_device", "storage_offset",
+    "data_ptr", "dim_order", "has_names", "__len__", "__hash__", "type",
+    "shape", "dtype", "ndim", "device", "layout", "requires_grad", "is_cuda", "is_sparse",
+    "is_quantized", "is_meta", "names", "is_leaf", "grad_fn", "_version",
+})
+
+
+def is_leaf_of_interest(module: nn.Module) -> bool:
+    """Modules the graph records as single calls: BatchNorm-likes, convolutions, Linear layers."""
+    return looks_like_batchnorm(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+@dataclass
+class FlowNode:
+    """One step of the dataflow.
+
+    Attributes:
+        index: Position in :attr:`Dataflow.nodes` (topological order).
+        kind: ``"input"``, ``"const"``, ``"module"`` (a call of a leaf of interest), ``"cat"``
+            (a concatenation), ``"op"`` (anything else) or ``"output"``.
+        label: The module's qualified name for module nodes, a readable op name otherwise.
+        inputs: Indices of the nodes whose tensors this node reads, in argument order.
+        users: Indices of the nodes that read this node's tensor(s).
+        cat_dim: The concatenation dimension of a cat node.
+        input_ndims: Ranks of a module call's tensor inputs, when known.
+        output_ndim: Rank of a module call's output, when known.
+    """
+
+    index: int
+    kind: str
+    label: str
+    inputs: list[int]
+    users: list[int] = field(default_factory=list)
+    cat_dim: int | None = None
+    input_ndims: tuple[int, ...] | None = None
+    output_ndim: int | None = None
+
+
+@dataclass
+class Dataflow:
+    """The dataflow of one forward, with leaf-module calls as nodes (see :class:`FlowNode`)."""
+
+    method: str
+    nodes: list[FlowNode] = field(default_factory=list)
+
+    def add(self, kind: str, label: str, inputs: list[int], **extra: object) -> FlowNode:
+        node = FlowNode(index=len(self.nodes), kind=kind, label=label, inputs=list(inputs),
+                        **extra)  # type: ignore[arg-type]
+        self.nodes.append(node)
+        return node
+
+    def link_users(self) -> None:
+        """Fill every node's ``users`` from the ``inputs`` of the others (once per user)."""
+        for node in self.nodes:
+            node.users = []
+        for node in self.nodes:
+            for producer in dict.fromkeys(node.inputs):
+                self.nodes[producer].users.append(node.index)
+
+    def module_calls(self) -> dict[str, list[FlowNode]]:
+        """Module qualified name -> its call nodes, in call order."""
+        calls: dict[str, list[FlowNode]] = {}
+        for node in self.nodes:
+            if node.kind == "module":
+                calls.setdefault(node.label, []).append(node)
+        return calls
+
+    def describe(self, index: int) -> str:
+        """A short phrase naming a node, for skip reasons."""
+        node = self.nodes[index]
+        if node.kind == "module":
+            return f"'{node.label}'"
+        if node.kind == "input":
+            return "a model input"
+        if node.kind == "output":
+            return "the model output"
+        if node.kind == "const":
+            return f"the constant {node.label}"
+        return node.label
+
+
+def build_dataflow(model: nn.Module, method: str,
+                   example_inputs: tuple[object, ...] | None) -> Dataflow:
+    """Build the dataflow of ``model`` with ``method`` (``"fx"``, ``"export"`` or ``"hooks"``).
+
+    Args:
+        model: The model; never modified.
+        method: Which builder to use.
+        example_inputs: Positional forward arguments (needed by ``"export"`` and ``"hooks"``).
+
+    Returns:
+        The dataflow, users linked.
+
+    Raises:
+        Exception: Whatever the tracer raises when it cannot handle the model; callers record it
+            and fall back to the next method.
+    """
+    builders: dict[str, Callable[[nn.Module, tuple[object, ...] | None], Dataflow]] = {
+        "fx": _from_fx, "export": _from_export, "hooks": _from_hooks}
+    flow = builders[method](model, example_inputs)
+    flow.link_users()
+    return flow
+
+
+# --- torch.fx ---------------------------------------------------------------------------------
+
+class _LeafTracer(torch.fx.Tracer):
+    """A tracer that stops at BatchNorm-likes, convolutions and Linear layers of any class."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf_of_interest(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fx_label(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return f"the tensor method .{node.target}()"
+    try:
+        name = torch.fx.node._get_qualified_name(node.target)  # type: ignore[arg-type]
+    except (AttributeError, RuntimeError, TypeError):
+        name = str(node.target)
+    return name.replace("_operator.", "operator.")
+
+
+def _from_fx(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
+    graph = _LeafTracer().trace(model)
+    flow = Dataflow("fx")
+    index: dict[torch.fx.Node, int] = {}
+    for node in graph.nodes:
+        inputs = [index[n] for n in node.all_input_nodes if n in index]
+        if node.op == "placeholder":
+            new = flow.add("input", str(node.target), [])
+        elif node.op == "get_attr":
+            new = flow.add("const", str(node.target), [])
+        elif node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            if is_leaf_of_interest(module):
+                new = flow.add("module", str(node.target), inputs)
+            else:
+                new = flow.add("op", f"{type(module).__name__} '{node.target}'", inputs)
+        elif node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            ordered = [index[n] for n in tensors if isinstance(n, torch.fx.Node) and n in index]
+            if len(ordered) != len(tensors) or not isinstance(dim, int):
+                new = flow.add("op", "torch.cat", inputs)
+            else:
+                new = flow.add("cat", "torch.cat", ordered, cat_dim=dim)
+        elif node.op == "output":
+            new = flow.add("output", "output", inputs)
+        elif _fx_reads_metadata(node):
+            new = flow.add("op", _fx_label(node), [])  # depends on shapes, not values
+        else:
+            new = flow.add("op", _fx_label(node), inputs)
+        index[node] = new.index
+    return flow
+
+
+def _fx_reads_metadata(node: torch.fx.Node) -> bool:
+    """``x.shape``, ``x.size(0)``, ``x.dim()`` and the like: no dependence on tensor values."""
+    if node.op == "call_method":
+        return node.target in _METADATA_READS
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in _METADATA_READS
+    return False
+
+
+# --- torch.export -----------------------------------------------------------------------------
+
+def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
+    if example_inputs is None:
+        raise ValueError("torch.export needs example_inputs")
+    work = copy.deepcopy(model)
+    with _quiet_torch() as captured:
+        try:
+            program = torch.export.export(work, tuple(example_inputs), strict=False)
+        finally:
+            if captured.getvalue():
+                logger.debug("torch.export printed:\n%s", captured.getvalue())
+    leaf_names = {name for name, module in work.named_modules()
+                  if name and is_leaf_of_interest(module)}
+    user_inputs = set(program.graph_signature.user_inputs)
+
+    # Group every ATen node under the outermost leaf module call it belongs to.
+    group_of: dict[torch.fx.Node, str] = {}
+    path_of_group: dict[str, str] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for key, (path, _type_name) in (node.meta.get("nn_module_stack") or {}).items():
+            if path in leaf_names:
+                group_of[node] = key
+                path_of_group[key] = path
+                break
+
+    flow = Dataflow("export")
+    index: dict[torch.fx.Node, int] = {}
+    group_node: dict[str, FlowNode] = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in user_inputs:
+                index[node] = flow.add("input", node.name, []).index
+            continue
+        if node.op == "get_attr":
+            continue
+        inputs = [index[n] for n in node.all_input_nodes if n in index]
+        key = group_of.get(node)
+        if key is not None:
+            existing = group_node.get(key)
+            if existing is None:
+                existing = flow.add("module", path_of_group[key], [])
+                group_node[key] = existing
+                _set_ndims(existing, node, first=True)
+            existing.inputs.extend(i for i in inputs
+                                   if i != existing.index and i not in existing.inputs)
+            _set_ndims(existing, node, first=False)
+            index[node] = existing.index
+            continue
+        if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            ordered = [index[n] for n in tensors if isinstance(n, torch.fx.Node) and n in index]
+            if len(ordered) == len(tensors) and isinstance(dim, int):
+                index[node] = flow.add("cat", "torch.cat", ordered, cat_dim=dim).index
+                continue
+        if node.op == "output":
+            index[node] = flow.add("output", "output", inputs).index
+            continue
+        label = getattr(node.target, "__name__", str(node.target))
+        index[node] = flow.add("op", f"aten.{label}", inputs).index
+    return flow
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[io.StringIO]:
+    """Keep a failing ``torch.export`` from printing partial graphs and shape warnings.
+
+    A failed export is an expected step of the fallback chain, not something to show the user;
+    what torch prints is kept and logged at DEBUG level instead.
+    """
+    names = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export",
+             "torch._dynamo", "torch._subclasses.fake_tensor")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    buffer = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR + 1)
+        with contextlib.redirect_stderr(buffer):
+            yield buffer
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _set_ndims(flow_node: FlowNode, node: torch.fx.Node, *, first: bool) -> None:
+    """Record tensor ranks from export's fake-tensor metadata (input of the first ATen node of a
+    module call, output of the last)."""
+    if first:
+        value = node.all_input_nodes[0].meta.get("val") if node.all_input_nodes else None
+        if isinstance(value, torch.Tensor):
+            flow_node.input_ndims = (value.dim(),)
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        flow_node.output_ndim = value.dim()
+
+
+# --- forward run with hooks -------------------------------------------------------------------
+
+def _tensors_in(obj: object, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested containers, dataclasses and plain objects (bounded depth)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module)):
+        return
+    if isinstance(obj, dict):
+        items: object = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = list(vars(obj).values())
+    else:
+        return
+    for item in items:  # type: ignore[union-attr]
+        yield from _tensors_in(item, depth + 1)
+
+
+def _function_name(func: Callable[..., object]) -> str:
+    name = getattr(func, "__name__", "") or ""
+    if name == "__get__":  # a Tensor property such as .shape
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class _Recorder(TorchFunctionMode):
+    """Records torch functions applied to tracked tensors outside the leaf modules."""
+
+    def __init__(self, flow: Dataflow) -> None:
+        super().__init__()
+        self.flow = flow
+        self.producer: dict[int, int] = {}
+        self.alive: list[torch.Tensor] = []  # keeps ids unique for the whole run
+        self.depth = 0
+        self.stack: list[FlowNode | None] = []
+
+    def track(self, tensors: list[torch.Tensor], node: FlowNode) -> None:
+        for tensor in tensors:
+            self.alive.append(tensor)
+            self.producer[id(tensor)] = node.index
+
+    def producers(self, obj: object) -> list[int]:
+        found = (self.producer.get(id(t)) for t in _tensors_in(obj))
+        return [p for p in found if p is not None]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.depth:
+            return result
+        outputs = list(_tensors_in(result))
+        name = _function_name(func)
+        if not outputs and name in _METADATA_READS:
+            return result
+        inputs = self.producers((args, kwargs))
+        if not inputs and not outputs:
+            return result
+        if func in _CAT_FUNCTIONS:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            ordered = [self.producer.get(id(t)) for t in tensors]
+            if isinstance(dim, int) and all(p is not None for p in ordered):
+                node = self.flow.add("cat", "torch.cat", ordered, cat_dim=dim)  # type: ignore[arg-type]
+                self.track(outputs, node)
+                return result
+        node = self.flow.add("op", f"torch.{name}" if name else repr(func), inputs)
+        self.track(outputs, node)
+        return result
+
+    def pre_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            node = None
+            if not self.depth:
+                tensors = list(_tensors_in((args, kwargs)))
+                node = self.flow.add("module", name, self.producers((args, kwargs)),
+                                     input_ndims=tuple(t.dim() for t in tensors))
+            self.stack.append(node)
+            self.depth += 1
+        return hook
+
+    def post_hook(self) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object],
+                 output: object) -> None:
+            self.depth -= 1
+            node = self.stack.pop()
+            if node is not None:
+                outputs = list(_tensors_in(output))
+                node.output_ndim = outputs[0].dim() if len(outputs) == 1 else None
+                self.track(outputs, node)
+        return hook
+
+
+def _from_hooks(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
+    if example_inputs is None:
+        raise ValueError("a forward run needs example_inputs")
+    work = copy.deepcopy(model)
+    flow = Dataflow("hooks")
+    recorder = _Recorder(flow)
+    handles = []
+    inputs = copy.deepcopy(tuple(example_inputs))
+    try:
+        for name, module in work.named_modules():
+            if name and is_leaf_of_interest(module):
+                handles.append(module.register_forward_pre_hook(recorder.pre_hook(name),
+                                                                with_kwargs=True))
+                handles.append(module.register_forward_hook(recorder.post_hook(),
+                                                            with_kwargs=True))
+        for position, tensor in enumerate(_tensors_in(inputs)):
+            recorder.track([tensor], flow.add("input", f"input {position}", []))
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), recorder:
+            output = work(*inputs)
+        flow.add("output", "output", recorder.producers(output))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flow
+

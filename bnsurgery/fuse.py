@@ -1,0 +1,457 @@
+"""Fold inference-mode BatchNorms into neighbouring layers, keeping the model's own class and tree.
+
+:func:`plan_fusion` decides what can be folded (pairs from :mod:`bnsurgery.pairs`, then a
+precision check for half-precision weights) and explains every BatchNorm it leaves alone;
+:func:`fuse_batchnorm` applies a plan to a deep copy of the model (or to the model itself with
+``inplace=True``). The result is the *same* ``nn.Module`` class with the same submodule names, not
+a ``GraphModule``: ``model.fc``, ``model.forward_features()`` and the user's own methods keep
+working. Each folded BatchNorm becomes ``nn.Identity``; a norm+act class (timm's or bnsurgery's
+``BatchNormAct2d``) becomes a :class:`FoldedBatchNormAct` that keeps its ``drop`` and ``act``
+children, so its activation is not lost. The weight arithmetic lives in :mod:`bnsurgery.fold`.
+
+Example:
+    >>> plan = plan_fusion(model, example_inputs)
+    >>> print(plan)                       # what is folded where, and why the rest is not
+    >>> fused = fuse_batchnorm(model, example_inputs, strict=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import textwrap
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bnsurgery._bn_registry import batchnorm_kind
+from bnsurgery.errors import FusionError, InvalidInputError, format_message
+from bnsurgery.fold import (
+    FoldedWeights,
+    PrecisionReport,
+    batchnorm_scale_shift,
+    fold_layer_weights,
+    precision_report,
+    split_scale_shift,
+)
+from bnsurgery.pairs import DISCOVERY_METHODS, DiscoveryAttempt, FoldPair, find_fold_pairs
+
+__all__ = [
+    "PRECISION_POLICIES",
+    "FoldRecord",
+    "FoldedBatchNormAct",
+    "FusionPlan",
+    "fuse_batchnorm",
+    "plan_fusion",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``"skip"``: leave unfolded any pair whose folded weights overflow or newly turn subnormal in
+#: the half-precision dtype; ``"skip_overflow"``: leave unfolded only those that overflow;
+#: ``"fold"``: fold everything and only report.
+PRECISION_POLICIES: tuple[str, ...] = ("skip", "skip_overflow", "fold")
+
+_HALF = (torch.float16, torch.bfloat16)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class FoldedBatchNormAct(nn.Module):
+    """What is left of a norm+act layer once its normalisation is folded: ``act(drop(x))``.
+
+    Keeps the original ``drop`` and ``act`` modules (same objects, same names), so code that
+    reaches ``model.bn1.act`` still finds it and the activation still runs.
+    """
+
+    def __init__(self, drop: nn.Module | None, act: nn.Module | None) -> None:
+        super().__init__()
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """One folded BatchNorm.
+
+    Attributes:
+        batchnorm: Qualified name of the BatchNorm.
+        batchnorm_type: Its class, dotted.
+        targets: The layer(s) that absorbed it (several for a BatchNorm after a concatenation,
+            one channel slice each, in concatenation order).
+        direction: ``"preceding"`` (into the layer before it) or ``"following"`` (the one after).
+        method: How the pair was found: ``"fx"``, ``"export"`` or ``"hooks"``.
+        replacement: What the BatchNorm becomes: ``"Identity"`` or ``"FoldedBatchNormAct"``.
+        precision: What rounding the folded weights to a half-precision dtype does, when the
+            model or the requested dtype is float16/bfloat16; else ``None``.
+    """
+
+    batchnorm: str
+    batchnorm_type: str
+    targets: tuple[str, ...]
+    direction: str
+    method: str
+    replacement: str
+    precision: PrecisionReport | None = None
+
+    @property
+    def target(self) -> str:
+        """The absorbing layer's name (names joined with ``+`` for a concatenation)."""
+        return "+".join(self.targets)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {"batchnorm": self.batchnorm, "batchnorm_type": self.batchnorm_type,
+                "target": self.target, "targets": list(self.targets),
+                "direction": self.direction, "method": self.method,
+                "replacement": self.replacement,
+                "precision": None if self.precision is None else self.precision.to_dict()}
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """What :func:`fuse_batchnorm` folds and why it leaves the rest.
+
+    Attributes:
+        folded: One record per BatchNorm that is folded.
+        skipped: BatchNorm qualified name -> the reason it is left alone, in plain words.
+        attempts: The dataflow builders tried, in order (see :mod:`bnsurgery.pairs`).
+        method: The builder whose graph was used, or ``None`` when none worked.
+        dtype: The dtype precision was checked against (``None``: each layer's own dtype).
+        precision_policy: One of :data:`PRECISION_POLICIES`.
+    """
+
+    folded: tuple[FoldRecord, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+    attempts: tuple[DiscoveryAttempt, ...] = ()
+    method: str | None = None
+    dtype: str | None = None
+    precision_policy: str = "skip"
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {"folded": [r.to_dict() for r in self.folded], "skipped": dict(self.skipped),
+                "attempts": [a.to_dict() for a in self.attempts], "method": self.method,
+                "dtype": self.dtype, "precision_policy": self.precision_policy}
+
+    def __str__(self) -> str:
+        total = len(self.folded) + len(self.skipped)
+        how = self.method or "no dataflow graph"
+        lines = [f"BatchNorm fusion plan: {len(self.folded)} of {total} folded, "
+                 f"{len(self.skipped)} skipped (dataflow from {how})"]
+        if self.folded:
+            header = ("BatchNorm", "into", "direction", "found by", "becomes")
+            rows = [(r.batchnorm, r.target, r.direction, r.method, r.replacement)
+                    for r in self.folded]
+            widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+            for row in [header, tuple("-" * w for w in widths), *rows]:
+                lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths,
+                                                                        strict=True)).rstrip())
+        notes = [r for r in self.folded if r.precision is not None and not r.precision.ok]
+        for record in notes:
+            p = record.precision
+            lines.append(f"note: {record.batchnorm} folded with {p.overflow} overflowing and "
+                         f"{p.subnormal} new subnormal values in {p.dtype}")
+        if self.skipped:
+            lines.append("skipped:")
+            for name, reason in self.skipped.items():
+                lines.append(textwrap.fill(f"{name}: {reason}", width=100,
+                                           initial_indent="  ", subsequent_indent="      "))
+        return "\n".join(lines)
+
+
+def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return batchnorm_scale_shift(bn.running_mean, bn.running_var, eps=float(bn.eps),
+                                 weight=getattr(bn, "weight", None), bias=getattr(bn, "bias", None))
+
+
+def _channels_out(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
+                 ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Target layer name -> ``{"before": (scale, shift), "after": (scale, shift)}`` in float64."""
+    folds: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for pair in pairs:
+        bn = model.get_submodule(pair.batchnorm)
+        scale, shift = _scale_shift(bn)
+        if pair.direction == "following":
+            folds.setdefault(pair.targets[0], {})["before"] = (scale, shift)
+            continue
+        layers = [model.get_submodule(t) for t in pair.targets]
+        parts = split_scale_shift(scale, shift, [_channels_out(layer) for layer in layers])
+        for name, part in zip(pair.targets, parts, strict=True):
+            folds.setdefault(name, {})["after"] = part
+    return folds
+
+
+def _fold_layer(layer: nn.Module, sides: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                keep_float64: bool = False) -> FoldedWeights:
+    return fold_layer_weights(layer.weight, layer.bias, before=sides.get("before"),
+                              after=sides.get("after"), transposed=isinstance(layer, _TRANSPOSED),
+                              groups=getattr(layer, "groups", 1), keep_float64=keep_float64)
+
+
+def _check_dtype(layer: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The half-precision dtype the layer's folded weights must fit, or ``None``."""
+    wanted = dtype if dtype is not None else layer.weight.dtype
+    return wanted if wanted in _HALF else None
+
+
+def _hazard(report: PrecisionReport, policy: str) -> str | None:
+    if report.overflow and policy in ("skip", "skip_overflow"):
+        return (f"{report.overflow} folded values would overflow {report.dtype} (largest "
+                f"magnitude {report.max_abs:.3g})")
+    if report.subnormal and policy == "skip":
+        return (f"{report.subnormal} folded values would turn subnormal or zero in "
+                f"{report.dtype} (smallest magnitude {report.min_abs_nonzero:.3g}) and lose "
+                "precision")
+    return None
+
+
+def plan_fusion(model: nn.Module, example_inputs: object = None, *,
+                dtype: torch.dtype | None = None, precision_policy: str = "skip",
+                methods: Sequence[str] = DISCOVERY_METHODS) -> FusionPlan:
+    """Decide which BatchNorms of ``model`` fold into which layers, without changing anything.
+
+    Args:
+        model: The model (typically in eval mode).
+        example_inputs: A tensor or a tuple of positional forward arguments. Optional, but
+            needed when ``torch.fx`` cannot trace the model and to check Linear layers' ranks.
+        dtype: The dtype the fused model will run in, when it differs from the weights' dtype
+            (e.g. ``torch.float16`` for a float32 model you will ``.half()`` later). Folded
+            weights are checked for overflow and new subnormals when this, or a layer's own
+            dtype, is float16 or bfloat16.
+        precision_policy: What to do with pairs whose folded weights do not fit that dtype:
+            ``"skip"`` (default) leaves pairs unfolded that overflow or turn subnormal,
+            ``"skip_overflow"`` only those that overflow, ``"fold"`` folds them all anyway. Every
+            case is reported in the plan.
+        methods: Dataflow builders to try, in order (see :func:`bnsurgery.pairs.find_fold_pairs`).
+
+    Returns:
+        The plan; ``print(plan)`` shows a table.
+
+    Raises:
+        InvalidInputError: An unknown ``precision_policy`` or ``methods`` entry, or a ``dtype``
+            that is not a floating dtype.
+    """
+    if precision_policy not in PRECISION_POLICIES:
+        raise InvalidInputError(format_message(
+            "Unknown precision policy", where="precision_policy", got=repr(precision_policy),
+            expected=f"one of {list(PRECISION_POLICIES)}", hint="use 'skip' (the default)"))
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InvalidInputError(format_message(
+            "dtype must be a floating torch.dtype", where="dtype", got=dtype,
+            expected="e.g. torch.float16", hint="pass dtype=None to check each layer's own dtype"))
+    search = find_fold_pairs(model, example_inputs, methods=methods)
+    pairs = list(search.pairs)
+    skipped = dict(search.skipped)
+    reports: dict[str, PrecisionReport] = {}
+    while True:  # dropping a pair changes its layers' folds, so check again until stable
+        folds = _layer_folds(model, pairs)
+        reports, bad_layers = {}, {}
+        for name, sides in folds.items():
+            layer = model.get_submodule(name)
+            check = _check_dtype(layer, dtype)
+            if check is None:
+                continue
+            folded = _fold_layer(layer, sides, keep_float64=True)
+            report = precision_report([folded.weight64, folded.bias64],
+                                      [layer.weight, layer.bias], check)
+            reports[name] = report
+            problem = _hazard(report, precision_policy)
+            if problem:
+                bad_layers[name] = problem
+        if not bad_layers:
+            break
+        keep = []
+        for pair in pairs:
+            problems = [f"in '{t}', {bad_layers[t]}" for t in pair.targets if t in bad_layers]
+            if problems:
+                skipped[pair.batchnorm] = (
+                    "folding it would be lossy: " + "; ".join(problems)
+                    + f" (precision_policy={precision_policy!r}; 'fold' folds it anyway)")
+            else:
+                keep.append(pair)
+        pairs = keep
+    records = []
+    for pair in pairs:
+        bn = model.get_submodule(pair.batchnorm)
+        kind = batchnorm_kind(bn)
+        merged = _merge_reports([reports[t] for t in pair.targets if t in reports])
+        records.append(FoldRecord(
+            batchnorm=pair.batchnorm,
+            batchnorm_type=kind.label if kind else type(bn).__qualname__,
+            targets=pair.targets, direction=pair.direction, method=pair.method,
+            replacement="FoldedBatchNormAct" if kind and kind.keeps else "Identity",
+            precision=merged))
+    if search.method == "hooks" and records:
+        warnings.warn(
+            f"{len(records)} BatchNorm pair(s) were found by running the model on "
+            "example_inputs because torch.fx and torch.export could not trace it; only the "
+            "path those inputs take was seen, so check the fused model on inputs that take "
+            "other branches", UserWarning, stacklevel=2)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    skipped = dict(sorted(skipped.items(), key=lambda item: order.get(item[0], len(order))))
+    return FusionPlan(folded=tuple(records), skipped=skipped, attempts=search.attempts,
+                      method=search.method, dtype=None if dtype is None else str(dtype),
+                      precision_policy=precision_policy)
+
+
+def _merge_reports(reports: list[PrecisionReport]) -> PrecisionReport | None:
+    if not reports:
+        return None
+    nonzero = [r.min_abs_nonzero for r in reports if r.min_abs_nonzero > 0]
+    return PrecisionReport(dtype=reports[0].dtype, overflow=sum(r.overflow for r in reports),
+                           subnormal=sum(r.subnormal for r in reports),
+                           max_abs=max(r.max_abs for r in reports),
+                           min_abs_nonzero=min(nonzero) if nonzero else 0.0)
+
+
+def _strict_error(plan: FusionPlan) -> FusionError:
+    total = len(plan.folded) + len(plan.skipped)
+    lines = [f"{len(plan.skipped)} of {total} BatchNorm layers could not be folded "
+             "(strict=True):"]
+    lines += [f"  - {name}: {reason}" for name, reason in plan.skipped.items()]
+    lines.append("Hint: print(plan_fusion(model, example_inputs)) shows the whole plan; fix the "
+                 "layers above (eval mode, example_inputs, ...) or pass strict=False to fold the "
+                 "others and keep these")
+    return FusionError("\n".join(lines))
+
+
+def _validate_plan(model: nn.Module, plan: FusionPlan) -> None:
+    modules = dict(model.named_modules())
+    for record in plan.folded:
+        bn = modules.get(record.batchnorm)
+        kind = None if bn is None else batchnorm_kind(bn)
+        if kind is None or kind.label != record.batchnorm_type:
+            raise InvalidInputError(format_message(
+                "The fusion plan does not match the model", where=record.batchnorm,
+                got="missing" if bn is None else type(bn).__qualname__,
+                expected=record.batchnorm_type,
+                hint="pass the plan made by plan_fusion for this very model"))
+        for target in record.targets:
+            if not hasattr(modules.get(target), "weight"):
+                raise InvalidInputError(format_message(
+                    "The fusion plan names a layer the model lacks", where=target,
+                    hint="pass the plan made by plan_fusion for this very model"))
+
+
+def _replacement(bn: nn.Module, memo: dict[int, object] | None) -> nn.Module:
+    """``nn.Identity``, or a :class:`FoldedBatchNormAct` holding ``bn``'s drop and act (copied
+    through ``memo`` when the model is being copied, so shared modules stay shared)."""
+    kind = batchnorm_kind(bn)
+    if kind is not None and kind.keeps:
+        kept = [getattr(bn, name, None) for name in ("drop", "act")]
+        if memo is not None:
+            kept = [None if m is None else copy.deepcopy(m, memo) for m in kept]
+        new: nn.Module = FoldedBatchNormAct(*kept)
+    else:
+        new = nn.Identity()
+    new.training = bn.training  # the kept children keep their own flags
+    return new
+
+
+def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Module:
+    """Apply ``plan`` to ``model`` itself or to a deep copy of it.
+
+    For a copy, the folded weights and the BatchNorm replacements are seeded into
+    ``copy.deepcopy``'s memo, so the copy is built with them directly: the parameters that are
+    about to be overwritten (most of a CNN's weights) are never cloned.
+    """
+    pairs = [FoldPair(r.batchnorm, r.targets, r.direction, r.method) for r in plan.folded]
+    with torch.no_grad():
+        folded = {name: (model.get_submodule(name), _fold_layer(model.get_submodule(name), sides))
+                  for name, sides in _layer_folds(model, pairs).items()}
+    batchnorms = {id(bn): bn for bn in (model.get_submodule(r.batchnorm) for r in plan.folded)}
+    seeded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if inplace:
+        work = model
+        replacements = {key: _replacement(bn, None) for key, bn in batchnorms.items()}
+    else:
+        memo: dict[int, object] = {}
+        for name, (layer, weights) in folded.items():
+            weight = _new_parameter(layer.weight, weights.weight)
+            bias = None if layer.bias is None else _new_parameter(layer.bias, weights.bias)
+            memo[id(layer.weight)] = weight
+            if bias is not None:
+                memo[id(layer.bias)] = bias
+            seeded[name] = (weight, bias)
+        replacements = {key: _replacement(bn, memo) for key, bn in batchnorms.items()}
+        memo.update(replacements)
+        work = copy.deepcopy(model, memo)
+    for name, (_, weights) in folded.items():
+        layer = work.get_submodule(name)
+        weight, bias = seeded.get(name, (None, None))
+        with torch.no_grad():
+            if layer.weight is not weight:  # in place, or a class with its own __deepcopy__
+                layer.weight.copy_(weights.weight)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(weights.bias, requires_grad=layer.weight.requires_grad)
+            elif layer.bias is not bias:
+                layer.bias.copy_(weights.bias)
+    for parent in list(work.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+    return work
+
+
+def _new_parameter(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if type(old) is nn.Parameter:
+        return nn.Parameter(value, requires_grad=old.requires_grad)
+    if isinstance(old, nn.Parameter):  # a Parameter subclass: keep its class via a real copy
+        new = copy.deepcopy(old)
+        with torch.no_grad():
+            new.copy_(value)
+        return new
+    return value.requires_grad_(old.requires_grad)
+
+
+def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: bool = False,
+                   strict: bool = False, dtype: torch.dtype | None = None,
+                   precision_policy: str = "skip", methods: Sequence[str] = DISCOVERY_METHODS,
+                   plan: FusionPlan | None = None) -> nn.Module:
+    """Fold every foldable BatchNorm of ``model`` into its neighbouring conv/Linear layer.
+
+    The result has the model's own class and module tree; folded BatchNorms become
+    ``nn.Identity`` (norm+act layers a :class:`FoldedBatchNormAct` keeping ``drop`` and ``act``).
+    Weights are computed in float64 and rounded once to each layer's dtype; a layer that had no
+    bias gets one, a ``Parameter`` with the weight's ``requires_grad``.
+
+    Args:
+        model: The model, in eval mode (BatchNorms in training mode are never folded).
+        example_inputs: A tensor or a tuple of positional forward arguments; see
+            :func:`plan_fusion`.
+        inplace: Fold into ``model`` itself instead of a deep copy.
+        strict: Raise if any BatchNorm cannot be folded (nothing is changed then).
+        dtype: See :func:`plan_fusion`.
+        precision_policy: See :func:`plan_fusion`.
+        methods: See :func:`plan_fusion`.
+        plan: A plan from :func:`plan_fusion` for this model, to skip planning again; its
+            ``dtype`` and ``precision_policy`` then apply.
+
+    Returns:
+        The fused model (``model`` itself when ``inplace=True``).
+
+    Raises:
+        FusionError: ``strict=True`` and some BatchNorm cannot be folded; the message lists
+            every one with its reason.
+        InvalidInputError: Bad options, or a ``plan`` made for another model.
+    """
+    if plan is None:
+        plan = plan_fusion(model, example_inputs, dtype=dtype, precision_policy=precision_policy,
+                           methods=methods)
+    else:
+        _validate_plan(model, plan)
+    if strict and plan.skipped:
+        raise _strict_error(plan)
+    work = _fused_copy(model, plan, inplace=inplace)
+    logger.info("folded %d BatchNorm layers, skipped %d", len(plan.folded), len(plan.skipped))
+    return work
