@@ -19,8 +19,10 @@ from bnsurgery.errors import (
     ReplacementError,
     UnsafeFileError,
 )
+from bnsurgery.export_onnx import export_onnx
 from bnsurgery.functional import batch_norm
 from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batchnorm, plan_fusion
+from bnsurgery.models import load_model, load_state_dict_file
 from bnsurgery.pairs import FoldPair, find_fold_pairs
 from bnsurgery.replace import (
     ReplacementPlan,
@@ -30,7 +32,17 @@ from bnsurgery.replace import (
     replace_batchnorm,
     restore_batchnorm,
 )
+from bnsurgery.report import (
+    EquivalenceReport,
+    LayerError,
+    OutputComparison,
+    Tolerance,
+    plot_layer_errors,
+    write_report_json,
+)
 from bnsurgery.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
+from bnsurgery.tensorrt import export_tensorrt, validate_tensorrt
+from bnsurgery.validate import TOLERANCES, compare_models, validate_onnx
 
 __version__ = "0.1.0"
 
@@ -40,6 +52,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAct2d",
     "BnSurgeryError",
+    "EquivalenceReport",
     "ExportError",
     "FoldPair",
     "FoldRecord",
@@ -48,22 +61,35 @@ __all__ = [
     "FusionPlan",
     "IncompatibleModuleError",
     "InvalidInputError",
+    "LayerError",
     "MissingDependencyError",
     "NumericMismatchError",
+    "OutputComparison",
     "ReplacementError",
     "ReplacementPlan",
     "ReplacementRecord",
     "SyncBatchNorm",
     "SyncBatchNormAct",
+    "TOLERANCES",
+    "Tolerance",
     "UnsafeFileError",
     "batch_norm",
     "calibrate_batchnorm",
+    "compare_models",
+    "export_onnx",
+    "export_tensorrt",
     "find_fold_pairs",
     "fuse_batchnorm",
+    "load_model",
+    "load_state_dict_file",
     "plan_fusion",
     "plan_replacement",
+    "plot_layer_errors",
     "randomize_batchnorm_affine",
     "register_replacement",
     "replace_batchnorm",
     "restore_batchnorm",
+    "validate_onnx",
+    "validate_tensorrt",
+    "write_report_json",
 ]

@@ -1,0 +1,546 @@
+"""The ``bnsurgery`` command line: demo, inspect, replace, fuse, export and validate.
+
+Every subcommand builds a MODEL (``torchvision:NAME``, ``timm:NAME`` or
+``package.module:factory``), optionally with ``--weights`` (a state_dict file, loaded without
+unpickling code, or ``DEFAULT`` for the library's pretrained weights). Without ``--weights`` the
+model gets random weights from ``--seed`` and calibrated BatchNorm state, so two commands with
+the same seed build the same model: ``export`` then ``validate`` agree.
+
+Exit codes: 0 success, 1 numeric mismatch (a check ran and failed), 2 bad input (a one-line
+error naming the problem; ``--debug`` adds the traceback). ``--json`` prints one JSON document
+on stdout; progress goes to stderr. Every file is written atomically. :func:`main` takes the
+argument list and returns the exit code, so the CLI is testable in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor, nn
+
+from bnsurgery.errors import (
+    BnSurgeryError,
+    ExportError,
+    InvalidInputError,
+    MissingDependencyError,
+    NumericMismatchError,
+    format_message,
+)
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+
+_MODEL_HELP = "torchvision:NAME, timm:NAME or package.module:factory (e.g. torchvision:resnet18)"
+_SAVE_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
+
+
+class _Progress:
+    """Step lines on stderr with the time elapsed since the command started."""
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f"bnsurgery [{elapsed:6.1f} s] {message}\n")
+            self.stream.flush()
+
+
+class _Context:
+    """What a command needs besides its arguments."""
+
+    def __init__(self, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> None:
+        self.args = args
+        self.stdout = stdout
+        self.progress = _Progress(stderr, not args.quiet)
+
+    def emit(self, text: str, payload: dict[str, Any]) -> None:
+        """Print ``text`` for people, or ``payload`` as JSON with ``--json``."""
+        if self.args.json:
+            self.stdout.write(json.dumps(payload, indent=2) + "\n")
+        else:
+            self.stdout.write(text.rstrip("\n") + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared steps.
+# ---------------------------------------------------------------------------------------------
+
+def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
+    """Build the MODEL (seeded), load or calibrate its weights, and draw example inputs."""
+    from bnsurgery.calibrate import calibrate_batchnorm
+    from bnsurgery.models import load_model, parse_input_shape
+
+    args = ctx.args
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
+    ctx.progress(f"building {args.model}"
+                 + (f" with weights {args.weights}" if args.weights else f" (seed {args.seed})"))
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        loaded = load_model(args.model, weights=args.weights)
+    shape = shape or loaded.input_shape
+    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    model = loaded.model
+    try:
+        if args.weights is None:
+            ctx.progress("calibrating BatchNorm state on random data (no --weights given)")
+            # Train-mode BatchNorm needs more than one value per channel.
+            calibration = inputs if shape[0] >= 2 else torch.cat([inputs, inputs])
+            model = calibrate_batchnorm(model, calibration, seed=args.seed).eval()
+        else:
+            with torch.no_grad():
+                model(inputs)  # a wrong --input-shape fails here, with a clear message
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise InvalidInputError(format_message(
+            "The model does not run on inputs of this shape", where=args.model,
+            got=f"{list(shape)} -> {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            expected="the shape the model was built for",
+            hint="pass --input-shape, e.g. --input-shape 1,3,224,224")) from exc
+    return loaded, model, inputs
+
+
+def _check_save_path(path: Path) -> None:
+    """Refuse an output type before any work is done."""
+    if path.suffix.lower() not in _SAVE_SUFFIXES:
+        raise InvalidInputError(format_message(
+            "Unknown output file type", where=str(path), got=repr(path.suffix),
+            expected=f"one of {', '.join(_SAVE_SUFFIXES)}",
+            hint="use .pt2 for a torch.export program (loadable without unpickling code) or "
+                 ".safetensors/.pt for a state_dict"))
+
+
+def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
+    """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
+    from bnsurgery.export_onnx import _export_inputs
+    from bnsurgery.report import atomic_output
+
+    _check_save_path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        example = _export_inputs((inputs,), True)
+        batch = torch.export.Dim("batch", min=1)
+        try:
+            program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
+        except Exception as exc:  # torch.export raises many types; keep it as the cause
+            raise ExportError(format_message(
+                "torch.export could not capture the model", where=type(model).__name__,
+                got=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                hint="save a state_dict instead (-o model.safetensors)")) from exc
+        with atomic_output(path) as temp:
+            torch.export.save(program, temp)
+        return "torch.export program; load it with torch.export.load"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_output(path) as temp:
+        if suffix == ".safetensors":
+            from bnsurgery._lazy import require
+
+            safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
+            safetensors_torch.save_file(state, str(temp), metadata={"format": "pt"})
+        else:
+            torch.save(state, temp)
+    return "state_dict"
+
+
+def _plot(ctx: _Context, report: Any) -> None:
+    """Write the per-layer PNG asked for with ``--plot``."""
+    path = getattr(ctx.args, "plot", None)
+    if not path:
+        return
+    from bnsurgery.report import plot_layer_errors
+
+    if not report.layers:
+        raise InvalidInputError(format_message(
+            "No per-layer errors to plot", where=path, got="no module boundary was compared",
+            expected="a model with module boundaries between its inputs and outputs",
+            hint="drop --plot for this model"))
+    plot_layer_errors(report, path)
+    ctx.progress(f"wrote {path}")
+
+
+def _reports_exit(reports: Sequence[Any]) -> int:
+    return EXIT_OK if all(r.passed for r in reports if r.skipped is None) else EXIT_MISMATCH
+
+
+def _write_reports(ctx: _Context, reports: Sequence[Any], extra: dict[str, Any]) -> None:
+    if getattr(ctx.args, "report", None):
+        from bnsurgery.report import write_report_json
+
+        path = write_report_json(reports, ctx.args.report, extra=extra)
+        ctx.progress(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands.
+# ---------------------------------------------------------------------------------------------
+
+def _cmd_demo(ctx: _Context) -> int:
+    from bnsurgery.demo import run_demo
+    from bnsurgery.models import parse_input_shape
+
+    args = ctx.args
+    result = run_demo(args.out, weights=args.weights,
+                      input_shape=parse_input_shape(args.input_shape),
+                      providers=args.providers, plot=not args.no_plot, seed=args.seed,
+                      progress=ctx.progress)
+    ctx.emit(str(result), {"command": "demo", **result.to_dict()})
+    return EXIT_OK if result.passed else EXIT_MISMATCH
+
+
+def _cmd_inspect(ctx: _Context) -> int:
+    from bnsurgery._bn_registry import looks_like_batchnorm
+    from bnsurgery.fuse import plan_fusion
+
+    loaded, model, inputs = _load(ctx)
+    ctx.progress("planning BatchNorm folding")
+    plan = plan_fusion(model, inputs)
+    folded = {r.batchnorm: r for r in plan.folded}
+    rows = []
+    for name, module in model.named_modules():
+        if not name or not looks_like_batchnorm(module):
+            continue
+        record = folded.get(name)
+        if record is not None:
+            rows.append({"name": name, "type": type(module).__name__, "status": "folds",
+                         "into": record.target, "direction": record.direction,
+                         "reason": f"folds into {record.target} ({record.direction}, found by "
+                                   f"{record.method})"})
+        else:
+            rows.append({"name": name, "type": type(module).__name__, "status": "skipped",
+                         "into": None, "direction": None,
+                         "reason": plan.skipped.get(name, "not reached by the plan")})
+    header = ("BatchNorm", "type", "status", "reason")
+    table = [(r["name"], r["type"], r["status"], r["reason"]) for r in rows]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(3)]
+    lines = [f"{_model_name(ctx)}: {len(rows)} BatchNorm layers, {len(plan.folded)} fold, "
+             f"{len(rows) - len(plan.folded)} skipped (dataflow from "
+             f"{plan.method or 'no graph'})"]
+    for row in [header, *table]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
+                     + "  " + row[3])
+    ctx.emit("\n".join(lines), {"command": "inspect", "model": loaded.to_dict(),
+                                "batchnorms": rows, "plan": plan.to_dict()})
+    return EXIT_OK
+
+
+def _model_name(ctx: _Context) -> str:
+    """The MODEL argument as given (for messages)."""
+    return str(ctx.args.model)
+
+
+def _cmd_replace(ctx: _Context) -> int:
+    from bnsurgery.replace import replace_batchnorm
+    from bnsurgery.validate import compare_models
+
+    _check_save_path(Path(ctx.args.output))
+    loaded, model, inputs = _load(ctx)
+    ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
+    replaced = replace_batchnorm(model, inplace=False).eval()
+    ctx.progress("comparing with the original")
+    report = compare_models(model, replaced, inputs, rtol=ctx.args.rtol, atol=ctx.args.atol,
+                            per_layer=True if ctx.args.plot else None,
+                            reference_name=f"original {_model_name(ctx)}",
+                            candidate_name=f"{_model_name(ctx)} with bnsurgery BatchNorm")
+    return _finish_model_command(ctx, "replace", loaded, replaced, inputs, report)
+
+
+def _cmd_fuse(ctx: _Context) -> int:
+    from bnsurgery.fuse import fuse_batchnorm, plan_fusion
+    from bnsurgery.validate import compare_models
+
+    _check_save_path(Path(ctx.args.output))
+    loaded, model, inputs = _load(ctx)
+    ctx.progress("folding BatchNorm")
+    plan = plan_fusion(model, inputs)
+    fused = fuse_batchnorm(model, inputs, plan=plan, strict=ctx.args.strict).eval()
+    ctx.progress("comparing with the original")
+    report = compare_models(model, fused, inputs, rtol=ctx.args.rtol, atol=ctx.args.atol,
+                            per_layer=True if ctx.args.plot else None,
+                            reference_name=f"original {_model_name(ctx)}",
+                            candidate_name=f"fused {_model_name(ctx)}")
+    return _finish_model_command(ctx, "fuse", loaded, fused, inputs, report, plan=plan)
+
+
+def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Module,
+                          inputs: Tensor, report: Any, plan: Any = None) -> int:
+    out = Path(ctx.args.output)
+    payload: dict[str, Any] = {"command": command, "model": loaded.to_dict(),
+                               "report": report.to_dict(), "passed": report.passed}
+    if plan is not None:
+        payload["plan"] = plan.to_dict()
+    text = ([str(plan)] if plan is not None else []) + [str(report)]
+    if report.passed:
+        ctx.progress(f"saving {out}")
+        kind = _save_model(model, inputs, out)
+        payload.update(output=str(out), format=kind)
+        text.append(f"saved {out} ({kind})")
+    else:
+        payload["output"] = None
+        text.append(f"not saved: the {command}d model does not match the original")
+    _write_reports(ctx, [report], {"command": command})
+    _plot(ctx, report)
+    ctx.emit("\n".join(text), payload)
+    return _reports_exit([report])
+
+
+def _cmd_export(ctx: _Context) -> int:
+    from bnsurgery.export_onnx import export_onnx
+    from bnsurgery.tensorrt import (
+        export_tensorrt,
+        save_path_for,
+        tensorrt_unavailable_reason,
+        validate_tensorrt,
+    )
+    from bnsurgery.validate import resolve_providers, validate_onnx
+
+    args = ctx.args
+    if args.tensorrt:
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:  # asked for explicitly: an error, before any work is done
+            raise MissingDependencyError(format_message(
+                f"--tensorrt {args.tensorrt} is not possible here: {reason}",
+                hint="pip install 'bnsurgery[gpu]' on a machine with an NVIDIA GPU and CUDA"))
+    if args.validate and args.providers:
+        resolve_providers(args.providers)  # an unavailable provider fails before the export
+    loaded, model, inputs = _load(ctx)
+    out = Path(args.output)
+    ctx.progress(f"exporting to {out} (opset {args.opset}, "
+                 f"{'legacy exporter' if args.legacy_exporter else 'dynamo=True'}"
+                 f"{', folding BatchNorm' if not args.no_fuse else ''})")
+    export_onnx(model, inputs, out, fuse=not args.no_fuse, opset=args.opset,
+                dynamic_batch=not args.static_batch,
+                exporter="legacy" if args.legacy_exporter else "dynamo")
+    payload: dict[str, Any] = {"command": "export", "model": loaded.to_dict(), "onnx": str(out),
+                               "size_bytes": out.stat().st_size, "fused": not args.no_fuse,
+                               "opset": args.opset,
+                               "exporter": "legacy" if args.legacy_exporter else "dynamo"}
+    text = [f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, "
+            f"{'fused' if not args.no_fuse else 'not fused'}; onnx.checker clean; batch 1 and "
+            "a larger batch ran)" if not args.static_batch else
+            f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, static batch)"]
+    reports = []
+    if args.validate:
+        ctx.progress("validating in onnxruntime against the original model")
+        reports.append(validate_onnx(model, out, inputs, providers=args.providers,
+                                     rtol=args.rtol, atol=args.atol,
+                                     per_layer=True if args.plot else None))
+        _plot(ctx, reports[-1])
+    if args.tensorrt:
+        trt_path = save_path_for(out, args.tensorrt)
+        ctx.progress(f"compiling with TensorRT ({args.tensorrt})")
+        compiled = export_tensorrt(model, inputs, precision=args.tensorrt,
+                                   fuse=not args.no_fuse, path=trt_path)
+        reports.append(validate_tensorrt(model, inputs, precision=args.tensorrt,
+                                         compiled=compiled, rtol=args.rtol, atol=args.atol))
+        payload["tensorrt"] = str(trt_path)
+        text.append(f"wrote {trt_path}")
+    text += [str(r) for r in reports]
+    payload["reports"] = [r.to_dict() for r in reports]
+    payload["passed"] = all(r.passed for r in reports)
+    _write_reports(ctx, reports, {"command": "export", "onnx": str(out)})
+    ctx.emit("\n".join(text), payload)
+    return _reports_exit(reports)
+
+
+def _cmd_validate(ctx: _Context) -> int:
+    from bnsurgery.validate import resolve_providers, validate_onnx
+
+    args = ctx.args
+    if not Path(args.file).is_file():
+        raise InvalidInputError(format_message(
+            "The ONNX file does not exist", where=args.file, got="no such file",
+            expected="a file written by bnsurgery export", hint="check the path"))
+    resolve_providers(args.providers)
+    loaded, model, inputs = _load(ctx)
+    ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
+    report = validate_onnx(model, args.file, inputs, providers=args.providers, rtol=args.rtol,
+                           atol=args.atol,
+                           per_layer=True if args.per_layer or args.plot else None)
+    _write_reports(ctx, [report], {"command": "validate"})
+    _plot(ctx, report)
+    ctx.emit(str(report), {"command": "validate", "model": loaded.to_dict(),
+                           "report": report.to_dict(), "passed": report.passed})
+    return _reports_exit([report])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser and entry point.
+# ---------------------------------------------------------------------------------------------
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # On subcommands the defaults are SUPPRESSed so "bnsurgery --json export ..." also works.
+    default: Any = False if top else argparse.SUPPRESS
+    parser.add_argument("--json", action="store_true", default=default,
+                        help="print one JSON document on stdout instead of text")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of errors")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress lines on stderr")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--weights", metavar="PATH|DEFAULT",
+                        help="state_dict file (.pt/.pth loaded with weights_only=True, or "
+                             ".safetensors), or DEFAULT for the library's pretrained weights; "
+                             "without it: random weights (--seed) with calibrated BatchNorm")
+    parser.add_argument("--input-shape", metavar="N,C,H,W",
+                        help="example input shape (default: the model's, e.g. 1,3,224,224)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights and inputs (default 0)")
+
+
+def _tolerances(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rtol", type=float, help="override the documented relative tolerance")
+    parser.add_argument("--atol", type=float, help="override the documented absolute tolerance")
+
+
+def _report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", metavar="PATH", help="also write report.json there")
+    parser.add_argument("--plot", metavar="PATH.png",
+                        help="also plot the error per layer into a PNG (needs matplotlib)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bnsurgery`` command."""
+    from bnsurgery import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bnsurgery",
+        description="BatchNorm model surgery and deployment: replace, fold, export to "
+                    "ONNX/TensorRT, and prove with numbers that what ships computes what was "
+                    "trained.",
+        epilog="Exit codes: 0 ok, 1 numeric mismatch, 2 bad input.")
+    parser.add_argument("--version", action="version", version=f"bnsurgery {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="resnet18: replace, fuse, export, validate; write a "
+                                       "report and a plot")
+    demo.add_argument("--out", default="bnsurgery-demo", metavar="DIR",
+                      help="output folder (default bnsurgery-demo/)")
+    demo.add_argument("--weights", metavar="PATH|DEFAULT",
+                      help="DEFAULT for torchvision's pretrained resnet18 (downloads), or a "
+                           "state_dict file; default: random weights with calibrated BatchNorm")
+    demo.add_argument("--input-shape", default="2,3,224,224", metavar="N,C,H,W",
+                      help="demo batch (default 2,3,224,224)")
+    demo.add_argument("--providers", metavar="LIST",
+                      help="onnxruntime providers, e.g. cuda,cpu (default: CUDA if available)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write layer_errors.png")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    _common(demo, top=False)
+    demo.set_defaults(handler=_cmd_demo)
+
+    inspect = sub.add_parser("inspect", help="list every BatchNorm with its fold status and "
+                                             "reason")
+    _model_options(inspect)
+    _common(inspect, top=False)
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    replace = sub.add_parser("replace", help="swap in the from-scratch BatchNorm, compare, save")
+    _model_options(replace)
+    replace.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="output: .pt2 (torch.export program), .safetensors or .pt "
+                              "(state_dict)")
+    _tolerances(replace)
+    _report_options(replace)
+    _common(replace, top=False)
+    replace.set_defaults(handler=_cmd_replace)
+
+    fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save")
+    _model_options(fuse)
+    fuse.add_argument("-o", "--output", required=True, metavar="OUT",
+                      help="output: .pt2 (torch.export program, loadable without unpickling "
+                           "code), .safetensors or .pt (state_dict of the fused model)")
+    fuse.add_argument("--strict", action="store_true",
+                      help="fail if any BatchNorm cannot be folded")
+    _tolerances(fuse)
+    _report_options(fuse)
+    _common(fuse, top=False)
+    fuse.set_defaults(handler=_cmd_fuse)
+
+    export = sub.add_parser("export", help="export to one ONNX file (folded by default)")
+    _model_options(export)
+    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file")
+    export.add_argument("--no-fuse", action="store_true", help="do not fold BatchNorm first")
+    export.add_argument("--validate", action="store_true",
+                        help="run the file in onnxruntime and compare with the original model")
+    export.add_argument("--providers", metavar="LIST",
+                        help="onnxruntime providers for --validate, e.g. cpu or cuda,cpu "
+                             "(default: CUDA if available, then CPU)")
+    export.add_argument("--tensorrt", choices=("fp32", "fp16"),
+                        help="also compile with TensorRT at this precision and validate it")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export.add_argument("--legacy-exporter", action="store_true",
+                        help="use the legacy TorchScript exporter (recorded in the file)")
+    export.add_argument("--static-batch", action="store_true",
+                        help="export a fixed batch size instead of a dynamic batch axis")
+    _tolerances(export)
+    _report_options(export)
+    _common(export, top=False)
+    export.set_defaults(handler=_cmd_export)
+
+    validate = sub.add_parser("validate", help="compare an ONNX file with the original model")
+    _model_options(validate)
+    validate.add_argument("file", metavar="FILE.onnx", help="the ONNX file to check")
+    validate.add_argument("--providers", metavar="LIST",
+                          help="onnxruntime providers, e.g. cpu or cuda,cpu (default: CUDA if "
+                               "available, then CPU)")
+    validate.add_argument("--per-layer", action="store_true",
+                          help="compare module boundaries even when the outputs agree")
+    _tolerances(validate)
+    _report_options(validate)
+    _common(validate, top=False)
+    validate.set_defaults(handler=_cmd_validate)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``bnsurgery`` command line.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 ok, 1 numeric mismatch, 2 bad input.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help, --version and usage errors (argparse exits 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    stdout, stderr = sys.stdout, sys.stderr
+    ctx = _Context(args, stdout, stderr)
+    handler: Callable[[_Context], int] = args.handler
+    try:
+        return handler(ctx)
+    except (BnSurgeryError, OSError) as exc:
+        code = EXIT_MISMATCH if isinstance(exc, NumericMismatchError) else EXIT_BAD_INPUT
+        if args.debug:
+            traceback.print_exception(exc, file=stderr)
+        stderr.write(f"bnsurgery {args.command}: error: {_one_line(exc)}\n")
+        if args.json:
+            stdout.write(json.dumps({"command": args.command, "error": {
+                "type": type(exc).__name__, "message": str(exc)}, "exit_code": code},
+                indent=2) + "\n")
+        return code
+    except KeyboardInterrupt:
+        stderr.write("bnsurgery: interrupted\n")
+        return 130

@@ -1,0 +1,310 @@
+"""Export a model to one self-contained ONNX file that provably runs.
+
+:func:`export_onnx` folds BatchNorm (optional), exports with ``torch.onnx.export`` using the
+torch.export-based exporter at a pinned opset, and only then puts the file in place: it is written
+into a temporary folder beside the destination, checked with ``onnx.checker``, run in onnxruntime
+at batch 1 and at a larger batch when the batch axis is dynamic, and renamed onto the destination.
+A failed export never leaves a file behind, and a file that exists is one that loaded and ran.
+
+Why export from a batch of at least two: ``torch.export`` specialises a dimension of size 1 to the
+constant 1, so a "dynamic" batch exported from a single example is quietly static.
+
+The legacy TorchScript exporter is available only when asked for (``exporter="legacy"``); which
+exporter wrote a file is stored in the file's metadata (``bnsurgery.exporter``) and shows in every
+report that validates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bnsurgery._lazy import require
+from bnsurgery.errors import ExportError, InvalidInputError, format_message
+from bnsurgery.validate import as_input_tuple, check_eval_mode, flatten_outputs, resize_batch
+
+__all__ = ["EXPORTERS", "MIN_DYNAMO_OPSET", "export_onnx"]
+
+logger = logging.getLogger(__name__)
+
+#: What each ``exporter`` choice calls, as recorded in the file's metadata.
+EXPORTERS: dict[str, str] = {
+    "dynamo": "torch.onnx.export(dynamo=True)",
+    "legacy": "torch.onnx.export(dynamo=False) (legacy TorchScript exporter)",
+}
+
+#: The torch.export-based exporter has no implementations below this opset; asked for less, it
+#: silently keeps 18 when its version converter fails, so lower opsets are refused up front.
+MIN_DYNAMO_OPSET = 18
+
+
+def _export_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor, ...]:
+    """Inputs with a batch of at least two, so the batch axis is not specialised to 1."""
+    if not dynamic_batch or inputs[0].dim() == 0 or inputs[0].shape[0] >= 2:
+        return inputs
+    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
+
+
+def _names(count: int, stem: str) -> list[str]:
+    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+
+
+def _output_count(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[int, int | None]:
+    """Number of output tensors and the leading size of the first one, from one forward pass."""
+    try:
+        with torch.no_grad():
+            outputs = flatten_outputs(model(*inputs))
+    except Exception as exc:  # a user model may raise anything on bad inputs
+        raise InvalidInputError(format_message(
+            "The model does not run on the example inputs",
+            got=f"inputs of shapes {[tuple(t.shape) for t in inputs]} -> {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            expected="inputs the model accepts",
+            hint="pass inputs of the shape the model was built for (--input-shape)")) from exc
+    if not outputs:
+        raise InvalidInputError(format_message(
+            "The model returns no tensor", got="no tensor in its output",
+            expected="a tensor or a (nested) tuple/list/dict of tensors",
+            hint="export a model whose forward returns tensors"))
+    first = outputs[0][1]
+    return len(outputs), (int(first.shape[0]) if first.dim() > 0 else None)
+
+
+def _check_options(opset: object, exporter: object) -> None:
+    if exporter not in EXPORTERS:
+        raise InvalidInputError(format_message(
+            "Unknown ONNX exporter", where="exporter", got=repr(exporter),
+            expected=f"one of {sorted(EXPORTERS)}",
+            hint="leave exporter='dynamo' (the torch.export-based exporter)"))
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 7:
+        raise InvalidInputError(format_message(
+            "The opset must be an integer", where="opset", got=repr(opset),
+            expected=f"an integer >= {MIN_DYNAMO_OPSET}", hint="leave opset=18"))
+    if exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
+        raise InvalidInputError(format_message(
+            "The torch.export-based ONNX exporter cannot target this opset", where="opset",
+            got=opset, expected=f">= {MIN_DYNAMO_OPSET}",
+            hint=f"use opset={MIN_DYNAMO_OPSET} or newer, or pass exporter='legacy' explicitly"))
+
+
+def _metadata(*, exporter: str, fuse: bool, opset: int, dynamic_batch: bool,
+              export_batch: int | None) -> dict[str, str]:
+    from bnsurgery import __version__
+
+    return {
+        "bnsurgery.exporter": EXPORTERS[exporter],
+        "bnsurgery.fused": "true" if fuse else "false",
+        "bnsurgery.opset": str(opset),
+        "bnsurgery.dynamic_batch": "true" if dynamic_batch else "false",
+        "bnsurgery.export_batch": "" if export_batch is None else str(export_batch),
+        "bnsurgery.torch_version": torch.__version__,
+        "bnsurgery.version": __version__,
+    }
+
+
+def _export_dynamo(model: nn.Module, inputs: tuple[Tensor, ...], destination: Path, *,
+                   opset: int, dynamic_batch: bool, input_names: list[str],
+                   output_names: list[str], metadata: dict[str, str]) -> None:
+    require("onnxscript", purpose="ONNX export with the torch.export-based exporter")
+    dynamic_shapes = None
+    if dynamic_batch and inputs[0].dim() > 0:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} if t.dim() > 0 and t.shape[0] == inputs[0].shape[0]
+                               else None for t in inputs)
+    try:
+        with warnings.catch_warnings():
+            # Several inputs share the one batch dimension on purpose; the exporter notes that
+            # it names the axis once, which is what is wanted.
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
+            program = torch.onnx.export(
+                model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+                input_names=input_names, output_names=output_names, external_data=False,
+                optimize=True, verbose=False, report=False)
+    except Exception as exc:  # the exporter raises many types; keep it as the cause
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = ("the model fixes its batch size somewhere (e.g. x.view(1, -1)); use "
+                "x.flatten(1), or pass dynamic_batch=False" if "Constraints violated" in str(exc)
+                or "specialized" in str(exc) else
+                "run with --debug (CLI) or look at the chained exception for the exporter's "
+                "full message; fuse=False or exporter='legacy' may get around it")
+        raise ExportError(format_message(
+            "torch.onnx.export (torch.export-based exporter) failed",
+            where=type(model).__name__, got=f"{type(exc).__name__}: {first_line}",
+            hint=hint)) from exc
+    program.model.metadata_props.update(metadata)
+    # Weights stay inside the file below 2 GB; above, the ONNX protobuf limit forces a sidecar.
+    program.save(str(destination), external_data=False)
+
+
+def _export_legacy(model: nn.Module, inputs: tuple[Tensor, ...], destination: Path, *,
+                   opset: int, dynamic_batch: bool, input_names: list[str],
+                   output_names: list[str], metadata: dict[str, str]) -> None:
+    onnx = require("onnx", purpose="ONNX export")
+    dynamic_axes = ({name: {0: "batch"} for name in input_names + output_names}
+                    if dynamic_batch else None)
+    try:
+        with warnings.catch_warnings():
+            # It was asked for by name; its deprecation notice adds nothing to that choice.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, inputs, str(destination), dynamo=False,
+                              opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes)
+    except Exception as exc:  # the exporter raises many types; keep it as the cause
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(format_message(
+            "torch.onnx.export (legacy TorchScript exporter) failed",
+            where=type(model).__name__, got=f"{type(exc).__name__}: {first_line}",
+            hint="use the default exporter='dynamo'")) from exc
+    proto = onnx.load(str(destination))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(destination))
+
+
+def _check_file(destination: Path, opset: int, *, shown: Path) -> None:
+    onnx = require("onnx", purpose="Checking the exported ONNX file")
+    proto = onnx.load(str(destination), load_external_data=False)
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise ExportError(format_message(
+            "The exported file does not have the requested opset", where=str(shown),
+            got=got, expected=opset, hint=f"use opset={MIN_DYNAMO_OPSET}"))
+    try:
+        # Checking by path handles files with external data too.
+        onnx.checker.check_model(str(destination), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(format_message(
+            "The exported ONNX file fails onnx.checker", where=str(shown),
+            got=str(exc).splitlines()[0], hint="report this with the model that produced it"
+        )) from exc
+
+
+def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[int | None],
+                leading: int | None, export_batch: int | None, *, shown: Path) -> None:
+    """Run the file in onnxruntime (CPU) at each batch size; a dynamic axis must really be one."""
+    ort = require("onnxruntime", purpose="Checking that the exported ONNX file runs")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Idle onnxruntime threads spin by default, slowing the PyTorch runs interleaved with them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(destination), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's exception types share no useful base
+        raise ExportError(format_message(
+            "onnxruntime cannot load the exported file", where=str(shown),
+            got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="try another opset, or fuse=False")) from exc
+    names = [i.name for i in session.get_inputs()]
+    for size in sizes:
+        batch_inputs = inputs if size is None else resize_batch(inputs, size, seed=0)
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, batch_inputs, strict=True)}
+        try:
+            result = session.run(None, feed)
+        except Exception as exc:  # onnxruntime's exception types share no useful base
+            raise ExportError(format_message(
+                f"The exported file does not run at batch size {size}", where=str(shown),
+                got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                hint="the model may fix its batch size (x.view(1, -1)); pass "
+                     "dynamic_batch=False to export a static batch")) from exc
+        if size is not None and leading == export_batch and result[0].shape[:1] != (size,):
+            raise ExportError(format_message(
+                "The exported file ignores the batch size", where=str(shown),
+                got=f"output shape {tuple(result[0].shape)} for batch {size}",
+                expected=f"a leading dimension of {size}",
+                hint="the model fixes its batch size somewhere; pass dynamic_batch=False"))
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: str | os.PathLike[str],
+    *,
+    fuse: bool = True,
+    dynamic_batch: bool = True,
+    opset: int = 18,
+    exporter: str = "dynamo",
+    verify: bool = True,
+) -> Path:
+    """Export ``model`` to one ONNX file, check it, prove it runs, then put it at ``path``.
+
+    Args:
+        model: The model, in eval mode (the exported graph uses BatchNorm running statistics;
+            a model in training mode would silently be exported as something else). It is not
+            modified: folding works on a copy.
+        example_inputs: One tensor or a sequence of positional inputs, batch first.
+        path: Destination file. Written atomically: a temporary folder beside it, then a rename.
+        fuse: Fold BatchNorm into neighbouring layers first (:func:`bnsurgery.fuse_batchnorm`).
+        dynamic_batch: Make the batch axis dynamic. The export then uses a batch of at least two
+            (duplicating a single example), and the file is run at batch 1 and at a larger batch
+            before it is accepted.
+        opset: ONNX opset to pin (18 or newer with the default exporter).
+        exporter: ``"dynamo"`` (``torch.onnx.export(dynamo=True)``, the default) or
+            ``"legacy"`` (the TorchScript exporter, only when asked for). Recorded in the file's
+            metadata and in validation reports.
+        verify: Check with ``onnx.checker`` and run the file in onnxruntime before accepting it.
+
+    Returns:
+        The path of the written file. Below 2 GB of weights it is self-contained (no ``.data``
+        sidecar); above, ONNX's protobuf limit forces a ``.data`` file next to it.
+
+    Raises:
+        InvalidInputError: The model is in training mode, the inputs are not tensors the model
+            accepts, or an option is out of range.
+        ExportError: The exporter failed, the file fails ``onnx.checker``, has another opset, or
+            does not run at some batch size.
+        MissingDependencyError: onnx, onnxscript or onnxruntime is missing.
+    """
+    _check_options(opset, exporter)
+    check_eval_mode(model, what="export_onnx")
+    inputs = as_input_tuple(example_inputs, where="example_inputs")
+    require("onnx", purpose="ONNX export")
+    destination = Path(path)
+    if destination.is_dir():
+        raise InvalidInputError(format_message(
+            "The ONNX destination is a folder", where=str(destination), got="a directory",
+            expected="a file path such as model.onnx", hint="append a file name"))
+    if fuse:
+        from bnsurgery.fuse import fuse_batchnorm
+
+        model = fuse_batchnorm(model, inputs, inplace=False)
+    export_inputs = _export_inputs(inputs, dynamic_batch)
+    count, leading = _output_count(model, export_inputs)
+    export_batch = int(export_inputs[0].shape[0]) if export_inputs[0].dim() > 0 else None
+    input_names = _names(len(inputs), "input")
+    output_names = _names(count, "output")
+    metadata = _metadata(exporter=exporter, fuse=fuse, opset=opset, dynamic_batch=dynamic_batch,
+                         export_batch=export_batch)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=destination.parent
+                                     ) as folder:
+        staged = Path(folder) / destination.name
+        export = _export_dynamo if exporter == "dynamo" else _export_legacy
+        export(model, export_inputs, staged, opset=opset, dynamic_batch=dynamic_batch,
+               input_names=input_names, output_names=output_names, metadata=metadata)
+        if verify:
+            _check_file(staged, opset, shown=destination)
+            if dynamic_batch and export_batch is not None:
+                sizes: list[int | None] = sorted({1, max(5, 2 * export_batch)})
+            else:
+                sizes = [None]
+            _check_runs(staged, export_inputs, sizes, leading, export_batch,
+                        shown=destination)
+        sidecars = [p for p in Path(folder).iterdir() if p != staged]
+        for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
+            logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
+                           sidecar.name, destination.name)
+            shutil.move(str(sidecar), str(destination.parent / sidecar.name))
+        os.replace(staged, destination)
+    logger.info("exported %s (opset %d, %s, fused=%s)", destination, opset, EXPORTERS[exporter],
+                fuse)
+    return destination

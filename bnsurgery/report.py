@@ -1,0 +1,504 @@
+"""Equivalence reports: what was compared, with which numbers, in which environment.
+
+An :class:`EquivalenceReport` is what every check in :mod:`bnsurgery.validate` and
+:mod:`bnsurgery.tensorrt` returns: one :class:`OutputComparison` per output (and per batch size of
+a dynamic-batch sweep), the :class:`Tolerance` the numbers were judged against, the first module
+whose output diverged when a check failed, and the environment (library versions, opset, exporter,
+execution providers, GPU, TF32 state) needed to reproduce it. A check that could not run is a
+*skipped* report, which never counts as passed.
+
+This module also writes reports to disk: ``report.json`` atomically (temporary file, then
+rename, so a crash never leaves half a file) and an optional PNG of the error per layer, with
+matplotlib imported only when a plot is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnsurgery._lazy import require
+from bnsurgery.errors import InvalidInputError, format_message
+
+__all__ = [
+    "EquivalenceReport",
+    "LayerError",
+    "OutputComparison",
+    "Tolerance",
+    "atomic_output",
+    "collect_environment",
+    "plot_layer_errors",
+    "write_report_json",
+]
+
+# Distribution names to look up for each component, first found wins: onnxruntime ships as
+# several wheels (CPU, CUDA) under different names but one import name.
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "torchvision": ("torchvision",),
+    "timm": ("timm",),
+    "onnx": ("onnx",),
+    "onnxscript": ("onnxscript",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "ort-nightly", "ort-nightly-gpu"),
+    "torch_tensorrt": ("torch-tensorrt", "torch_tensorrt"),
+    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a candidate's output may be from the reference's and still pass.
+
+    The allowed maximum absolute error of an output is ``atol + rtol * scale`` where ``scale`` is
+    the largest absolute value of the reference output. Measuring against the output's scale,
+    not element by element, keeps near-zero logits from failing on rounding noise while a real
+    error (a layer off by a few percent) still shows at the scale of the whole output.
+
+    Attributes:
+        label: Name of the regime, e.g. ``"fp32"``, ``"tf32"``, ``"fp16"``.
+        rtol: Allowed error relative to the output scale.
+        atol: Allowed absolute error on top of that.
+        why: One line saying where the numbers come from.
+    """
+
+    label: str
+    rtol: float
+    atol: float
+    why: str = ""
+
+    def allowed(self, scale: float) -> float:
+        """The largest absolute error accepted for an output whose magnitude is ``scale``."""
+        return self.atol + self.rtol * scale
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"label": self.label, "rtol": self.rtol, "atol": self.atol, "why": self.why}
+
+    def __str__(self) -> str:
+        return f"{self.label}: |error| <= {self.atol:.0e} + {self.rtol:.0e} x scale"
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """Numbers for one output of one run (one batch size).
+
+    Attributes:
+        name: Output name, e.g. ``"output"`` or ``"output[1]"``.
+        batch: Batch size of the run, or ``None`` when the inputs have no batch axis.
+        shape: Shape of the reference output.
+        max_abs_error: Largest absolute difference between candidate and reference.
+        scale: Largest absolute value of the reference output.
+        max_rel_error: ``max_abs_error / scale``: the error relative to the output scale.
+        mean_abs_error: Mean absolute difference.
+        cosine_similarity: Cosine of the angle between the flattened outputs.
+        top1_agreement: Fraction of rows whose arg-max agrees, for outputs that look like logits
+            (two dimensions, more than one class); ``None`` otherwise.
+        allowed_error: The tolerance's allowed absolute error at this scale.
+        passed: ``max_abs_error <= allowed_error`` and both outputs are finite.
+        float64_error: Largest absolute difference between the candidate and a float64 run of
+            the reference model, when one was made.
+        reference_float64_error: Same for the reference's own float32 run: the error the
+            candidate should not exceed by much.
+    """
+
+    name: str
+    batch: int | None
+    shape: tuple[int, ...]
+    max_abs_error: float
+    scale: float
+    max_rel_error: float
+    mean_abs_error: float
+    cosine_similarity: float
+    top1_agreement: float | None
+    allowed_error: float
+    passed: bool
+    float64_error: float | None = None
+    reference_float64_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (non-finite numbers become strings, which JSON can hold)."""
+        return {
+            "name": self.name,
+            "batch": self.batch,
+            "shape": list(self.shape),
+            "max_abs_error": _json_float(self.max_abs_error),
+            "scale": _json_float(self.scale),
+            "max_rel_error": _json_float(self.max_rel_error),
+            "mean_abs_error": _json_float(self.mean_abs_error),
+            "cosine_similarity": _json_float(self.cosine_similarity),
+            "top1_agreement": _json_float(self.top1_agreement),
+            "allowed_error": _json_float(self.allowed_error),
+            "passed": self.passed,
+            "float64_error": _json_float(self.float64_error),
+            "reference_float64_error": _json_float(self.reference_float64_error),
+        }
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Error at one module boundary, in the reference model's execution order.
+
+    Attributes:
+        name: Qualified module name; ``"name#2"`` for the second call of a module used twice.
+        max_abs_error: Largest absolute difference at this boundary.
+        max_rel_error: The same relative to the largest absolute reference value there.
+        diverged: Whether the error exceeds the tolerance.
+    """
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    diverged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "max_abs_error": _json_float(self.max_abs_error),
+                "max_rel_error": _json_float(self.max_rel_error), "diverged": self.diverged}
+
+
+@dataclass(frozen=True)
+class EquivalenceReport:
+    """What comparing a candidate (fused model, ONNX file, TensorRT engine) with a reference found.
+
+    Attributes:
+        check: What was compared, e.g. ``"pytorch"``, ``"onnxruntime"``, ``"tensorrt"``.
+        reference: One line describing the reference.
+        candidate: One line describing the candidate.
+        backend: Where the candidate ran, e.g. ``"cpu"`` or ``"onnxruntime:CPUExecutionProvider"``.
+        tolerance: The tolerance the outputs were judged against.
+        outputs: One comparison per output and batch size.
+        skipped: Why the check could not run (``None`` when it ran). A skipped report has
+            ``passed == False``: nothing was checked.
+        failures: Problems that fail the check besides numbers (a provider that was requested but
+            not used, a batch size that would not run).
+        first_divergence: The first module boundary whose output exceeded the tolerance, when a
+            per-layer comparison was made and found one.
+        divergence_suspects: Modules that ran between the last agreeing boundary and the first
+            diverging one and were not compared themselves (convolutions, BatchNorms, ...).
+        layers: Errors at every compared module boundary, in execution order.
+        notes: Anything else worth knowing (sweep skipped, float64 run impossible, ...).
+        details: Extra JSON-ready facts: file, opset, exporter, providers requested and used.
+        timings: Seconds per measured step, e.g. ``{"reference_forward": 0.01}``.
+        environment: Library versions, device, GPU name and TF32 state when the check ran.
+    """
+
+    check: str
+    reference: str
+    candidate: str
+    backend: str
+    tolerance: Tolerance
+    outputs: tuple[OutputComparison, ...] = ()
+    skipped: str | None = None
+    failures: tuple[str, ...] = ()
+    first_divergence: str | None = None
+    divergence_suspects: tuple[str, ...] = ()
+    layers: tuple[LayerError, ...] = ()
+    notes: tuple[str, ...] = ()
+    # Mappings are left out of the hash (dicts are unhashable) but still compared.
+    details: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    timings: Mapping[str, float] = field(default_factory=dict, hash=False)
+    environment: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def passed(self) -> bool:
+        """True only when the check ran, produced outputs and every one of them is in tolerance."""
+        return (self.skipped is None and not self.failures and bool(self.outputs)
+                and all(o.passed for o in self.outputs))
+
+    @property
+    def status(self) -> str:
+        """``"passed"``, ``"FAILED"`` or ``"skipped: <reason>"``."""
+        if self.skipped is not None:
+            return f"skipped: {self.skipped}"
+        return "passed" if self.passed else "FAILED"
+
+    @property
+    def max_rel_error(self) -> float:
+        """Worst error relative to the output scale over all outputs (NaN when none ran)."""
+        if not self.outputs:
+            return math.nan
+        return max(o.max_rel_error for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form holding everything needed to reproduce and judge the check."""
+        return {
+            "check": self.check,
+            "status": self.status,
+            "passed": self.passed,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "backend": self.backend,
+            "tolerance": self.tolerance.to_dict(),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "skipped": self.skipped,
+            "failures": list(self.failures),
+            "first_divergence": self.first_divergence,
+            "divergence_suspects": list(self.divergence_suspects),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "notes": list(self.notes),
+            "details": _jsonable(dict(self.details)),
+            "timings": {k: _json_float(v) for k, v in self.timings.items()},
+            "environment": _jsonable(dict(self.environment)),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.check} check {self.status}: {self.candidate} vs {self.reference}",
+                 f"  backend {self.backend}; tolerance {self.tolerance}"]
+        for key in ("file", "opset", "exporter", "providers_requested", "providers_used"):
+            if key in self.details:
+                lines.append(f"  {key.replace('_', ' ')}: {self.details[key]}")
+        if self.outputs:
+            header = (f"  {'output':<14}{'batch':>6}{'max|err|':>11}{'rel':>10}{'mean|err|':>11}"
+                      f"{'cosine':>11}{'top1':>7}{'f64 err':>10}{'ref f64':>10}  status")
+            lines.append(header)
+            for o in self.outputs:
+                top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}"
+                lines.append(
+                    f"  {o.name:<14}{'-' if o.batch is None else o.batch:>6}"
+                    f"{o.max_abs_error:>11.2e}{o.max_rel_error:>10.2e}{o.mean_abs_error:>11.2e}"
+                    f"{o.cosine_similarity:>11.8f}{top1:>7}{_fmt(o.float64_error):>10}"
+                    f"{_fmt(o.reference_float64_error):>10}  {'ok' if o.passed else 'FAIL'}")
+        for failure in self.failures:
+            lines.append(f"  failure: {failure}")
+        if self.first_divergence:
+            suspects = ", ".join(self.divergence_suspects) or "none recorded"
+            lines.append(f"  first diverging module: {self.first_divergence} "
+                         f"(ran just before it, not compared: {suspects})")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _json_float(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn nested containers of paths, tuples and numbers into JSON-ready values."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "to_dict"):
+        return _jsonable(value.to_dict())
+    return str(value)
+
+
+def _version(component: str) -> str | None:
+    for dist in _DISTRIBUTIONS.get(component, (component,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def collect_environment(*, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Describe the software and hardware a check ran on, without importing optional packages.
+
+    Versions come from the installed distributions' metadata, so collecting them neither
+    imports onnxruntime nor torch-tensorrt nor fails where they are missing (``None`` then).
+
+    Args:
+        device: The device the check ran on; its GPU name is recorded when it is a CUDA device.
+
+    Returns:
+        A JSON-ready dictionary: ``python``, ``platform``, ``versions`` (component -> version or
+        ``None``), ``cuda_available``, ``cuda_version``, ``gpu_name``, ``cudnn_version``,
+        ``tf32`` (the matmul and cuDNN flags) and ``torch_threads``.
+    """
+    cuda = torch.cuda.is_available()
+    gpu_name = cudnn = None
+    if cuda:
+        index = torch.device(device).index if device is not None and \
+            torch.device(device).type == "cuda" else None
+        try:
+            gpu_name = torch.cuda.get_device_name(index if index is not None else 0)
+            cudnn = torch.backends.cudnn.version()
+        except (RuntimeError, AssertionError) as exc:  # a driver that fails to initialise
+            gpu_name = f"unknown ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in _DISTRIBUTIONS},
+        "device": str(device) if device is not None else None,
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "gpu_name": gpu_name,
+        "cudnn_version": cudnn,
+        "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                 "cudnn": bool(torch.backends.cudnn.allow_tf32)},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    Readers never see a half-written file: the temporary file lives in the same directory (so
+    the final ``os.replace`` is an atomic rename on one file system) and is removed if the body
+    raises.
+
+    Args:
+        path: The final destination. Its parent directory is created if missing.
+
+    Yields:
+        The temporary path to write to.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the final suffix: some writers pick their format from it.
+    handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{final.suffix}",
+                                         dir=final.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        # mkstemp creates the file readable by its owner only; give it the permissions a plain
+        # open() would have given under the current umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        if temp.exists():
+            os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, final)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_report_json(reports: EquivalenceReport | Sequence[EquivalenceReport],
+                      path: str | os.PathLike[str], *,
+                      extra: Mapping[str, Any] | None = None) -> Path:
+    """Write one or more reports as ``report.json``, atomically.
+
+    Args:
+        reports: A report or a sequence of reports.
+        path: Destination file.
+        extra: Further JSON-ready top-level entries (timings, file names, ...).
+
+    Returns:
+        The path written.
+    """
+    if isinstance(reports, EquivalenceReport):
+        reports = [reports]
+    ran = [r for r in reports if r.skipped is None]
+    document: dict[str, Any] = {
+        # Skipped checks neither pass nor fail; but nothing that ran may fail, and something must
+        # have run, or the document would claim a pass that nothing earned.
+        "passed": bool(ran) and all(r.passed for r in ran),
+        "summary": {"passed": sum(r.passed for r in ran),
+                    "failed": sum(not r.passed for r in ran),
+                    "skipped": len(reports) - len(ran)},
+        "environment": collect_environment(),
+        "reports": [r.to_dict() for r in reports],
+    }
+    if extra:
+        document.update(_jsonable(dict(extra)))
+    with atomic_output(path) as temp:
+        temp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def plot_layer_errors(layers: Sequence[LayerError] | EquivalenceReport
+                      | Mapping[str, Sequence[LayerError] | EquivalenceReport],
+                      path: str | os.PathLike[str], *, title: str | None = None,
+                      tolerance: float | None = None) -> Path:
+    """Plot the error relative to each layer's output scale, layer by layer, into a PNG.
+
+    matplotlib is imported here, with its non-interactive Agg backend, so neither ``import
+    bnsurgery`` nor a report without a plot needs it.
+
+    Args:
+        layers: Per-layer errors, a report whose ``layers`` to plot, or a mapping of legend
+            label to either, to draw several comparisons on the same axes.
+        path: Destination PNG, written atomically.
+        title: Plot title.
+        tolerance: Draw this relative tolerance as a horizontal line (defaults to the first
+            report's ``rtol`` when reports are given).
+
+    Returns:
+        The path written.
+
+    Raises:
+        InvalidInputError: There are no layer errors to plot.
+        MissingDependencyError: matplotlib is not installed.
+    """
+    series: dict[str, Sequence[LayerError]] = {}
+    items = layers.items() if isinstance(layers, Mapping) else [("", layers)]
+    for label, item in items:
+        if isinstance(item, EquivalenceReport):
+            if tolerance is None:
+                tolerance = item.tolerance.rtol
+            title = title or f"{item.candidate} vs {item.reference}"
+            label = label or item.candidate
+            item = item.layers
+        if item:
+            series[label] = list(item)
+    if not series:
+        raise InvalidInputError(format_message(
+            "There are no per-layer errors to plot", where=str(path), got="an empty list",
+            expected="at least one module boundary",
+            hint="run the comparison with per_layer=True"))
+    matplotlib = require("matplotlib", purpose="Plotting the error per layer")
+    matplotlib.use("Agg", force=False)
+    pyplot = require("matplotlib.pyplot", purpose="Plotting the error per layer")
+    # A zero error cannot sit on a log axis; draw it at a floor well below float32 rounding.
+    floor = 1e-12
+    longest = max(series.values(), key=len)
+    figure, axes = pyplot.subplots(figsize=(max(7.0, 0.1 * len(longest) + 3), 4.5))
+    try:
+        for index, (label, values) in enumerate(series.items()):
+            ys = [max(v.max_rel_error, floor) if math.isfinite(v.max_rel_error) else 1.0
+                  for v in values]
+            colour = f"C{index}"
+            axes.plot(range(len(values)), ys, color=colour, linewidth=0.8, alpha=0.7,
+                      label=label or None)
+            diverged = [i for i, v in enumerate(values) if v.diverged]
+            axes.scatter(range(len(values)), ys, color=colour, s=10)
+            if diverged:
+                axes.scatter(diverged, [ys[i] for i in diverged], color="tab:red", s=24,
+                             marker="x", zorder=3)
+        axes.set_yscale("log")
+        if tolerance is not None:
+            axes.axhline(tolerance, color="tab:red", linestyle="--", linewidth=1,
+                         label=f"tolerance {tolerance:.0e} x scale")
+        if any(series) or tolerance is not None:
+            axes.legend(loc="upper left", fontsize=8)
+        step = max(1, len(longest) // 40)
+        ticks = list(range(0, len(longest), step))
+        axes.set_xticks(ticks)
+        axes.set_xticklabels([longest[i].name for i in ticks], rotation=90, fontsize=6)
+        axes.set_ylabel("max |error| / output scale")
+        axes.set_xlabel("module boundary (execution order)")
+        axes.set_title(title or "error per layer", fontsize=10)
+        figure.tight_layout()
+        final = Path(path)
+        with atomic_output(final) as temp:
+            figure.savefig(temp, format="png", dpi=120)
+    finally:
+        pyplot.close(figure)
+    return final

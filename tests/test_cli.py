@@ -1,0 +1,258 @@
+"""Tests for the bnsurgery command line, run in-process through ``main([...])``."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from bnsurgery._lazy import is_available
+from bnsurgery.cli import main
+from bnsurgery.models import load_state_dict_file
+
+pytest.importorskip("torchvision")
+pytest.importorskip("onnxruntime")
+
+MODEL = "torchvision:resnet18"
+SHAPE = "1,3,32,32"
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if not line.startswith("bnsurgery [")]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [pytest.param(["--help"], id="top"),
+     *[pytest.param([command, "--help"], id=command)
+       for command in ("demo", "inspect", "replace", "fuse", "export", "validate")]],
+)
+def test_help(capsys, argv):
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    assert "usage: bnsurgery" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert _run(capsys)[0] == 2  # no command
+    assert _run(capsys, "export", MODEL)[0] == 2  # -o missing
+    assert _run(capsys, "export", MODEL, "-o", "x.onnx", "--tensorrt", "int8")[0] == 2
+
+
+@pytest.fixture
+def factories(monkeypatch):
+    """Small models reachable as ``bnsurgery_cli_factories:NAME`` MODEL specs."""
+    module = types.ModuleType("bnsurgery_cli_factories")
+
+    def small():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                   torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+    def mixed():
+        # The second BatchNorm has no running statistics: it can never be folded.
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                   torch.nn.Conv2d(4, 4, 3),
+                                   torch.nn.BatchNorm2d(4, track_running_stats=False))
+
+    module.small, module.mixed = small, mixed
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module.__name__
+
+
+def test_inspect_lists_every_batchnorm(capsys):
+    code, out, err = _run(capsys, "inspect", MODEL, "--input-shape", SHAPE)
+    assert code == 0, err
+    assert "20 BatchNorm layers, 20 fold, 0 skipped" in out
+    assert "layer1.0.bn1" in out and "folds into layer1.0.conv1" in out
+    assert "bnsurgery [" in err  # progress goes to stderr
+
+
+def test_inspect_reports_skipped_batchnorms_with_a_reason_as_json(capsys, factories):
+    code, out, err = _run(capsys, "inspect", f"{factories}:mixed", "--input-shape", "2,3,8,8",
+                          "--json", "-q")
+    assert code == 0, err
+    assert err == ""  # --quiet: no progress lines
+    rows = {row["name"]: row for row in json.loads(out)["batchnorms"]}
+    assert rows["1"]["status"] == "folds" and rows["1"]["into"] == "0"
+    assert rows["3"]["status"] == "skipped" and "running statistics" in rows["3"]["reason"]
+
+
+def test_bad_model_name_is_one_line_without_traceback(capsys):
+    code, out, err = _run(capsys, "inspect", "torchvision:resnet1")
+    assert code == 2
+    lines = _error_lines(err)
+    assert len(lines) == 1
+    assert lines[0].startswith("bnsurgery inspect: error: Unknown torchvision model")
+    assert "did you mean resnet18" in lines[0]
+    assert "Traceback" not in err and out == ""
+
+    code, _, err = _run(capsys, "inspect", "torchvision:resnet1", "--debug")
+    assert code == 2
+    assert "Traceback" in err
+
+
+def test_wrong_input_shape_is_a_user_error(capsys):
+    code, _, err = _run(capsys, "inspect", MODEL, "--input-shape", "1,5,32,32")
+    assert code == 2
+    assert "does not run on inputs of this shape" in err and "--input-shape" in err
+    code, _, err = _run(capsys, "inspect", MODEL, "--input-shape", "1,3,0,32")
+    assert code == 2 and "positive integers" in err
+
+
+def test_error_as_json(capsys):
+    code, out, _ = _run(capsys, "inspect", "nonsense", "--json")
+    assert code == 2
+    document = json.loads(out)
+    assert document["exit_code"] == 2 and document["error"]["type"] == "InvalidInputError"
+
+
+def test_malicious_pickle_as_weights_is_refused_and_nothing_runs(capsys, tmp_path):
+    marker = tmp_path / "executed"
+    evil = tmp_path / "weights.pt"
+    with open(evil, "wb") as handle:
+        pickle.dump({"fc.weight": _Payload(marker)}, handle, protocol=2)
+    code, out, err = _run(capsys, "inspect", MODEL, "--weights", str(evil))
+    assert code == 2
+    assert "Refused to load the weights file" in err
+    assert "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_weights_file_is_used(capsys, tmp_path):
+    import torchvision
+
+    path = tmp_path / "weights.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    code, out, err = _run(capsys, "inspect", MODEL, "--weights", str(path), "--input-shape",
+                          SHAPE, "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"]["weights"] == str(path)
+
+
+def test_replace_saves_a_state_dict(capsys, tmp_path):
+    out_path = tmp_path / "replaced.safetensors"
+    code, out, err = _run(capsys, "replace", MODEL, "--input-shape", SHAPE, "-o", str(out_path))
+    assert code == 0, err
+    assert "pytorch check passed" in out
+    import torchvision
+
+    assert set(load_state_dict_file(out_path)) == set(torchvision.models.resnet18().state_dict())
+
+
+def test_fuse_saves_a_torch_export_program(capsys, tmp_path):
+    out_path = tmp_path / "fused.pt2"
+    code, out, err = _run(capsys, "fuse", MODEL, "--input-shape", SHAPE, "-o", str(out_path),
+                          "--json", "--report", str(tmp_path / "report.json"))
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["passed"] is True and document["output"] == str(out_path)
+    assert len(document["plan"]["folded"]) == 20
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
+    program = torch.export.load(out_path)  # no unpickling of user code involved
+    assert program.module()(torch.randn(3, 3, 32, 32)).shape == (3, 1000)  # dynamic batch
+    assert not any("batch_norm" in str(node.target) for node in program.graph.nodes)
+
+
+def test_fuse_refuses_unknown_output_type(capsys, tmp_path):
+    code, _, err = _run(capsys, "fuse", MODEL, "--input-shape", SHAPE, "-o",
+                        str(tmp_path / "fused.txt"))
+    assert code == 2
+    assert "Unknown output file type" in err
+    assert not (tmp_path / "fused.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    path = folder / "resnet18.onnx"
+    code = main(["export", MODEL, "--input-shape", SHAPE, "-o", str(path), "--validate",
+                 "--providers", "cpu", "--report", str(folder / "report.json"), "-q"])
+    return code, path, folder
+
+
+def test_export_with_validation(exported):
+    code, path, folder = exported
+    assert code == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["report.json", "resnet18.onnx"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["passed"] is True
+    (entry,) = report["reports"]
+    assert entry["details"]["opset"] == 18
+    assert {o["batch"] for o in entry["outputs"]} == {1, 5}
+
+
+def test_validate_exit_codes(exported, capsys, tmp_path):
+    _, path, _ = exported
+    plot = tmp_path / "layers.png"
+    code, out, err = _run(capsys, "validate", MODEL, str(path), "--input-shape", "2,3,32,32",
+                          "--providers", "cpu", "--plot", str(plot))
+    assert code == 0, err
+    assert "onnxruntime check passed" in out
+    if is_available("matplotlib"):
+        assert plot.read_bytes()[:4] == b"\x89PNG"
+    # Another seed builds another model: the file no longer computes what it claims.
+    code, out, err = _run(capsys, "validate", MODEL, str(path), "--input-shape", "2,3,32,32",
+                          "--providers", "cpu", "--seed", "1")
+    assert code == 1
+    assert "onnxruntime check FAILED" in out
+    assert "first diverging module" in out
+
+
+def test_validate_missing_file(capsys, tmp_path):
+    code, _, err = _run(capsys, "validate", MODEL, str(tmp_path / "missing.onnx"))
+    assert code == 2
+    assert "does not exist" in err
+
+
+def test_export_without_fusing_as_json(capsys, tmp_path, factories):
+    path = tmp_path / "plain.onnx"
+    code, out, err = _run(capsys, "export", f"{factories}:small", "--input-shape", "1,3,8,8",
+                          "-o", str(path), "--no-fuse", "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["fused"] is False and document["reports"] == []
+    assert path.is_file()
+
+
+def test_export_tensorrt_without_it_is_a_clear_error(capsys, tmp_path):
+    from bnsurgery.tensorrt import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT is available here")
+    code, _, err = _run(capsys, "export", MODEL, "-o", str(tmp_path / "x.onnx"), "--tensorrt",
+                        "fp16")
+    assert code == 2
+    assert "pip install 'bnsurgery[gpu]'" in err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_unavailable_provider_is_a_clear_error(capsys, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    code, _, err = _run(capsys, "export", MODEL, "-o", str(tmp_path / "x.onnx"), "--validate",
+                        "--providers", "cuda")
+    assert code == 2
+    assert "CUDAExecutionProvider" in err
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,121 @@
+"""Import every module and run ``bnsurgery --help`` with the optional packages blocked.
+
+``import bnsurgery`` must import torch and nothing else heavy, and the command line must start
+(and fail clearly, naming the extra to install) where onnx, onnxruntime and torch-tensorrt are
+missing. Each check runs in a fresh interpreter so that nothing already imported by the test
+session hides a module-level import.
+"""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import bnsurgery
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(f"bnsurgery.{m.name}" for m in pkgutil.iter_modules(bnsurgery.__path__))
+HEAVY = ("onnx", "onnxruntime", "onnxscript", "torch_tensorrt", "matplotlib", "torchvision",
+         "timm", "safetensors")
+
+# Installed before anything else in the child interpreter: any import of a blocked package
+# raises ImportError, exactly as if it were not installed.
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {"onnx", "onnxruntime", "torch_tensorrt"}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"No module named {name!r} (blocked for this test)")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+""")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, check=False)
+
+
+def test_every_module_is_covered():
+    for expected in ("cli", "demo", "export_onnx", "models", "report", "tensorrt", "validate"):
+        assert f"bnsurgery.{expected}" in MODULES
+
+
+def test_importing_imports_nothing_heavy():
+    result = _python(textwrap.dedent(f"""
+        import importlib, json, sys
+        for name in {MODULES!r}:
+            importlib.import_module(name)
+        print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+    """))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_help_and_clear_errors_with_optional_packages_blocked():
+    result = _python(BLOCKER + textwrap.dedent(f"""
+        import importlib, io, json, contextlib, runpy
+        import torch
+        for name in {MODULES!r}:
+            importlib.import_module(name)
+
+        codes = {{}}
+        for argv in (["--help"], *[[c, "--help"] for c in
+                     ("demo", "inspect", "replace", "fuse", "export", "validate")]):
+            sys.argv = ["bnsurgery", *argv]
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                try:
+                    runpy.run_module("bnsurgery", run_name="__main__", alter_sys=True)
+                except SystemExit as exc:
+                    codes[" ".join(argv)] = (exc.code, "usage: bnsurgery" in out.getvalue())
+
+        from bnsurgery.errors import MissingDependencyError
+        from bnsurgery.export_onnx import export_onnx
+        from bnsurgery.validate import validate_onnx
+        from bnsurgery.tensorrt import validate_tensorrt
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+        x = torch.randn(2, 3, 8, 8)
+        messages = []
+        for call in (lambda: export_onnx(model, x, "unused.onnx", fuse=False),
+                     lambda: validate_onnx(model, "unused.onnx", x, providers="cpu")):
+            try:
+                call()
+            except MissingDependencyError as exc:
+                messages.append(str(exc))
+        skipped = validate_tensorrt(model, x)
+
+        with contextlib.redirect_stdout(io.StringIO()), \\
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            from bnsurgery.cli import main
+            cli_code = main(["export", "torch.nn:Identity", "-o", "unused.onnx",
+                             "--input-shape", "2,3,8,8"])
+        print(json.dumps({{"codes": codes, "messages": messages, "cli": cli_code,
+                          "cli_err": err.getvalue(), "skipped": skipped.status,
+                          "passed": skipped.passed}}))
+    """))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout.splitlines()[-1])
+    assert len(document["codes"]) == 7
+    assert all(code == [0, True] for code in document["codes"].values()), document["codes"]
+    assert len(document["messages"]) == 2
+    for message in document["messages"]:
+        assert "pip install 'bnsurgery'" in message and "blocked for this test" in message
+    assert document["cli"] == 2
+    assert "pip install" in document["cli_err"] and "Traceback" not in document["cli_err"]
+    assert document["skipped"].startswith("skipped:") and document["passed"] is False
+    assert not (ROOT / "unused.onnx").exists()
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, "-m", "bnsurgery", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    for command in ("demo", "inspect", "replace", "fuse", "export", "validate"):
+        assert command in result.stdout

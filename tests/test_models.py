@@ -1,0 +1,227 @@
+"""Tests for bnsurgery.models: MODEL specs, safe weight loading, default shapes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+from bnsurgery.errors import BnSurgeryError, InvalidInputError, UnsafeFileError
+from bnsurgery.models import (
+    default_input_shape,
+    load_model,
+    load_state_dict_file,
+    parse_input_shape,
+    parse_model_spec,
+)
+
+torchvision = pytest.importorskip("torchvision")
+
+
+class _Payload:
+    """Unpickling this calls ``os.system``; a safe loader must refuse before calling it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write_malicious(path, marker):
+    with open(path, "wb") as handle:
+        pickle.dump({"conv.weight": _Payload(marker)}, handle, protocol=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "name"),
+    [
+        pytest.param("torchvision:resnet18", "torchvision", "resnet18", id="torchvision"),
+        pytest.param("timm:resnet18.a1_in1k", "timm", "resnet18.a1_in1k", id="timm-tag"),
+        pytest.param("torch.nn:Identity", "python", "torch.nn:Identity", id="python-factory"),
+    ],
+)
+def test_parse_model_spec(text, source, name):
+    spec = parse_model_spec(text)
+    assert (spec.source, spec.name, spec.text) == (source, name, text)
+    assert spec.to_dict()["source"] == source
+
+
+@pytest.mark.parametrize(
+    "text",
+    [pytest.param("resnet18", id="no-colon"), pytest.param("torchvision:", id="no-name"),
+     pytest.param(":resnet18", id="no-source"), pytest.param("my-pkg:make", id="bad-module")],
+)
+def test_parse_model_spec_rejects(text):
+    with pytest.raises(InvalidInputError, match="MODEL"):
+        parse_model_spec(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "shape"),
+    [pytest.param("1,3,224,224", (1, 3, 224, 224), id="commas"),
+     pytest.param("2x3x32x32", (2, 3, 32, 32), id="x-separated"),
+     pytest.param(" 4, 16 ", (4, 16), id="spaces")],
+)
+def test_parse_input_shape(text, shape):
+    assert parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["", "1,3,a,4", "1,0,4", "-1,3"])
+def test_parse_input_shape_rejects(text):
+    with pytest.raises(InvalidInputError, match="positive integers"):
+        parse_input_shape(text)
+
+
+def test_load_torchvision_model_random_weights_in_eval_mode():
+    loaded = load_model("torchvision:mobilenet_v3_small")
+    assert not loaded.model.training
+    assert loaded.input_shape == (1, 3, 224, 224)
+    assert loaded.weights == "random"
+    assert loaded.to_dict()["class"] == "MobileNetV3"
+
+
+def test_unknown_torchvision_model_suggests_names():
+    with pytest.raises(InvalidInputError,
+                       match=r"(?s)Unknown torchvision model.*did you mean resnet18"):
+        load_model("torchvision:resnet1")
+
+
+def test_timm_model_and_unknown_name():
+    pytest.importorskip("timm")
+    loaded = load_model("timm:resnet10t")
+    assert loaded.input_shape[:2] == (1, 3)
+    with pytest.raises(InvalidInputError, match="Unknown timm model"):
+        load_model("timm:not_a_model_at_all")
+
+
+def test_python_factory():
+    assert isinstance(load_model("torch.nn:Identity").model, nn.Identity)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        load_model("torch.nn:not_there")
+    with pytest.raises(InvalidInputError, match="Cannot import"):
+        load_model("no_such_package_xyz.models:build")
+    with pytest.raises(InvalidInputError, match="did not return a torch.nn.Module"):
+        load_model("os:getcwd")
+
+
+def test_default_input_shapes():
+    assert default_input_shape("torchvision:inception_v3") == (1, 3, 299, 299)
+    assert default_input_shape("torchvision:resnet18") == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
+def test_weights_round_trip(tmp_path, suffix):
+    source = torchvision.models.mobilenet_v3_small()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(1.0)
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    loaded = load_model("torchvision:mobilenet_v3_small", weights=path)
+    assert loaded.weights == str(path)
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+def test_nested_checkpoint_and_data_parallel_prefix(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2))
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "epoch": 3}, path)
+    assert set(load_state_dict_file(path)) == {"0.weight", "0.bias"}
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    _write_malicious(path, marker)
+    with pytest.raises(UnsafeFileError, match=r"(?s)Refused to load.*nothing in the file was run"):
+        load_model("torchvision:mobilenet_v3_small", weights=path)
+    assert not marker.exists()
+    # The same file, unpickled without protection, really would have run the command.
+    with open(path, "rb") as handle:
+        pickle.load(handle)  # noqa: S301 - proves the payload is live
+    assert marker.exists()
+
+
+def test_pickled_whole_model_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(nn.Linear(2, 2), path)  # needs to import torch.nn.Linear to load: refused
+    with pytest.raises(UnsafeFileError, match="state_dict"):
+        load_state_dict_file(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        pytest.param("w.npz", b"x", "Unknown weights file type", id="suffix"),
+        pytest.param("w.pt", b"\x80\x02truncated", "cannot be read", id="garbage-pt"),
+        pytest.param("w.safetensors", b"\x00\x01", "cannot be read", id="garbage-safetensors"),
+    ],
+)
+def test_bad_weight_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InvalidInputError, match=message):
+        load_state_dict_file(path)
+
+
+def test_missing_and_mismatching_weights(tmp_path):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        load_state_dict_file(tmp_path / "nope.pt")
+    path = tmp_path / "other.pt"
+    torch.save(nn.Linear(3, 3).state_dict(), path)
+    with pytest.raises(InvalidInputError, match="do not fit the model"):
+        load_model("torchvision:mobilenet_v3_small", weights=path)
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(InvalidInputError, match="does not hold a state_dict"):
+        load_state_dict_file(path)
+
+
+def test_default_weights_take_the_torchvision_download_path(monkeypatch):
+    """DEFAULT goes through torchvision's own weights loading; here it is served locally."""
+    from torchvision.models._api import WeightsEnum
+
+    served = torchvision.models.mobilenet_v3_small().state_dict()
+    served = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+              for k, v in served.items()}
+    calls = []
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        calls.append(self)
+        return served
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
+    loaded = load_model("torchvision:mobilenet_v3_small", weights="DEFAULT")
+    assert loaded.weights == "DEFAULT"
+    assert len(calls) == 1 and "IMAGENET1K" in str(calls[0])
+    assert torch.all(loaded.model.features[0][0].weight == 0.5)
+
+
+def test_default_weights_download_failure_is_a_clear_error(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(BnSurgeryError, match=r"(?s)Downloading torchvision's pretrained weights "
+                                             r"failed.*--weights PATH"):
+        load_model("torchvision:mobilenet_v3_small", weights="DEFAULT")
+
+
+def test_default_weights_only_for_libraries():
+    with pytest.raises(InvalidInputError, match="only works for torchvision and timm"):
+        load_model("torch.nn:Identity", weights="DEFAULT")

@@ -1,0 +1,333 @@
+"""Tests for bnsurgery.validate: PyTorch and onnxruntime comparisons that are not rubber stamps."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnsurgery.calibrate import calibrate_batchnorm
+from bnsurgery.errors import IncompatibleModuleError, InvalidInputError, MissingDependencyError
+from bnsurgery.validate import (
+    TOLERANCES,
+    _compare,
+    compare_models,
+    layer_errors,
+    onnx_module_outputs,
+    resize_batch,
+    resolve_providers,
+    select_tolerance,
+    validate_onnx,
+)
+
+torchvision = pytest.importorskip("torchvision")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+SHAPE = (2, 3, 64, 64)
+
+
+def _calibrated_resnet18() -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    return calibrate_batchnorm(model, torch.randn(SHAPE), seed=3).eval()
+
+
+def _scale_one_conv(model: nn.Module, name: str = "layer2.0.conv1", factor: float = 1.05
+                    ) -> nn.Module:
+    """A copy whose one convolution's weight is scaled: a bug a validator must catch."""
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.get_submodule(name).weight.mul_(factor)
+    return changed
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return _calibrated_resnet18()
+
+
+@pytest.fixture(scope="module")
+def resnet18_onnx(resnet18, tmp_path_factory):
+    from bnsurgery.export_onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "resnet18.onnx"
+    return export_onnx(resnet18, torch.randn(1, 3, 64, 64), path, fuse=True)
+
+
+@pytest.fixture
+def inputs():
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+# ------------------------------------------------------------------------ metrics and tolerances
+
+def test_metrics_on_known_tensors():
+    reference = torch.tensor([[1.0, 2.0, 4.0], [0.5, -1.0, 0.0]])
+    candidate = reference.clone()
+    candidate[0, 2] = 3.5  # changes the row's arg-max? no: 3.5 > 2.0 still wins
+    candidate[1, 0] = -2.0  # row 2's arg-max moves from column 0 to column 2
+    result = _compare("logits", 2, reference, candidate, TOLERANCES["fp32"])
+    assert result.max_abs_error == pytest.approx(2.5)
+    assert result.scale == pytest.approx(4.0)
+    assert result.max_rel_error == pytest.approx(2.5 / 4.0)
+    assert result.mean_abs_error == pytest.approx(3.0 / 6)
+    expected_cos = float(torch.nn.functional.cosine_similarity(
+        reference.flatten(), candidate.flatten(), dim=0))
+    assert result.cosine_similarity == pytest.approx(expected_cos)
+    assert result.top1_agreement == pytest.approx(0.5)
+    assert not result.passed
+
+
+def test_metrics_flag_non_finite_and_shape_mismatch():
+    reference = torch.ones(2, 3)
+    candidate = reference.clone()
+    candidate[0, 0] = math.nan
+    assert not _compare("o", 2, reference, candidate, TOLERANCES["fp32"]).passed
+    mismatch = _compare("o", 2, reference, torch.ones(2, 4), TOLERANCES["fp32"])
+    assert not mismatch.passed and math.isinf(mismatch.max_abs_error)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tf32", "backend", "label"),
+    [
+        pytest.param(torch.float32, False, "pytorch", "fp32", id="fp32"),
+        pytest.param(torch.float32, True, "pytorch", "tf32", id="tf32"),
+        pytest.param(torch.float16, False, "pytorch", "fp16", id="fp16"),
+        pytest.param(torch.bfloat16, False, "pytorch", "bf16", id="bf16"),
+        pytest.param(torch.float32, False, "tensorrt", "tensorrt-fp32", id="tensorrt-fp32"),
+        pytest.param(torch.float16, False, "tensorrt", "fp16", id="tensorrt-fp16"),
+    ],
+)
+def test_select_tolerance(dtype, tf32, backend, label):
+    tolerance = select_tolerance(dtype, backend=backend, tf32=tf32)
+    assert tolerance.label == label
+    assert tolerance.why  # every tolerance says where its numbers come from
+
+
+def test_select_tolerance_override_and_bad_values():
+    custom = select_tolerance(torch.float32, rtol=1e-3)
+    assert custom.rtol == 1e-3 and custom.atol == TOLERANCES["fp32"].atol
+    assert "custom" in custom.label
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        select_tolerance(torch.float32, atol=-1.0)
+
+
+def test_resize_batch_keeps_rows_and_draws_new_ones():
+    x = torch.randn(2, 3)
+    assert torch.equal(resize_batch((x,), 1, seed=0)[0], x[:1])
+    grown = resize_batch((x,), 5, seed=0)[0]
+    assert grown.shape == (5, 3) and torch.equal(grown[:2], x)
+    ids = torch.tensor([[1], [2]])
+    assert set(resize_batch((ids,), 4, seed=0)[0].flatten().tolist()) <= {1, 2}
+
+
+# ------------------------------------------------------------------------ PyTorch vs PyTorch
+
+def test_compare_models_fused_passes_and_is_as_accurate_as_float32(resnet18, inputs):
+    from bnsurgery.fuse import fuse_batchnorm
+
+    fused = fuse_batchnorm(resnet18, inputs)
+    report = compare_models(resnet18, fused, inputs, per_layer=True)
+    assert report.passed, str(report)
+    assert report.tolerance.label == "fp32"
+    (output,) = report.outputs
+    # The fused float32 model is about as far from a float64 run as the original float32 run.
+    assert output.float64_error <= 2 * output.reference_float64_error + 1e-6 * output.scale
+    assert report.layers and not any(layer.diverged for layer in report.layers)
+    assert report.first_divergence is None
+
+
+def test_compare_models_catches_one_conv_scaled_by_5_percent(resnet18, inputs):
+    report = compare_models(resnet18, _scale_one_conv(resnet18), inputs)
+    assert not report.passed
+    assert report.outputs[0].max_rel_error > 100 * report.tolerance.rtol
+    # The hooks name where it starts: the ReLU right after the changed conv and its BatchNorm.
+    assert report.first_divergence == "layer2.0.relu"
+    assert report.divergence_suspects == ("layer2.0.conv1", "layer2.0.bn1")
+    assert "first diverging module: layer2.0.relu" in str(report)
+
+
+def test_layer_errors_only_in_the_last_layer(resnet18, inputs):
+    changed = copy.deepcopy(resnet18)
+    with torch.no_grad():
+        changed.fc.bias.add_(1.0)
+    result = layer_errors(resnet18, changed, inputs, output_failed=True)
+    assert not any(layer.diverged for layer in result.layers)
+    assert result.first_divergence == "output"
+    assert result.suspects == ("fc",)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "label"),
+    [pytest.param(torch.float16, "fp16", id="fp16"),
+     pytest.param(torch.bfloat16, "bf16", id="bf16")],
+)
+def test_compare_models_half_precision_candidates(resnet18, inputs, dtype, label):
+    candidate = copy.deepcopy(resnet18).to(dtype)
+    report = compare_models(resnet18, candidate, inputs)
+    assert report.tolerance.label == label
+    assert report.passed, str(report)
+    # The same numbers fail the float32 tolerance: the dtype's own tolerance is what passes them.
+    strict = compare_models(resnet18, candidate, inputs, rtol=TOLERANCES["fp32"].rtol,
+                            atol=TOLERANCES["fp32"].atol, per_layer=False,
+                            float64_baseline=False)
+    assert not strict.passed
+    # Neither model was changed by the comparison.
+    assert next(candidate.parameters()).dtype == dtype
+    assert next(resnet18.parameters()).dtype == torch.float32
+
+
+def test_compare_models_refuses_training_mode_and_non_modules(resnet18, inputs):
+    training = copy.deepcopy(resnet18).train()
+    with pytest.raises(InvalidInputError, match="eval mode"):
+        compare_models(resnet18, training, inputs)
+    with pytest.raises(IncompatibleModuleError, match="nn.Module"):
+        compare_models(resnet18, resnet18.state_dict(), inputs)
+    with pytest.raises(InvalidInputError, match="tensor"):
+        compare_models(resnet18, resnet18, [1, 2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compare_models_on_cuda_with_tf32_off(resnet18, inputs):
+    from bnsurgery.fuse import fuse_batchnorm
+
+    torch.backends.cudnn.allow_tf32 = True
+    fused = fuse_batchnorm(resnet18, inputs)
+    report = compare_models(resnet18, fused, inputs, device="cuda")
+    assert report.passed, str(report)
+    assert report.details["tf32_used"] is False
+    assert torch.backends.cudnn.allow_tf32 is True  # the caller's setting is restored
+    assert report.environment["gpu_name"]
+    assert next(resnet18.parameters()).device.type == "cpu"  # not moved in place
+
+
+# ------------------------------------------------------------------------ PyTorch vs onnxruntime
+
+def test_validate_onnx_passes_with_sweep_and_float64_accuracy(resnet18, resnet18_onnx, inputs):
+    report = validate_onnx(resnet18, resnet18_onnx, inputs, providers="cpu")
+    assert report.passed, str(report)
+    assert report.details["batch_sizes"] == [1, 2, 5]
+    assert sorted({o.batch for o in report.outputs}) == [1, 2, 5]
+    assert report.details["providers_used"][0] == "CPUExecutionProvider"
+    assert report.details["opset"] == 18
+    assert report.details["exporter"] == "torch.onnx.export(dynamo=True)"
+    for output in report.outputs:
+        # onnxruntime is as accurate as PyTorch's own float32 run, judged against float64.
+        assert output.float64_error <= 2 * output.reference_float64_error + 1e-6 * output.scale
+        assert output.top1_agreement == 1.0
+
+
+def test_validate_onnx_fails_when_one_conv_is_scaled_by_5_percent(resnet18, resnet18_onnx,
+                                                                  inputs):
+    digest = hashlib.sha256(resnet18_onnx.read_bytes()).hexdigest()
+    report = validate_onnx(_scale_one_conv(resnet18), resnet18_onnx, inputs, providers="cpu")
+    assert not report.passed
+    assert report.status == "FAILED"
+    assert all(not o.passed for o in report.outputs)
+    # The debug copy of the file pins the divergence to the changed block.
+    assert report.first_divergence == "layer2.0.relu"
+    assert "layer2.0.conv1" in report.divergence_suspects
+    assert any("debug copy" in note for note in report.notes)
+    # The debug copy lives elsewhere: the file under test is byte for byte what it was.
+    assert hashlib.sha256(resnet18_onnx.read_bytes()).hexdigest() == digest
+
+
+def test_onnx_module_outputs_map_module_boundaries(resnet18_onnx):
+    proto = onnx.load(str(resnet18_onnx))
+    outputs = onnx_module_outputs(proto)
+    assert len(outputs["layer1.0.relu"]) == 2  # BasicBlock calls its ReLU twice
+    assert len(outputs["layer1.0"]) == 1
+    assert outputs["fc"] == [proto.graph.output[0].name]
+
+
+def test_validate_onnx_detects_a_silent_provider_fallback(resnet18, resnet18_onnx, inputs,
+                                                         monkeypatch):
+    import bnsurgery.validate as validate
+
+    real_session = validate._session
+
+    class FellBack:
+        """A session that, like onnxruntime without working CUDA libraries, used the CPU."""
+
+        def __init__(self, path, providers):
+            self._session = real_session(path, ["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self._session, name)
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(validate, "_session", FellBack)
+    report = validate_onnx(resnet18, resnet18_onnx, inputs, providers="cuda,cpu",
+                           per_layer=False, float64_baseline=False, batch_sizes=[2])
+    assert not report.passed
+    assert any("CUDAExecutionProvider was requested" in f for f in report.failures)
+    assert all(o.passed for o in report.outputs)  # the numbers alone would have passed
+
+
+def test_resolve_providers():
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(InvalidInputError, match="Unknown onnxruntime execution provider"):
+        resolve_providers("gpu9000")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="this onnxruntime has the CUDA provider")
+def test_unavailable_provider_names_the_extra():
+    with pytest.raises(MissingDependencyError, match=r"pip install 'bnsurgery\[gpu\]'"):
+        resolve_providers("cuda")
+
+
+def test_validate_onnx_input_errors(resnet18, resnet18_onnx, inputs, tmp_path):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        validate_onnx(resnet18, tmp_path / "missing.onnx", inputs)
+    with pytest.raises(InvalidInputError, match="number of inputs"):
+        validate_onnx(resnet18, resnet18_onnx, (inputs, inputs), providers="cpu")
+    with pytest.raises(InvalidInputError, match="eval mode"):
+        validate_onnx(copy.deepcopy(resnet18).train(), resnet18_onnx, inputs)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(InvalidInputError, match="could not load the ONNX file"):
+        validate_onnx(resnet18, broken, inputs, providers="cpu")
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_static_batch_and_legacy_file_are_reported(tmp_path):
+    from bnsurgery.export_onnx import export_onnx
+
+    x = torch.randn(2, 3, 8, 8)
+    model = calibrate_batchnorm(_Tiny().eval(), x).eval()
+    path = export_onnx(model, x, tmp_path / "tiny.onnx", fuse=False, dynamic_batch=False,
+                       exporter="legacy", opset=17)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.conv.weight.mul_(1.05)
+    report = validate_onnx(changed, path, x, providers="cpu")
+    assert not report.passed
+    assert report.details["batch_sizes"] == [2]
+    assert report.details["exporter"].startswith("torch.onnx.export(dynamo=False)")
+    assert any("static" in note for note in report.notes)
+    assert any("no module-scope metadata" in note for note in report.notes)
+    with pytest.raises(InvalidInputError, match="static batch"):
+        validate_onnx(model, path, torch.randn(3, 3, 8, 8), providers="cpu")
