@@ -175,7 +175,7 @@ def check_onnxruntime_cuda(side: int) -> dict:
         return {"status": "not installed",
                 "detail": f"onnxruntime {onnxruntime.__version__} has no CUDA provider "
                           f"(available: {available}); pip install 'bnsurgery[gpu]'"}
-    from bnsurgery.export_onnx import export_onnx
+    from bnsurgery.onnx_export import export_onnx
     from bnsurgery.validate import validate_onnx
 
     model = _calibrated("resnet18", 4, side)

@@ -19,7 +19,7 @@ from bnsurgery.errors import (
     ReplacementError,
     UnsafeFileError,
 )
-from bnsurgery.export_onnx import export_onnx
+from bnsurgery.onnx_export import export_onnx
 from bnsurgery.functional import batch_norm
 from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batchnorm, plan_fusion
 from bnsurgery.models import load_model, load_state_dict_file

@@ -125,7 +125,7 @@ def _check_save_path(path: Path) -> None:
 
 def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
-    from bnsurgery.export_onnx import _export_inputs
+    from bnsurgery.onnx_export import _export_inputs
     from bnsurgery.report import atomic_output
 
     _check_save_path(path)
@@ -297,7 +297,7 @@ def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Mo
 
 
 def _cmd_export(ctx: _Context) -> int:
-    from bnsurgery.export_onnx import export_onnx
+    from bnsurgery.onnx_export import export_onnx
     from bnsurgery.tensorrt import (
         export_tensorrt,
         save_path_for,

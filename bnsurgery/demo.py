@@ -160,7 +160,7 @@ def run_demo(
         The table, the reports and the paths written.
     """
     from bnsurgery.calibrate import calibrate_batchnorm
-    from bnsurgery.export_onnx import export_onnx
+    from bnsurgery.onnx_export import export_onnx
     from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.models import load_model
     from bnsurgery.replace import replace_batchnorm

@@ -51,6 +51,7 @@ The backward is not differentiable twice: differentiating it again raises.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,9 @@ from bnsurgery.functional import (
 )
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
+
+#: Whether the installed torch's BatchNorm constructor has the keyword-only ``bias`` option.
+_BASE_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
 # Calls to batch_norm become single call_function nodes under torch.fx symbolic tracing.
 torch.fx.wrap("batch_norm")
@@ -398,8 +402,14 @@ class SyncBatchNorm(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: object = None, device=None, dtype=None, *,
                  bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+        if _BASE_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                             device=device, dtype=dtype, bias=bias)
+        else:  # torch releases before the keyword-only ``bias``: same result, built by hand
+            super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                             device=device, dtype=dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:

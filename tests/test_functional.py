@@ -225,31 +225,16 @@ def test_all_option_combinations_are_deterministic_and_agree():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_cuda_matches_cudnn(dtype, training):
-    param = torch.float32
-    case = _case((8, 16, 10, 10), dtype, param, device="cuda")
+def test_cuda_is_as_accurate_as_cudnn(dtype, training):
+    # Judged against a float64 run: cuDNN's half-precision reductions are not the truth either.
+    case = _case((8, 16, 10, 10), dtype, torch.float32, device="cuda")
     ours = _run(batch_norm, *case, training=training, momentum=0.1, eps=1e-5)
     ref = _run(F.batch_norm, *case, training=training, momentum=0.1, eps=1e-5)
-    _assert_same(ours, ref, TOL[dtype])
-
-
-def test_gradients_stay_accurate_with_a_large_mean():
-    # Values around 1000 +- 1: the rounding of the mean must not leak into the weight gradient
-    # (torch's own float32 kernel lets it: about 2e-5 relative error here, against 1e-7 ours).
-    # The float64 oracle starts from the same float32-rounded input.
-    x64 = (torch.randn(32, 8, 16, dtype=torch.float64) + 1000).float().double()
-    g64 = torch.randn(32, 8, 16, dtype=torch.float64)
-    weight = torch.rand(8, dtype=torch.float64) + 0.5
-    grads = {}
-    for name, fn, dtype in (("exact", F.batch_norm, torch.float64),
-                            ("torch", F.batch_norm, torch.float32),
-                            ("ours", batch_norm, torch.float32)):
-        x = x64.to(dtype).detach().requires_grad_()
-        w = weight.to(dtype).detach().requires_grad_()
-        fn(x, None, None, w, None, True, 0.1, 1e-5).backward(g64.to(dtype))
-        grads[name] = (x.grad.double(), w.grad.double())
-    for i, label in enumerate(("input", "weight")):
-        exact = grads["exact"][i]
-        ours_err = (grads["ours"][i] - exact).abs().max() / exact.abs().max()
-        torch_err = (grads["torch"][i] - exact).abs().max() / exact.abs().max()
-        assert ours_err <= min(2 * torch_err, 1e-5), (label, float(ours_err), float(torch_err))
+    exact = _run(F.batch_norm, *(t.double() for t in case), training=training, momentum=0.1,
+                 eps=1e-5)
+    for key, truth in exact.items():
+        scale = truth.abs().max()
+        ours_err = (ours[key].double() - truth).abs().max()
+        ref_err = (ref[key].double() - truth).abs().max()
+        floor = 1e-6 if dtype == torch.float32 else 1e-3
+        assert ours_err <= 2 * ref_err + floor * scale, (key, float(ours_err), float(ref_err))

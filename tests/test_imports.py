@@ -44,7 +44,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_every_module_is_covered():
-    for expected in ("cli", "demo", "export_onnx", "models", "report", "tensorrt", "validate"):
+    for expected in ("cli", "demo", "onnx_export", "models", "report", "tensorrt", "validate"):
         assert f"bnsurgery.{expected}" in MODULES
 
 
@@ -77,7 +77,7 @@ def test_help_and_clear_errors_with_optional_packages_blocked():
                     codes[" ".join(argv)] = (exc.code, "usage: bnsurgery" in out.getvalue())
 
         from bnsurgery.errors import MissingDependencyError
-        from bnsurgery.export_onnx import export_onnx
+        from bnsurgery.onnx_export import export_onnx
         from bnsurgery.validate import validate_onnx
         from bnsurgery.tensorrt import validate_tensorrt
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()

@@ -53,7 +53,7 @@ def resnet18():
 
 @pytest.fixture(scope="module")
 def resnet18_onnx(resnet18, tmp_path_factory):
-    from bnsurgery.export_onnx import export_onnx
+    from bnsurgery.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "resnet18.onnx"
     return export_onnx(resnet18, torch.randn(1, 3, 64, 64), path, fuse=True)
@@ -314,7 +314,7 @@ class _Tiny(nn.Module):
 
 
 def test_static_batch_and_legacy_file_are_reported(tmp_path):
-    from bnsurgery.export_onnx import export_onnx
+    from bnsurgery.onnx_export import export_onnx
 
     x = torch.randn(2, 3, 8, 8)
     model = calibrate_batchnorm(_Tiny().eval(), x).eval()

@@ -1,4 +1,4 @@
-"""Tests for bnsurgery.export_onnx: one checked file, a real dynamic batch, atomic writes."""
+"""Tests for bnsurgery.onnx_export: one checked file, a real dynamic batch, atomic writes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
 from bnsurgery.errors import ExportError, InvalidInputError
-from bnsurgery.export_onnx import export_onnx
+from bnsurgery.onnx_export import export_onnx
 from bnsurgery.validate import validate_onnx
 
 torchvision = pytest.importorskip("torchvision")
@@ -191,7 +191,7 @@ def test_fixed_batch_model_fails_cleanly_and_leaves_nothing(tmp_path):
 
 
 def test_a_file_that_fails_the_checker_never_lands(tmp_path, monkeypatch):
-    import bnsurgery.export_onnx as module
+    import bnsurgery.onnx_export as module
 
     def failing_check(path, opset, *, shown):
         raise ExportError("checker says no")
