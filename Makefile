@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bn_kernel.py
+	$(PY) benchmarks/fuse_latency.py
+	$(PY) benchmarks/fuse_vs_fx.py
+	$(PY) benchmarks/export_latency.py
+	$(PY) benchmarks/sync_overhead.py
 
 clean:
 	rm -rf $(VENV) bnsurgery-demo .pytest_cache

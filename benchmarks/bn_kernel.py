@@ -46,8 +46,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict, device, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so noise hits all alike."""
+def time_interleaved(fns: dict, device, repeats: int, warmup: int = 3, burst: int = 3
+                     ) -> dict[str, float]:
+    """Median seconds per call of each function, in interleaved rounds.
+
+    Rounds alternate between the functions so that machine noise hits all alike. Within a round
+    each function runs once untimed, then ``burst`` timed calls: the untimed call absorbs the
+    cost of the memory allocator adapting to the previous function's allocation pattern (on
+    glibc, large blocks freed by one implementation can be returned to the system and then
+    page-faulted in again by the next), which is an artefact of interleaving, not of either
+    implementation.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -55,11 +64,13 @@ def time_interleaved(fns: dict, device, repeats: int, warmup: int = 3) -> dict[s
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
             fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(burst):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
