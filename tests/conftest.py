@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,6 +26,16 @@ class AtenOpRecorder(TorchDispatchMode):
 
     def batch_norm_ops(self) -> list[str]:
         return sorted({op for op in self.ops if any(m in op for m in BATCH_NORM_OP_MARKERS)})
+
+
+try:  # CI replays a fixed set of property-test examples; local runs keep exploring.
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hypothesis_settings.load_profile("ci")
+except ImportError:  # hypothesis is a dev extra; only the property tests need it
+    pass
 
 
 @pytest.fixture(autouse=True)
