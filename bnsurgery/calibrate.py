@@ -17,19 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bnsurgery._bn_registry import looks_like_batchnorm
 from bnsurgery.errors import InvalidInputError, format_message
 
 __all__ = ["calibrate_batchnorm", "randomize_batchnorm_affine"]
-
-
-def _bn_like(module: nn.Module) -> bool:
-    """True for modules carrying BatchNorm state (running statistics), BN subclasses included."""
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return True
-    return all(
-        isinstance(getattr(module, name, None), torch.Tensor)
-        for name in ("weight", "bias", "running_mean", "running_var")
-    ) and type(module).__name__.startswith("FrozenBatchNorm")
 
 
 def randomize_batchnorm_affine(model: nn.Module, *, seed: int = 0, inplace: bool = False
@@ -51,7 +42,7 @@ def randomize_batchnorm_affine(model: nn.Module, *, seed: int = 0, inplace: bool
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if not _bn_like(module):
+            if not looks_like_batchnorm(module):
                 continue
             weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
             if isinstance(weight, torch.Tensor):
