@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
-from bnsurgery.onnx_export import export_onnx  # noqa: E402
 from bnsurgery.fuse import fuse_batchnorm  # noqa: E402
+from bnsurgery.onnx_export import export_onnx  # noqa: E402
 from bnsurgery.validate import compare_models  # noqa: E402
 
 

@@ -19,10 +19,10 @@ from bnsurgery.errors import (
     ReplacementError,
     UnsafeFileError,
 )
-from bnsurgery.onnx_export import export_onnx
 from bnsurgery.functional import batch_norm
 from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batchnorm, plan_fusion
 from bnsurgery.models import load_model, load_state_dict_file
+from bnsurgery.onnx_export import export_onnx
 from bnsurgery.pairs import FoldPair, find_fold_pairs
 from bnsurgery.replace import (
     ReplacementPlan,

@@ -298,13 +298,14 @@ def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Mo
 
 def _cmd_export(ctx: _Context) -> int:
     from bnsurgery.onnx_export import export_onnx
+    from bnsurgery.ort_session import resolve_providers
     from bnsurgery.tensorrt import (
         export_tensorrt,
         save_path_for,
         tensorrt_unavailable_reason,
         validate_tensorrt,
     )
-    from bnsurgery.validate import resolve_providers, validate_onnx
+    from bnsurgery.validate import validate_onnx
 
     args = ctx.args
     if args.tensorrt:
@@ -356,7 +357,8 @@ def _cmd_export(ctx: _Context) -> int:
 
 
 def _cmd_validate(ctx: _Context) -> int:
-    from bnsurgery.validate import resolve_providers, validate_onnx
+    from bnsurgery.ort_session import resolve_providers
+    from bnsurgery.validate import validate_onnx
 
     args = ctx.args
     if not Path(args.file).is_file():

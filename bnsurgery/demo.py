@@ -160,12 +160,13 @@ def run_demo(
         The table, the reports and the paths written.
     """
     from bnsurgery.calibrate import calibrate_batchnorm
-    from bnsurgery.onnx_export import export_onnx
     from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.models import load_model
+    from bnsurgery.onnx_export import export_onnx
+    from bnsurgery.ort_session import _session
     from bnsurgery.replace import replace_batchnorm
     from bnsurgery.tensorrt import validate_tensorrt
-    from bnsurgery.validate import _session, compare_models, validate_onnx
+    from bnsurgery.validate import compare_models, validate_onnx
 
     say = progress or (lambda message: None)
     out = Path(out_dir)

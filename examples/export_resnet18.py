@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from bnsurgery.calibrate import calibrate_batchnorm
-from bnsurgery.export_onnx import export_onnx
+from bnsurgery.onnx_export import export_onnx
 from bnsurgery.report import write_report_json
 from bnsurgery.validate import validate_onnx
 

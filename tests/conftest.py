@@ -49,3 +49,34 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+#: Input shape of the calibrated resnet18 shared by the validation and divergence tests.
+RESNET18_SHAPE = (2, 3, 64, 64)
+
+
+def _calibrated_resnet18() -> torch.nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    from bnsurgery.calibrate import calibrate_batchnorm
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    return calibrate_batchnorm(model, torch.randn(RESNET18_SHAPE), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return _calibrated_resnet18()
+
+
+@pytest.fixture(scope="module")
+def resnet18_onnx(resnet18, tmp_path_factory):
+    from bnsurgery.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "resnet18.onnx"
+    return export_onnx(resnet18, torch.randn(1, 3, 64, 64), path, fuse=True)
+
+
+@pytest.fixture
+def inputs():
+    return torch.randn(RESNET18_SHAPE, generator=torch.Generator().manual_seed(7))

@@ -44,7 +44,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_every_module_is_covered():
-    for expected in ("cli", "demo", "onnx_export", "models", "report", "tensorrt", "validate"):
+    for expected in ("cli", "demo", "divergence", "onnx_export", "models", "ort_session", "report",
+                     "tensorrt", "validate"):
         assert f"bnsurgery.{expected}" in MODULES
 
 

@@ -11,15 +11,12 @@ import torch
 from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
-from bnsurgery.errors import IncompatibleModuleError, InvalidInputError, MissingDependencyError
+from bnsurgery.errors import IncompatibleModuleError, InvalidInputError
 from bnsurgery.validate import (
     TOLERANCES,
     _compare,
     compare_models,
-    layer_errors,
-    onnx_module_outputs,
     resize_batch,
-    resolve_providers,
     select_tolerance,
     validate_onnx,
 )
@@ -27,13 +24,6 @@ from bnsurgery.validate import (
 torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-SHAPE = (2, 3, 64, 64)
-
-
-def _calibrated_resnet18() -> nn.Module:
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    return calibrate_batchnorm(model, torch.randn(SHAPE), seed=3).eval()
 
 
 def _scale_one_conv(model: nn.Module, name: str = "layer2.0.conv1", factor: float = 1.05
@@ -43,25 +33,6 @@ def _scale_one_conv(model: nn.Module, name: str = "layer2.0.conv1", factor: floa
     with torch.no_grad():
         changed.get_submodule(name).weight.mul_(factor)
     return changed
-
-
-@pytest.fixture(scope="module")
-def resnet18():
-    torch.manual_seed(0)
-    return _calibrated_resnet18()
-
-
-@pytest.fixture(scope="module")
-def resnet18_onnx(resnet18, tmp_path_factory):
-    from bnsurgery.onnx_export import export_onnx
-
-    path = tmp_path_factory.mktemp("onnx") / "resnet18.onnx"
-    return export_onnx(resnet18, torch.randn(1, 3, 64, 64), path, fuse=True)
-
-
-@pytest.fixture
-def inputs():
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
 
 
 # ------------------------------------------------------------------------ metrics and tolerances
@@ -152,16 +123,6 @@ def test_compare_models_catches_one_conv_scaled_by_5_percent(resnet18, inputs):
     assert "first diverging module: layer2.0.relu" in str(report)
 
 
-def test_layer_errors_only_in_the_last_layer(resnet18, inputs):
-    changed = copy.deepcopy(resnet18)
-    with torch.no_grad():
-        changed.fc.bias.add_(1.0)
-    result = layer_errors(resnet18, changed, inputs, output_failed=True)
-    assert not any(layer.diverged for layer in result.layers)
-    assert result.first_divergence == "output"
-    assert result.suspects == ("fc",)
-
-
 @pytest.mark.parametrize(
     ("dtype", "label"),
     [pytest.param(torch.float16, "fp16", id="fp16"),
@@ -238,14 +199,6 @@ def test_validate_onnx_fails_when_one_conv_is_scaled_by_5_percent(resnet18, resn
     assert hashlib.sha256(resnet18_onnx.read_bytes()).hexdigest() == digest
 
 
-def test_onnx_module_outputs_map_module_boundaries(resnet18_onnx):
-    proto = onnx.load(str(resnet18_onnx))
-    outputs = onnx_module_outputs(proto)
-    assert len(outputs["layer1.0.relu"]) == 2  # BasicBlock calls its ReLU twice
-    assert len(outputs["layer1.0"]) == 1
-    assert outputs["fc"] == [proto.graph.output[0].name]
-
-
 def test_validate_onnx_detects_a_silent_provider_fallback(resnet18, resnet18_onnx, inputs,
                                                          monkeypatch):
     import bnsurgery.validate as validate
@@ -272,20 +225,6 @@ def test_validate_onnx_detects_a_silent_provider_fallback(resnet18, resnet18_onn
     assert not report.passed
     assert any("CUDAExecutionProvider was requested" in f for f in report.failures)
     assert all(o.passed for o in report.outputs)  # the numbers alone would have passed
-
-
-def test_resolve_providers():
-    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
-    assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    with pytest.raises(InvalidInputError, match="Unknown onnxruntime execution provider"):
-        resolve_providers("gpu9000")
-
-
-@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
-                    reason="this onnxruntime has the CUDA provider")
-def test_unavailable_provider_names_the_extra():
-    with pytest.raises(MissingDependencyError, match=r"pip install 'bnsurgery\[gpu\]'"):
-        resolve_providers("cuda")
 
 
 def test_validate_onnx_input_errors(resnet18, resnet18_onnx, inputs, tmp_path):
