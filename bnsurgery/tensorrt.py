@@ -25,14 +25,10 @@ from bnsurgery._lazy import is_available, require
 from bnsurgery.errors import ExportError, InvalidInputError, MissingDependencyError, format_message
 from bnsurgery.report import EquivalenceReport, atomic_output, collect_environment
 from bnsurgery.validate import (
-    _compare_output_lists,
-    _float64_model,
-    _float64_outputs,
     _tf32,
-    _timed,
     as_input_tuple,
     check_eval_mode,
-    flatten_outputs,
+    run_and_compare,
     select_tolerance,
 )
 
@@ -194,16 +190,14 @@ def validate_tensorrt(
                        else t.to(device) for t in inputs)
     cand_inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in ref_inputs)
     notes = ["TensorRT engines are opaque: no per-layer comparison"]
-    with _tf32(False), torch.no_grad():
-        ref_out, ref_time = _timed(lambda: flatten_outputs(ref_model(*ref_inputs)), repeats)
-        cand_out, cand_time = _timed(lambda: flatten_outputs(compiled(*cand_inputs)), repeats)
-        ref64 = None
-        if float64_baseline:
-            model64, why = _float64_model(ref_model, device)
-            ref64, run_why = _float64_outputs(model64, ref_inputs, device)
-            notes += [w for w in (why, run_why) if w]
     batch = int(inputs[0].shape[0]) if inputs[0].dim() > 0 else None
-    outputs, failures = _compare_output_lists(ref_out, cand_out, batch, tolerance, ref64)
+    with _tf32(False), torch.no_grad():
+        run = run_and_compare(ref_model, compiled, ref_inputs, cand_inputs, batch=batch,
+                              tolerance=tolerance, device=device, repeats=repeats,
+                              float64_baseline=float64_baseline)
+    notes += run.notes
+    outputs, failures = run.outputs, run.failures
+    ref_time, cand_time = run.reference_seconds, run.candidate_seconds
     return EquivalenceReport(
         check="tensorrt", reference="original PyTorch model (float32, CUDA, TF32 off)",
         candidate=candidate_name, backend=f"tensorrt:{torch.cuda.get_device_name(0)}",

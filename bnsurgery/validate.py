@@ -26,6 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,14 @@ from bnsurgery.report import (
 )
 
 __all__ = [
+    "RunComparison",
     "TOLERANCES",
     "as_input_tuple",
     "check_eval_mode",
     "compare_models",
     "flatten_outputs",
     "resize_batch",
+    "run_and_compare",
     "select_tolerance",
     "validate_onnx",
 ]
@@ -398,17 +401,13 @@ def compare_models(
     ref_inputs = _cast_inputs(inputs, device, torch.float32)
     cand_inputs = _cast_inputs(inputs, device, cand_dtype)
     batch = _batch_of(inputs)
-    notes: list[str] = []
     tf32_context = _tf32(tf32) if device.type == "cuda" else contextlib.nullcontext()
     with tf32_context, torch.no_grad():
-        ref_out, ref_time = _timed(lambda: flatten_outputs(ref_model(*ref_inputs)), repeats)
-        cand_out, cand_time = _timed(lambda: flatten_outputs(cand_model(*cand_inputs)), repeats)
-        ref64 = None
-        if float64_baseline:
-            model64, why = _float64_model(ref_model, device)
-            ref64, run_why = _float64_outputs(model64, ref_inputs, device)
-            notes += [w for w in (why, run_why) if w]
-        outputs, failures = _compare_output_lists(ref_out, cand_out, batch, tolerance, ref64)
+        run = run_and_compare(ref_model, cand_model, ref_inputs, cand_inputs, batch=batch,
+                              tolerance=tolerance, device=device, repeats=repeats,
+                              float64_baseline=float64_baseline)
+        outputs, failures, notes = run.outputs, run.failures, list(run.notes)
+        ref_time, cand_time = run.reference_seconds, run.candidate_seconds
         comparison = LayerComparison((), None, ())
         failed = bool(failures) or not all(o.passed for o in outputs)
         if per_layer or (per_layer is None and failed):
@@ -425,6 +424,39 @@ def compare_models(
                  "tf32_used": tf32, "inputs": [list(t.shape) for t in inputs]},
         timings={"reference_forward_s": ref_time, "candidate_forward_s": cand_time},
         environment=collect_environment(device=device))
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """Outputs of one reference run and one candidate run, compared (see run_and_compare)."""
+
+    outputs: list[OutputComparison]
+    failures: list[str]
+    reference_seconds: float
+    candidate_seconds: float
+    notes: tuple[str, ...]
+
+
+def run_and_compare(ref_model: nn.Module, candidate: Callable[..., Any],
+                    ref_inputs: Sequence[Tensor], cand_inputs: Sequence[Tensor], *,
+                    batch: int | None, tolerance: Tolerance, device: torch.device, repeats: int,
+                    float64_baseline: bool) -> RunComparison:
+    """Time the reference and the candidate on the same inputs and compare every output.
+
+    The shared core of the PyTorch and TensorRT checks. With ``float64_baseline`` a float64 copy
+    of the reference also runs, so each output records how far both are from the exact answer.
+    Call it under ``torch.no_grad()`` and the TF32 setting the check asks for.
+    """
+    ref_out, ref_time = _timed(lambda: flatten_outputs(ref_model(*ref_inputs)), repeats)
+    cand_out, cand_time = _timed(lambda: flatten_outputs(candidate(*cand_inputs)), repeats)
+    notes: list[str] = []
+    ref64 = None
+    if float64_baseline:
+        model64, why = _float64_model(ref_model, device)
+        ref64, run_why = _float64_outputs(model64, ref_inputs, device)
+        notes += [w for w in (why, run_why) if w]
+    outputs, failures = _compare_output_lists(ref_out, cand_out, batch, tolerance, ref64)
+    return RunComparison(outputs, failures, ref_time, cand_time, tuple(notes))
 
 
 def _compare_output_lists(reference: Sequence[tuple[str, Tensor]],
