@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from bnsurgery._lazy import require
 from bnsurgery.errors import ExportError, InvalidInputError, format_message
+from bnsurgery.ort_session import _session
 from bnsurgery.validate import as_input_tuple, check_eval_mode, flatten_outputs, resize_batch
 
 __all__ = ["EXPORTERS", "MIN_DYNAMO_OPSET", "export_onnx"]
@@ -191,19 +192,12 @@ def _check_file(destination: Path, opset: int, *, shown: Path) -> None:
 def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[int | None],
                 leading: int | None, export_batch: int | None, *, shown: Path) -> None:
     """Run the file in onnxruntime (CPU) at each batch size; a dynamic axis must really be one."""
-    ort = require("onnxruntime", purpose="Checking that the exported ONNX file runs")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Idle onnxruntime threads spin by default, slowing the PyTorch runs interleaved with them.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(destination), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's exception types share no useful base
+        session = _session(destination, ["CPUExecutionProvider"])
+    except InvalidInputError as exc:
         raise ExportError(format_message(
             "onnxruntime cannot load the exported file", where=str(shown),
-            got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            hint="try another opset, or fuse=False")) from exc
+            got=str(exc).splitlines()[0], hint="try another opset, or fuse=False")) from exc
     names = [i.name for i in session.get_inputs()]
     for size in sizes:
         batch_inputs = inputs if size is None else resize_batch(inputs, size, seed=0)
