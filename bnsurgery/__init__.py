@@ -25,8 +25,10 @@ from bnsurgery.models import load_model, load_state_dict_file
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.pairs import FoldPair, find_fold_pairs
 from bnsurgery.replace import (
+    ReplacementHandle,
     ReplacementPlan,
     ReplacementRecord,
+    convert_sync_batchnorm,
     plan_replacement,
     register_replacement,
     replace_batchnorm,
@@ -66,6 +68,7 @@ __all__ = [
     "NumericMismatchError",
     "OutputComparison",
     "ReplacementError",
+    "ReplacementHandle",
     "ReplacementPlan",
     "ReplacementRecord",
     "SyncBatchNorm",
@@ -76,6 +79,7 @@ __all__ = [
     "batch_norm",
     "calibrate_batchnorm",
     "compare_models",
+    "convert_sync_batchnorm",
     "export_onnx",
     "export_tensorrt",
     "find_fold_pairs",

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bnsurgery._bn_registry import looks_like_batchnorm, static_skip_reason
+from bnsurgery._bn_registry import batchnorm_input_rank, looks_like_batchnorm, static_skip_reason
 from bnsurgery._dataflow import Dataflow, FlowNode, build_dataflow
 from bnsurgery.errors import InvalidInputError, format_message
 
@@ -50,8 +50,6 @@ DISCOVERY_METHODS: tuple[str, ...] = ("fx", "export", "hooks")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _TARGETS = (*_CONVS, *_TRANSPOSED, nn.Linear)
-_BN_RANK = {"BatchNorm2d": 4, "BatchNorm3d": 5, "BatchNormAct2d": 4, "FrozenBatchNorm2d": 4,
-            "FrozenBatchNormAct2d": 4}
 
 
 @dataclass(frozen=True)
@@ -325,8 +323,8 @@ class _Analysis:
 
     def _concatenation(self, bn_name: str, bn_node: FlowNode, cat: FlowNode, channels: int
                        ) -> tuple[tuple[str, ...] | None, str]:
-        rank = (bn_node.input_ndims or (None,))[0] or _BN_RANK.get(
-            type(self.modules[bn_name]).__name__)
+        rank = (bn_node.input_ndims or (None,))[0] or batchnorm_input_rank(
+            self.modules[bn_name])
         dim = cat.cat_dim
         if dim is None or not (dim == 1 or (rank is not None and dim + rank == 1)):
             return None, (f"its input is a concatenation along dim {dim}, not along the channel "

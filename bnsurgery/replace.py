@@ -6,31 +6,43 @@ values, dtypes, devices, ``requires_grad``, ``state_dict`` keys and the very Par
 optimizer holds all survive. The original class is recorded on the swapped module, which is what
 lets :func:`restore_batchnorm` give back a model that computes bit-identical outputs.
 
-Which classes are swapped is decided by *exact type* through an explicit table, never by a bare
-``isinstance``: a BatchNorm subclass with behaviour of its own (timm's ``BatchNormAct2d`` applies
-dropout and an activation after normalising) must be swapped for a class that keeps that
-behaviour, or not at all. Layers that are left alone are reported with the reason.
+Which classes are swapped, and for what, is decided by *exact type* in the one class registry
+(:mod:`bnsurgery._bn_registry`), never by a bare ``isinstance``: a BatchNorm subclass with
+behaviour of its own (timm's ``BatchNormAct2d`` applies dropout and an activation after
+normalising) must be swapped for a class that keeps that behaviour, or not at all. The class
+swapped in subclasses the replaced class too, so ``isinstance`` checks elsewhere keep working.
+Layers that are left alone are reported with the reason.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from bnsurgery import batchnorm as scratch
+from bnsurgery._bn_registry import (
+    ReplacementHandle,
+    add_replacement,
+    batchnorm_kind,
+    default_restore_class,
+    is_bnsurgery_class,
+    looks_like_batchnorm,
+    swap_class,
+)
 from bnsurgery.errors import InvalidInputError, ReplacementError, format_message
 
 __all__ = [
+    "ReplacementHandle",
     "ReplacementPlan",
     "ReplacementRecord",
+    "convert_sync_batchnorm",
     "plan_replacement",
     "register_replacement",
     "replace_batchnorm",
@@ -41,9 +53,6 @@ logger = logging.getLogger(__name__)
 
 #: Attribute set on a swapped module: ``(original class, attribute names the swap added)``.
 _ORIGIN = "_bnsurgery_origin"
-
-#: User-registered swaps, source class -> bnsurgery class (see :func:`register_replacement`).
-_USER_TABLE: dict[type, type] = {}
 
 
 @dataclass(frozen=True)
@@ -93,108 +102,56 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _loaded_class(module_name: str, class_name: str) -> type | None:
-    """A class from an optional package, only if that package is already imported.
-
-    A model that contains timm layers has imported timm; a model that does not cannot contain
-    them, so there is no reason to import timm (slow, optional) just to look.
-    """
-    module = sys.modules.get(module_name)
-    return getattr(module, class_name, None) if module is not None else None
-
-
-def _sync_classes() -> tuple[type, type] | None:
-    """bnsurgery's SyncBatchNorm and SyncBatchNormAct, or None if they cannot be imported."""
-    try:
-        from bnsurgery.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
-    except ImportError:
-        return None
-    return SyncBatchNorm, SyncBatchNormAct
-
-
-def _forward_table(sync: bool) -> dict[type, type]:
-    """Exact source class -> bnsurgery class, for replace_batchnorm."""
-    timm_act = _loaded_class("timm.layers.norm_act", "BatchNormAct2d")
-    timm_sync_act = _loaded_class("timm.layers.norm_act", "SyncBatchNormAct")
-    plain = {nn.BatchNorm1d: scratch.BatchNorm1d, nn.BatchNorm2d: scratch.BatchNorm2d,
-             nn.BatchNorm3d: scratch.BatchNorm3d}
-    acts = [scratch.BatchNormAct2d] + ([timm_act] if timm_act else [])
-    table: dict[type, type] = {}
-    synced = _sync_classes()
-    if synced is not None:
-        sync_bn, sync_act = synced
-        table[nn.SyncBatchNorm] = sync_bn
-        if timm_sync_act:
-            table[timm_sync_act] = sync_act
-        if sync:
-            table.update({cls: sync_bn for cls in [*plain, *plain.values()]})
-            table.update({cls: sync_act for cls in acts})
-    if not sync:
-        table.update(plain)
-        if timm_act:
-            table[timm_act] = scratch.BatchNormAct2d
-    table.update(_USER_TABLE)
-    return table
-
-
-def _default_origin(cls: type) -> type | None:
-    """The class a bnsurgery layer that was built directly (not swapped in) restores to."""
-    defaults: dict[type, type | None] = {
-        scratch.BatchNorm1d: nn.BatchNorm1d, scratch.BatchNorm2d: nn.BatchNorm2d,
-        scratch.BatchNorm3d: nn.BatchNorm3d,
-        scratch.BatchNormAct2d: _loaded_class("timm.layers.norm_act", "BatchNormAct2d"),
-    }
-    synced = _sync_classes()
-    if synced is not None:
-        defaults[synced[0]] = nn.SyncBatchNorm
-        defaults[synced[1]] = _loaded_class("timm.layers.norm_act", "SyncBatchNormAct")
-    return defaults.get(cls)
-
-
-def _scratch_classes() -> set[type]:
-    classes = {scratch.BatchNorm1d, scratch.BatchNorm2d, scratch.BatchNorm3d,
-               scratch.BatchNormAct2d, *_USER_TABLE.values()}
-    synced = _sync_classes()
-    if synced is not None:
-        classes.update(synced)
-    return classes
-
-
-def _inherits_torch_forward(cls: type) -> type | None:
-    """For a BatchNorm subclass that adds nothing to the computation, its torch base class.
-
-    Such a subclass (one that only adds attributes or methods) computes exactly what its base
-    computes, so it can be swapped like the base and restored to itself later.
-    """
-    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        if issubclass(cls, base) and cls.forward is base.forward and (
-                cls._check_input_dim is base._check_input_dim):
-            return base
-    return None
-
-
-def register_replacement(source: type, target: type) -> None:
-    """Teach :func:`replace_batchnorm` to swap ``source`` layers for ``target``.
+def register_replacement(source: type, target: type) -> ReplacementHandle:
+    """Teach :func:`replace_batchnorm` to swap ``source`` layers for ``target``, undoably.
 
     Use it for your own BatchNorm subclasses: ``target`` must compute what ``source`` computes,
     keep its state in the same attributes (it is given the source layer's whole state without its
     ``__init__`` being called) and normalise with bnsurgery's maths, typically by subclassing
-    :class:`bnsurgery.BatchNorm2d` and repeating the subclass's extra steps. Restoring gives back
-    ``source``.
+    :class:`bnsurgery.BatchNorm2d` and repeating the subclass's extra steps. A swapped layer is an
+    instance of both ``target`` and ``source``; restoring gives back ``source``.
+
+    The replacement holds until the returned handle is removed, so it does not leak into other
+    code (tests, other models)::
+
+        with bnsurgery.register_replacement(MyBN, MyScratchBN):
+            model = bnsurgery.replace_batchnorm(model)
+
+    For a single call, ``replace_batchnorm(model, mapping={MyBN: MyScratchBN})`` needs no
+    registration at all.
 
     Args:
         source: The exact class to swap out.
         target: The class to swap in.
 
+    Returns:
+        A handle: ``handle.remove()`` (or leaving its ``with`` block) undoes the registration.
+
     Raises:
         InvalidInputError: Either argument is not an ``nn.Module`` subclass.
     """
-    for label, cls in (("source", source), ("target", target)):
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise InvalidInputError(format_message(
-                "register_replacement takes module classes", where=label, got=repr(cls),
-                expected="a subclass of torch.nn.Module"))
-    _USER_TABLE[source] = target
+    _check_mapping({source: target}, "register_replacement")
+    return add_replacement(source, target)
+
+
+def _check_mapping(mapping: Mapping[type, type], function: str) -> None:
+    for source, target in mapping.items():
+        for label, cls in (("source", source), ("target", target)):
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise InvalidInputError(format_message(
+                    f"{function} takes module classes", where=label, got=repr(cls),
+                    expected="a subclass of torch.nn.Module",
+                    hint="pass the classes themselves, e.g. {MyBatchNorm: MyScratchBatchNorm}"))
+
+
+def _original_class(module: nn.Module) -> type:
+    """The class a layer stands in for: recorded by a swap, the torch or timm counterpart of a
+    bnsurgery layer built directly, or its own class."""
+    origin = getattr(module, _ORIGIN, None)
+    if origin is not None:
+        return origin[0]
+    cls = type(module)
+    return (default_restore_class(cls) or cls) if is_bnsurgery_class(cls) else cls
 
 
 def _uninitialized_lazy(name: str, module: nn.Module) -> ReplacementError:
@@ -205,38 +162,43 @@ def _uninitialized_lazy(name: str, module: nn.Module) -> ReplacementError:
         hint="run one forward pass on an example input before replacing"))
 
 
-def _decide_replace(name: str, module: nn.Module, table: dict[type, type]
-                    ) -> tuple[type | None, str | None]:
-    """(target class, None) to swap this module, (None, reason) to skip, (None, None) if not BN."""
+def _decide_replace(name: str, module: nn.Module, *, sync: bool,
+                    mapping: Mapping[type, type] | None) -> tuple[type | None, str | None]:
+    """(target class, None) to swap this module, (None, reason) to skip, (None, None) if not BN
+    or nothing to do."""
     cls = type(module)
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise _uninitialized_lazy(name, module)
-    if cls in table:
-        return table[cls], None
-    if cls in _scratch_classes():
+    source = _original_class(module)
+    target = swap_class(source, sync=sync, mapping=mapping)
+    if target is not None:
+        return (None, None) if target is cls else (target, None)
+    if is_bnsurgery_class(cls):
         return None, None  # already from scratch: nothing to do, nothing to report
-    if cls.__name__.startswith("FrozenBatchNorm"):
+    kind = batchnorm_kind(module)
+    if kind is not None and kind.frozen:
         return None, ("frozen BatchNorm: a fixed per-channel affine with no batch statistics "
                       "to compute, left as it is (fuse_batchnorm folds it)")
     if isinstance(module, _BatchNorm):
-        base = _inherits_torch_forward(cls)
-        if base is not None and base in table:
-            return table[base], None
         return None, (f"{_qualname(cls)} subclasses BatchNorm with its own forward, whose extra "
                       "behaviour would be lost; register a replacement that keeps it with "
-                      "bnsurgery.register_replacement")
+                      "bnsurgery.register_replacement or pass mapping=")
+    if looks_like_batchnorm(module):
+        return None, (f"{_qualname(cls)} looks like a BatchNorm (running statistics) but is not "
+                      "one bnsurgery knows, left as it is")
     return None, None
 
 
 def _decide_restore(name: str, module: nn.Module) -> tuple[type | None, str | None]:
     cls = type(module)
-    if cls not in _scratch_classes():
+    if not is_bnsurgery_class(cls):
         return None, None
     origin = getattr(module, _ORIGIN, None)
-    target = origin[0] if origin else _default_origin(cls)
+    target = origin[0] if origin else default_restore_class(cls)
     if target is None:
-        return None, (f"{_qualname(cls)} was built directly and its counterpart (timm's "
-                      "BatchNormAct classes) is not imported; import timm first")
+        return None, (f"{_qualname(cls)} was built directly and the class it stands in for "
+                      "(timm's BatchNormAct classes, or a registered source) is not known; "
+                      "import timm first")
     return target, None
 
 
@@ -265,8 +227,8 @@ def _swap(module: nn.Module, target: type, *, restoring: bool, extra: dict) -> n
     return new
 
 
-def _walk(model: nn.Module, decide: Callable, apply: bool, restoring: bool, extra: dict
-          ) -> tuple[nn.Module, ReplacementPlan]:
+def _walk(model: nn.Module, decide: Callable, *, apply: bool, restoring: bool,
+          extra: dict | None = None) -> tuple[nn.Module, ReplacementPlan]:
     """Visit every module once (shared modules stay shared), deciding and optionally swapping."""
     replaced: list[ReplacementRecord] = []
     skipped: dict[str, str] = {}
@@ -280,7 +242,7 @@ def _walk(model: nn.Module, decide: Callable, apply: bool, restoring: bool, extr
         if target is not None:
             replaced.append(ReplacementRecord(name, _qualname(type(module)), _qualname(target)))
             if apply:
-                result = _swap(module, target, restoring=restoring, extra=extra)
+                result = _swap(module, target, restoring=restoring, extra=extra or {})
         elif reason is not None:
             skipped[name] = reason
         swapped[id(module)] = result
@@ -301,31 +263,38 @@ def _check_model(model: object, function: str) -> None:
             expected="an nn.Module instance"))
 
 
-def plan_replacement(model: nn.Module, *, sync: bool = False) -> ReplacementPlan:
+def plan_replacement(model: nn.Module, *, sync: bool = False,
+                     mapping: Mapping[type, type] | None = None) -> ReplacementPlan:
     """What :func:`replace_batchnorm` would swap and skip, without changing anything.
 
     Args:
         model: The model to inspect.
         sync: Plan a conversion to :class:`bnsurgery.SyncBatchNorm`.
+        mapping: Extra swaps for this call, as for :func:`replace_batchnorm`.
 
     Returns:
         The plan.
     """
     _check_model(model, "plan_replacement")
-    table = _forward_table(sync)
-    return _walk(model, lambda n, m: _decide_replace(n, m, table), False, False, {})[1]
+    _check_mapping(mapping or {}, "plan_replacement(mapping=...)")
+    decide = functools.partial(_decide_replace, sync=sync, mapping=mapping)
+    return _walk(model, decide, apply=False, restoring=False)[1]
 
 
 def replace_batchnorm(model: nn.Module, *, inplace: bool = False, sync: bool = False,
-                      process_group: object = None, strict: bool = False) -> nn.Module:
+                      process_group: object = None, strict: bool = False,
+                      mapping: Mapping[type, type] | None = None) -> nn.Module:
     """Swap every BatchNorm layer of ``model`` for bnsurgery's from-scratch one.
 
     Swapped: ``torch.nn.BatchNorm1d/2d/3d``, initialised ``LazyBatchNorm*`` (which have become
     plain BatchNorms), ``torch.nn.SyncBatchNorm`` (to :class:`bnsurgery.SyncBatchNorm`), timm's
-    ``BatchNormAct2d`` (to :class:`bnsurgery.BatchNormAct2d`, activation and dropout kept),
-    subclasses that do not change the computation, and classes given to
-    :func:`register_replacement`. Other BatchNorm-like layers are left alone and reported: each
-    one is logged as a warning, and ``strict=True`` turns them into an error.
+    ``BatchNormAct2d`` (activation and dropout kept), subclasses that do not change the
+    computation, and classes given in ``mapping`` or to :func:`register_replacement`. A swapped
+    layer stays an instance of the class it replaced (timm's ``freeze_batch_norm_2d`` and
+    ``convert_sync_batchnorm`` see what they saw before) and is also an instance of the
+    bnsurgery class, whose forward it runs; torch's ``SyncBatchNorm`` family is the exception
+    (see :class:`bnsurgery.SyncBatchNorm`). Other BatchNorm-like layers are left alone and
+    reported: each one is logged as a warning, and ``strict=True`` turns them into an error.
 
     Args:
         model: The model, in any mode, on any device.
@@ -335,29 +304,47 @@ def replace_batchnorm(model: nn.Module, *, inplace: bool = False, sync: bool = F
         sync: Swap to :class:`bnsurgery.SyncBatchNorm` instead, for distributed training.
         process_group: The process group the synced layers reduce over (``None``: the world).
         strict: Raise if any BatchNorm-like layer cannot be swapped.
+        mapping: Extra swaps for this call only, exact source class -> class to swap in (see
+            :func:`register_replacement` for what that class must do); they win over the
+            built-in ones.
 
     Returns:
         The model with swapped layers (``model`` itself when ``inplace``).
 
     Raises:
-        ReplacementError: An uninitialised lazy BatchNorm, a layer that cannot be swapped with
-            ``strict=True``, or ``sync=True`` without bnsurgery's SyncBatchNorm available.
+        ReplacementError: An uninitialised lazy BatchNorm, or a layer that cannot be swapped
+            with ``strict=True``.
+        InvalidInputError: ``model`` is not a module, or ``mapping`` holds something else than
+            module classes.
     """
     _check_model(model, "replace_batchnorm")
-    if sync and _sync_classes() is None:
-        raise ReplacementError(format_message(
-            "replace_batchnorm(sync=True) needs bnsurgery.sync_batchnorm, which failed to import",
-            hint="reinstall bnsurgery"))
-    table = _forward_table(sync)
-    decide = lambda name, module: _decide_replace(name, module, table)  # noqa: E731
-    plan = _walk(model, decide, False, False, {})[1]
+    _check_mapping(mapping or {}, "replace_batchnorm(mapping=...)")
+    decide = functools.partial(_decide_replace, sync=sync, mapping=mapping)
+    plan = _walk(model, decide, apply=False, restoring=False)[1]
     _report_skipped(plan, strict, "replaced")
     if not inplace:
         model = copy.deepcopy(model)
     extra = {"process_group": process_group} if sync else {}
-    model, plan = _walk(model, decide, True, False, extra)
+    model, plan = _walk(model, decide, apply=True, restoring=False, extra=extra)
     logger.info("replace_batchnorm: %d layer(s) swapped", len(plan.replaced))
     return model
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: object = None) -> nn.Module:
+    """Convert every BatchNorm of ``module`` to bnsurgery's synced layers, in place.
+
+    The counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, whose layers refuse CPU
+    tensors: this is ``replace_batchnorm(module, inplace=True, sync=True)``, which also keeps
+    timm's activation-carrying BatchNorms intact and is undone by :func:`restore_batchnorm`.
+
+    Args:
+        module: The model (or a single BatchNorm layer).
+        process_group: The group the layers reduce over; ``None`` for the whole world.
+
+    Returns:
+        The converted module (a new object when ``module`` itself was a BatchNorm).
+    """
+    return replace_batchnorm(module, inplace=True, sync=True, process_group=process_group)
 
 
 def restore_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool = False
@@ -382,11 +369,11 @@ def restore_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool =
         ReplacementError: A layer cannot be restored and ``strict=True``.
     """
     _check_model(model, "restore_batchnorm")
-    plan = _walk(model, _decide_restore, False, True, {})[1]
+    plan = _walk(model, _decide_restore, apply=False, restoring=True)[1]
     _report_skipped(plan, strict, "restored")
     if not inplace:
         model = copy.deepcopy(model)
-    return _walk(model, _decide_restore, True, True, {})[0]
+    return _walk(model, _decide_restore, apply=True, restoring=True)[0]
 
 
 def _report_skipped(plan: ReplacementPlan, strict: bool, verb: str) -> None:

@@ -374,8 +374,9 @@ class SyncBatchNorm(_BatchNorm):
     :class:`bnsurgery.BatchNorm2d` computes, which equals ``torch.nn.BatchNorm2d``.
 
     The layer keeps no state beyond torch's attributes (``process_group`` included), so
-    ``bnsurgery.replace_batchnorm(model, sync=True)`` can turn an existing BatchNorm into one
-    without calling ``__init__``.
+    ``bnsurgery.replace_batchnorm(model, sync=True)`` (or ``bnsurgery.convert_sync_batchnorm``,
+    the counterpart of torch's classmethod) can turn an existing BatchNorm into one without
+    calling ``__init__``.
 
     Args:
         num_features: Number of channels ``C``.
@@ -501,27 +502,6 @@ class SyncBatchNorm(_BatchNorm):
         if counting:
             self.num_batches_tracked.add_(1)
         return output
-
-    @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group: object = None
-                               ) -> nn.Module:
-        """Convert every BatchNorm of ``module`` to bnsurgery's synced layers, in place.
-
-        Torch's classmethod of the same name builds ``torch.nn.SyncBatchNorm`` layers, which
-        refuse CPU tensors; this one goes through :func:`bnsurgery.replace_batchnorm` with
-        ``sync=True``, which also keeps timm's activation-carrying BatchNorms intact and is
-        undone by :func:`bnsurgery.restore_batchnorm`.
-
-        Args:
-            module: The model (or a single BatchNorm layer).
-            process_group: The group the layers reduce over; ``None`` for the whole world.
-
-        Returns:
-            The converted module (a new object when ``module`` itself was a BatchNorm).
-        """
-        from bnsurgery.replace import replace_batchnorm
-
-        return replace_batchnorm(module, inplace=True, sync=True, process_group=process_group)
 
 
 class SyncBatchNormAct(SyncBatchNorm):
