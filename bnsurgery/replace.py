@@ -145,13 +145,9 @@ def _check_mapping(mapping: Mapping[type, type], function: str) -> None:
 
 
 def _original_class(module: nn.Module) -> type:
-    """The class a layer stands in for: recorded by a swap, the torch or timm counterpart of a
-    bnsurgery layer built directly, or its own class."""
+    """The class a layer stands for: the one a swap recorded, else its own."""
     origin = getattr(module, _ORIGIN, None)
-    if origin is not None:
-        return origin[0]
-    cls = type(module)
-    return (default_restore_class(cls) or cls) if is_bnsurgery_class(cls) else cls
+    return origin[0] if origin is not None else type(module)
 
 
 def _uninitialized_lazy(name: str, module: nn.Module) -> ReplacementError:

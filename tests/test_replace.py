@@ -144,8 +144,10 @@ def test_timm_batchnorm_act_keeps_its_activation(name):
     assert n_act > 0
     replaced = bnsurgery.replace_batchnorm(model)
     assert _count_bn(replaced, {act_type}) == 0
-    assert _count_bn(replaced, {bnsurgery.BatchNormAct2d}) == n_act
-    acts = [type(m.act) for m in replaced.modules() if type(m) is bnsurgery.BatchNormAct2d]
+    swapped = [m for m in replaced.modules() if isinstance(m, bnsurgery.BatchNormAct2d)]
+    # Still timm's class for everybody else's isinstance checks.
+    assert len(swapped) == n_act and all(isinstance(m, act_type) for m in swapped)
+    acts = [type(m.act) for m in swapped]
     assert acts == [type(m.act) for m in model.modules() if type(m) is act_type]
     assert any(not issubclass(a, nn.Identity) for a in acts)
     x = torch.randn(SHAPE)
@@ -166,7 +168,8 @@ def test_batchnorm_act_activation_really_runs():
     layer = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)
     bnsurgery.calibrate_batchnorm(layer, torch.randn(8, 4, 3, 3), inplace=True)
     replaced = bnsurgery.replace_batchnorm(layer)
-    assert type(replaced) is bnsurgery.BatchNormAct2d
+    assert isinstance(replaced, bnsurgery.BatchNormAct2d)
+    assert isinstance(replaced, timm.layers.BatchNormAct2d)
     out = replaced(torch.randn(8, 4, 3, 3) * 3)
     assert out.min() >= 0 and out.max() > 0
 
@@ -272,30 +275,61 @@ def test_subclass_with_own_forward_is_skipped_and_reported():
 def test_subclass_without_own_forward_round_trips_to_itself():
     model = nn.Sequential(_TaggedBN(3))
     replaced = bnsurgery.replace_batchnorm(model)
-    assert type(replaced[0]) is bnsurgery.BatchNorm2d
+    assert isinstance(replaced[0], bnsurgery.BatchNorm2d) and isinstance(replaced[0], _TaggedBN)
+    assert replaced[0].tag == "kept"
     restored = bnsurgery.restore_batchnorm(replaced)
     assert type(restored[0]) is _TaggedBN and restored[0].tag == "kept"
     assert not hasattr(restored[0], "_bnsurgery_origin")
 
 
-def test_register_replacement_for_a_custom_subclass():
-    class ScaledScratch(bnsurgery.BatchNorm2d):
-        def forward(self, x):
-            return 2 * super().forward(x)
+class _ScaledScratch(bnsurgery.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
 
-    bnsurgery.register_replacement(_ScaledBN, ScaledScratch)
-    try:
-        model = bnsurgery.calibrate_batchnorm(nn.Sequential(_ScaledBN(3)),
-                                              torch.randn(4, 3, 2, 2)).eval()
+
+def _scaled_model():
+    return bnsurgery.calibrate_batchnorm(nn.Sequential(_ScaledBN(3)),
+                                         torch.randn(4, 3, 2, 2)).eval()
+
+
+def _check_scaled_swap(model, replaced):
+    # An instance of both: bnsurgery's maths, and still the user's class for isinstance checks.
+    assert isinstance(replaced[0], _ScaledScratch) and isinstance(replaced[0], _ScaledBN)
+    x = torch.randn(2, 3, 2, 2)
+    torch.testing.assert_close(replaced(x), model(x))
+    assert type(bnsurgery.restore_batchnorm(replaced)[0]) is _ScaledBN
+
+
+def test_register_replacement_holds_inside_its_with_block_only():
+    model = _scaled_model()
+    with bnsurgery.register_replacement(_ScaledBN, _ScaledScratch) as handle:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             replaced = bnsurgery.replace_batchnorm(model)
-        assert type(replaced[0]) is ScaledScratch
-        x = torch.randn(2, 3, 2, 2)
-        torch.testing.assert_close(replaced(x), model(x))
-        assert type(bnsurgery.restore_batchnorm(replaced)[0]) is _ScaledBN
+        _check_scaled_swap(model, replaced)
+    assert "_ScaledScratch" in repr(handle)
+    assert [r.name for r in bnsurgery.plan_replacement(model).replaced] == []
+    assert "own forward" in bnsurgery.plan_replacement(model).skipped["0"]
+
+
+def test_register_replacement_handle_removes_it():
+    model = _scaled_model()
+    handle = bnsurgery.register_replacement(_ScaledBN, _ScaledScratch)
+    try:
+        assert [r.name for r in bnsurgery.plan_replacement(model).replaced] == ["0"]
     finally:
-        bnsurgery.replace._USER_TABLE.pop(_ScaledBN)
+        handle.remove()
+    handle.remove()  # twice is harmless
+    assert "0" in bnsurgery.plan_replacement(model).skipped
+
+
+def test_mapping_for_one_call():
+    model = _scaled_model()
+    replaced = bnsurgery.replace_batchnorm(model, mapping={_ScaledBN: _ScaledScratch})
+    _check_scaled_swap(model, replaced)
+    assert "0" in bnsurgery.plan_replacement(model).skipped  # nothing registered globally
+    with pytest.raises(InvalidInputError, match=r"mapping=.*module classes.*target"):
+        bnsurgery.replace_batchnorm(model, mapping={_ScaledBN: "BatchNorm2d"})
 
 
 def test_register_replacement_rejects_non_modules():
@@ -335,8 +369,46 @@ def test_torch_syncbatchnorm_round_trips():
 def test_sync_conversion_keeps_activation_and_restores_plain_classes():
     model = nn.Sequential(nn.BatchNorm2d(4), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU))
     synced = bnsurgery.replace_batchnorm(model, sync=True)
-    assert [type(m) for m in synced] == [bnsurgery.SyncBatchNorm, bnsurgery.SyncBatchNormAct]
+    assert isinstance(synced[0], bnsurgery.SyncBatchNorm) and isinstance(synced[0], nn.BatchNorm2d)
+    assert isinstance(synced[1], bnsurgery.SyncBatchNormAct)
+    assert isinstance(synced[1], timm.layers.BatchNormAct2d)
     assert isinstance(synced[1].act, nn.ReLU)
     restored = bnsurgery.restore_batchnorm(synced)
     assert [type(m) for m in restored] == [nn.BatchNorm2d, timm.layers.BatchNormAct2d]
     assert not hasattr(restored[0], "process_group")
+
+
+def _freeze(model):
+    timm.utils.freeze(model)  # in place, returns nothing
+    return model
+
+
+def _freeze_unfreeze(model):
+    return timm.layers.unfreeze_batch_norm_2d(timm.layers.freeze_batch_norm_2d(model))
+
+
+TIMM_BN_UTILITIES = {
+    "utils.freeze": _freeze,
+    "freeze_batch_norm_2d": timm.layers.freeze_batch_norm_2d,
+    "unfreeze_batch_norm_2d": _freeze_unfreeze,
+    "convert_sync_batchnorm": timm.layers.convert_sync_batchnorm,
+}
+
+
+@pytest.mark.parametrize("utility", list(TIMM_BN_UTILITIES), ids=list(TIMM_BN_UTILITIES))
+def test_timm_batchnorm_utilities_on_a_replaced_model(utility):
+    """timm's utilities dispatch on isinstance; on a replaced model they must build what they
+    build from the original (a frozen BatchNormAct2d keeps its activation) and compute the same."""
+    operation = TIMM_BN_UTILITIES[utility]
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    bnsurgery.calibrate_batchnorm(model, torch.randn(4, 3, 64, 64), inplace=True).eval()
+    assert _count_bn(model, {timm.layers.BatchNormAct2d}) > 0
+    expected_model = operation(copy.deepcopy(model)).eval()
+    got_model = operation(bnsurgery.replace_batchnorm(model)).eval()
+    norms = lambda m: [type(n).__name__ for n in m.modules() if "Norm" in type(n).__name__]  # noqa: E731
+    assert norms(got_model) == norms(expected_model)
+    with torch.no_grad():
+        expected, got = expected_model(x), got_model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

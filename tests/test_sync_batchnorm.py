@@ -29,6 +29,7 @@ from bnsurgery.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNorm
 from bnsurgery.calibrate import calibrate_batchnorm
 from bnsurgery.errors import InvalidInputError
 from bnsurgery.functional import batch_norm
+from bnsurgery.replace import convert_sync_batchnorm
 from bnsurgery.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 
 WORLD = 2
@@ -188,7 +189,9 @@ def test_replace_batchnorm_sync_round_trip():
     x = torch.randn(4, 3, 8, 8)
     model = calibrate_batchnorm(model, x).eval()
     synced = replace_batchnorm(model, sync=True)
-    assert [type(m) for m in synced][1::2] == [SyncBatchNorm, SyncBatchNormAct]
+    assert [type(m).__name__ for m in synced][1::2] == ["SyncBatchNorm", "SyncBatchNormAct"]
+    assert isinstance(synced[1], SyncBatchNorm) and isinstance(synced[1], nn.BatchNorm2d)
+    assert isinstance(synced[3], SyncBatchNormAct) and isinstance(synced[3], BatchNormAct2d)
     torch.testing.assert_close(synced(x), model(x), rtol=1e-5, atol=1e-6)
     synced.train()(x)  # no process group: a local training step
     restored = restore_batchnorm(synced)
@@ -197,8 +200,8 @@ def test_replace_batchnorm_sync_round_trip():
 
 def test_convert_sync_batchnorm_builds_bnsurgery_layers():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    converted = SyncBatchNorm.convert_sync_batchnorm(model)
-    assert type(converted[1]) is SyncBatchNorm
+    converted = convert_sync_batchnorm(model)
+    assert converted is model and isinstance(converted[1], SyncBatchNorm)
     assert converted[1].process_group is None
 
 
