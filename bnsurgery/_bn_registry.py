@@ -220,12 +220,19 @@ def _derived(target: type, source: type) -> type:
         return target
     key = (target, source)
     if key not in _DERIVED:
+        def __init__(self: nn.Module, *args: object, **kwargs: object) -> None:
+            # The source's constructor builds the state a swap would hand over, so
+            # ``type(layer)(...)`` takes the arguments the replaced class takes.
+            source.__init__(self, *args, **kwargs)
+
         try:
             cls = type(target.__name__, (target, source), {
                 "__module__": target.__module__,
                 "__qualname__": f"{target.__qualname__}[{_label(source)}]",
                 "__doc__": f"{_label(target)} swapped in for {_label(source)}, and an instance "
-                           "of both.",
+                           f"of both; built with the arguments {source.__qualname__} takes.",
+                "__init__": __init__,
+                "__reduce_ex__": _reduce_swapped,
             })
         except TypeError as exc:  # no consistent method order for the two classes
             raise ReplacementError(format_message(
@@ -240,6 +247,17 @@ def _derived(target: type, source: type) -> type:
                 input_rank=row.input_rank, scratch=row.scratch, synced=row.synced,
                 restore=source)
     return _DERIVED[key]
+
+
+def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
+    """Pickle a swapped layer by its two classes: the made class has no importable name."""
+    target, source = next(key for key, cls in _DERIVED.items() if cls is type(self))
+    return _rebuild_swapped, (target, source), self.__getstate__()
+
+
+def _rebuild_swapped(target: type, source: type) -> nn.Module:
+    cls = _derived(target, source)
+    return cls.__new__(cls)
 
 
 def swap_class(source: type, *, sync: bool = False, mapping: Mapping[type, type] | None = None

@@ -1,14 +1,29 @@
-"""The exact-type registry of BatchNorm-like classes that folding understands."""
+"""The one exact-type registry of BatchNorm-like classes: folding, replacement, restoring."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
+import torch
 from torch import nn
 
 import bnsurgery
-from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm, static_skip_reason
+from bnsurgery._bn_registry import (
+    add_replacement,
+    batchnorm_input_rank,
+    batchnorm_kind,
+    default_restore_class,
+    is_bnsurgery_class,
+    looks_like_batchnorm,
+    static_skip_reason,
+    swap_class,
+)
 
-timm = pytest.importorskip("timm")
+
+class _Tagged(nn.BatchNorm2d):
+    """Adds nothing to the computation: swapped like its base, and stays a _Tagged."""
 
 
 class _OwnForward(nn.BatchNorm2d):
@@ -17,6 +32,7 @@ class _OwnForward(nn.BatchNorm2d):
 
 
 def test_exact_types_only():
+    timm = pytest.importorskip("timm")
     assert batchnorm_kind(nn.BatchNorm2d(3)).keeps == ()
     assert batchnorm_kind(bnsurgery.BatchNorm2d(3)) is not None
     act = batchnorm_kind(timm.layers.BatchNormAct2d(3))
@@ -43,3 +59,73 @@ def test_bad_statistics_and_hooks_are_reasons():
     bn = nn.BatchNorm2d(3).eval()
     bn.register_forward_hook(lambda *args: None)
     assert "forward hooks" in static_skip_reason(bn)
+
+
+def test_swapped_class_is_an_instance_of_both_and_is_cached():
+    timm = pytest.importorskip("timm")
+    source = timm.layers.BatchNormAct2d
+    swapped = swap_class(source)
+    assert issubclass(swapped, bnsurgery.BatchNormAct2d) and issubclass(swapped, source)
+    assert swap_class(source) is swapped  # one class per pair, not one per layer
+    assert swapped.forward is bnsurgery.BatchNormAct2d.forward  # bnsurgery's maths run
+    layer = swapped(3, act_layer=nn.ReLU)  # built with the arguments timm's class takes
+    assert isinstance(layer.act, nn.ReLU)
+    kind = batchnorm_kind(layer)
+    assert kind.keeps == ("drop", "act") and kind.restore is source and kind.input_rank == 4
+    assert default_restore_class(swapped) is source
+    assert is_bnsurgery_class(swapped)
+
+
+@pytest.mark.parametrize(("source", "sync", "expected"), [
+    (nn.BatchNorm2d, False, bnsurgery.BatchNorm2d),
+    (nn.SyncBatchNorm, False, bnsurgery.SyncBatchNorm),
+    (nn.SyncBatchNorm, True, bnsurgery.SyncBatchNorm),
+    (bnsurgery.BatchNorm1d, False, bnsurgery.BatchNorm1d),
+    (_OwnForward, False, None),
+], ids=["torch", "torch-sync", "torch-sync-sync", "bnsurgery", "own-forward"])
+def test_table_counterparts(source, sync, expected):
+    assert swap_class(source, sync=sync) is expected
+
+
+def test_synced_counterpart_of_a_plain_batchnorm_keeps_its_class():
+    swapped = swap_class(nn.BatchNorm3d, sync=True)
+    assert issubclass(swapped, bnsurgery.SyncBatchNorm) and issubclass(swapped, nn.BatchNorm3d)
+    # Not torch's SyncBatchNorm: DDP refuses those in CPU models.
+    assert not issubclass(swapped, nn.SyncBatchNorm)
+
+
+def test_mapping_and_handles_win_newest_first_and_undo():
+    class Mine(bnsurgery.BatchNorm2d):
+        pass
+
+    class Other(bnsurgery.BatchNorm2d):
+        pass
+
+    assert issubclass(swap_class(_OwnForward, mapping={_OwnForward: Mine}), Mine)
+    with add_replacement(_OwnForward, Mine):
+        with add_replacement(_OwnForward, Other):
+            assert issubclass(swap_class(_OwnForward), Other)
+        assert issubclass(swap_class(_OwnForward), Mine)
+        assert issubclass(swap_class(_OwnForward, mapping={_OwnForward: Other}), Other)
+    assert swap_class(_OwnForward) is None
+
+
+def test_input_rank_comes_from_the_table():
+    assert batchnorm_input_rank(nn.BatchNorm3d(2)) == 5
+    assert batchnorm_input_rank(bnsurgery.BatchNorm2d(2)) == 4
+    assert batchnorm_input_rank(nn.BatchNorm1d(2)) is None  # (N, C) and (N, C, L)
+    assert batchnorm_input_rank(_OwnForward(2)) is None
+
+
+def test_swapped_layers_pickle_and_copy():
+    model = bnsurgery.calibrate_batchnorm(nn.Sequential(_Tagged(3)), torch.randn(4, 3, 2, 2))
+    replaced = bnsurgery.replace_batchnorm(model.eval())
+    buffer = io.BytesIO()
+    torch.save(replaced, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # whole-model pickles need it, as in torch
+    for clone in (loaded, copy.deepcopy(replaced)):
+        assert type(clone[0]) is type(replaced[0]) and isinstance(clone[0], _Tagged)
+        x = torch.randn(2, 3, 2, 2)
+        torch.testing.assert_close(clone(x), model(x))
+        assert type(bnsurgery.restore_batchnorm(clone)[0]) is _Tagged
