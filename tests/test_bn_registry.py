@@ -129,3 +129,20 @@ def test_swapped_layers_pickle_and_copy():
         x = torch.randn(2, 3, 2, 2)
         torch.testing.assert_close(clone(x), model(x))
         assert type(bnsurgery.restore_batchnorm(clone)[0]) is _Tagged
+
+
+def test_a_replaced_timm_model_folds_with_its_activations():
+    """The swapped classes are registry rows too: folding finds every one and keeps drop/act."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    bnsurgery.calibrate_batchnorm(model, torch.randn(4, 3, 64, 64), inplace=True).eval()
+    replaced = bnsurgery.replace_batchnorm(model)
+    plan = bnsurgery.plan_fusion(replaced, x)
+    n_act = sum(type(m) is timm.layers.BatchNormAct2d for m in model.modules())
+    assert not plan.skipped
+    assert sum(r.replacement == "FoldedBatchNormAct" for r in plan.folded) == n_act > 0
+    with torch.no_grad():
+        expected, got = model(x), bnsurgery.fuse_batchnorm(replaced, x)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
