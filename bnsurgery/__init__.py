@@ -24,6 +24,13 @@ from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batc
 from bnsurgery.models import load_model, load_state_dict_file
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.pairs import FoldPair, find_fold_pairs
+from bnsurgery.recalibrate import RecalibrationReport, recalibrate_batchnorm
+from bnsurgery.reparam import (
+    MergedBlock,
+    ReparamPlan,
+    plan_reparameterization,
+    reparameterize_branches,
+)
 from bnsurgery.replace import (
     ReplacementPlan,
     ReplacementRecord,
@@ -62,9 +69,12 @@ __all__ = [
     "IncompatibleModuleError",
     "InvalidInputError",
     "LayerError",
+    "MergedBlock",
     "MissingDependencyError",
     "NumericMismatchError",
     "OutputComparison",
+    "RecalibrationReport",
+    "ReparamPlan",
     "ReplacementError",
     "ReplacementPlan",
     "ReplacementRecord",
@@ -83,10 +93,13 @@ __all__ = [
     "load_model",
     "load_state_dict_file",
     "plan_fusion",
+    "plan_reparameterization",
     "plan_replacement",
     "plot_layer_errors",
     "randomize_batchnorm_affine",
+    "recalibrate_batchnorm",
     "register_replacement",
+    "reparameterize_branches",
     "replace_batchnorm",
     "restore_batchnorm",
     "validate_onnx",
