@@ -1,4 +1,4 @@
-"""The ``bnsurgery`` command line: demo, inspect, replace, fuse, export and validate.
+"""The ``bnsurgery`` command line: demo, inspect, replace, fuse, export, validate, recalibrate.
 
 Every subcommand builds a MODEL (``torchvision:NAME``, ``timm:NAME`` or
 ``package.module:factory``), optionally with ``--weights`` (a state_dict file, loaded without
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 import traceback
@@ -382,6 +383,72 @@ def _cmd_validate(ctx: _Context) -> int:
 # Parser and entry point.
 # ---------------------------------------------------------------------------------------------
 
+def _cmd_recalibrate(ctx: _Context) -> int:
+    """Re-estimate BatchNorm statistics from a tensor file, check the result runs, save it."""
+    from bnsurgery.recalibrate import recalibrate_batchnorm
+    from bnsurgery.report import atomic_output
+
+    args = ctx.args
+    _check_save_path(Path(args.output))
+    if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
+        raise InvalidInputError(format_message(
+            "--batch-size and --num-batches must be positive", where="--batch-size",
+            got=f"{args.batch_size} / {args.num_batches}", hint="e.g. --batch-size 32"))
+    path = Path(args.data)
+    if not path.is_file():
+        raise InvalidInputError(format_message(
+            "The data file does not exist", where=str(path), hint="pass --data FILE"))
+    ctx.progress(f"loading {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from bnsurgery._lazy import require
+
+            stored = require("safetensors.torch", purpose="Reading .safetensors data").load_file(
+                str(path), device="cpu")
+        else:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise InvalidInputError(format_message(
+            "The data file cannot be read without unpickling code", where=str(path),
+            got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            expected="a tensor saved with torch.save, or a .safetensors file",
+            hint="save the images as one (N, C, H, W) tensor")) from exc
+    if isinstance(stored, dict) and len(stored) == 1:
+        stored = next(iter(stored.values()))
+    if not isinstance(stored, Tensor) or stored.dim() < 2 or not stored.is_floating_point():
+        raise InvalidInputError(format_message(
+            "The data file must hold one floating-point tensor of inputs", where=str(path),
+            got=type(stored).__name__ if not isinstance(stored, Tensor)
+            else f"{stored.dtype} {list(stored.shape)}",
+            expected="one (N, C, ...) float tensor", hint="torch.save(images, FILE)"))
+    loaded, model, _ = _load(ctx)
+    batches = list(torch.split(stored, args.batch_size))
+    report = recalibrate_batchnorm(model, batches, num_batches=args.num_batches,
+                                   progress=not args.quiet)
+    recalibrated = report.model.eval()
+    with torch.no_grad():
+        output = recalibrated(batches[0])
+    finite = all(bool(torch.isfinite(t).all()) for t in
+                 (output if isinstance(output, (tuple, list)) else [output])
+                 if isinstance(t, Tensor))
+    payload: dict[str, Any] = {"command": "recalibrate", "model": loaded.to_dict(),
+                               "data": str(path), "report": report.to_dict(),
+                               "passed": finite}
+    text = [str(report)]
+    if finite:
+        kind = _save_model(recalibrated, batches[0], Path(args.output))
+        payload.update(output=args.output, format=kind)
+        text.append(f"checked: finite outputs on the first batch; saved {args.output} ({kind})")
+    else:
+        payload["output"] = None
+        text.append("not saved: the recalibrated model gives non-finite outputs")
+    if args.report:
+        with atomic_output(args.report) as temp:
+            Path(temp).write_text(json.dumps(payload, indent=2) + "\n")
+    ctx.emit("\n".join(text), payload)
+    return EXIT_OK if finite else EXIT_MISMATCH
+
+
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # On subcommands the defaults are SUPPRESSed so "bnsurgery --json export ..." also works.
     default: Any = False if top else argparse.SUPPRESS
@@ -507,6 +574,20 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(validate)
     _common(validate, top=False)
     validate.set_defaults(handler=_cmd_validate)
+    recalibrate = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics from "
+                                                     "a tensor file, save the model")
+    _model_options(recalibrate)
+    recalibrate.add_argument("--data", required=True, metavar="FILE",
+                             help="one (N, C, ...) input tensor: a torch.save file (loaded with "
+                                  "weights_only=True) or a .safetensors file")
+    recalibrate.add_argument("--batch-size", type=int, default=32,
+                             help="inputs per batch (default 32)")
+    recalibrate.add_argument("--num-batches", type=int, help="stop after this many batches")
+    recalibrate.add_argument("-o", "--output", required=True, metavar="OUT",
+                             help="output: .pt2, .safetensors or .pt (state_dict)")
+    recalibrate.add_argument("--report", metavar="PATH", help="also write the report as JSON")
+    _common(recalibrate, top=False)
+    recalibrate.set_defaults(handler=_cmd_recalibrate)
     return parser
 
 

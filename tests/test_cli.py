@@ -256,3 +256,30 @@ def test_unavailable_provider_is_a_clear_error(capsys, tmp_path):
     assert code == 2
     assert "CUDAExecutionProvider" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_recalibrate_from_tensor_file(tmp_path, capsys):
+    import json
+
+    from bnsurgery.cli import main
+
+    data = tmp_path / "images.pt"
+    torch.save(torch.randn(6, 3, 32, 32), data)
+    out, report = tmp_path / "model.safetensors", tmp_path / "recal.json"
+    code = main(["--json", "recalibrate", "torchvision:resnet18", "--data", str(data),
+                 "--batch-size", "3", "-o", str(out), "--report", str(report), "-q"])
+    assert code == 0, capsys.readouterr()
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["report"]["batches"] == 2 and len(payload["report"]["layers"]) == 20
+    assert out.exists() and json.loads(report.read_text())["passed"] is True
+
+
+def test_recalibrate_refuses_pickled_code(tmp_path, capsys):
+    from bnsurgery.cli import main
+
+    data = tmp_path / "data.pt"
+    torch.save({"a": object()}, data)
+    code = main(["recalibrate", "torchvision:resnet18", "--data", str(data),
+                 "-o", str(tmp_path / "m.pt"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "without unpickling code" in err and len(err.strip().splitlines()) == 1
