@@ -90,7 +90,7 @@ def _shapes(args: Sequence[object]) -> tuple[int, ...]:
     return tuple(first.shape) if first is not None else ()
 
 
-def _run(model: nn.Module, args: Sequence[object]) -> list[tuple[str, Tensor]]:
+def _run(model: Callable[..., object], args: Sequence[object]) -> list[tuple[str, Tensor]]:
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
@@ -137,6 +137,8 @@ class ReferenceRuns:
         args: The example inputs (positional forward arguments).
         other_shapes: Also check at another spatial size (when the dataflow was not traced
             symbolically, the forward may branch on shapes).
+        other_batch: Also check at another batch size (off for a candidate with a static
+            batch, such as an ONNX file exported with ``dynamic_batch=False``).
 
     Raises:
         NonFiniteReferenceError: The original returns NaN or Inf on the example inputs.
@@ -144,7 +146,7 @@ class ReferenceRuns:
     """
 
     def __init__(self, model: nn.Module, args: tuple[object, ...], *,
-                 other_shapes: bool) -> None:
+                 other_shapes: bool, other_batch: bool = True) -> None:
         self.notes: list[str] = []
         self.fingerprint = inputs_fingerprint(args)
         reference = copy.deepcopy(model)
@@ -168,8 +170,10 @@ class ReferenceRuns:
         self.reference64 = self._float64(reference, first)
         self.runs: list[tuple[tuple[object, ...], list[tuple[str, Tensor]],
                               list[float]]] = [(args, first, self._slack(args, first))]
-        other = _other_batch(args)
-        if other is None:
+        other = _other_batch(args) if other_batch else None
+        if not other_batch:
+            pass
+        elif other is None:
             self.notes.append("no check at another batch size: the inputs are not all batched "
                               "tensors")
         else:
@@ -242,10 +246,11 @@ class ReferenceRuns:
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(_shapes(args) for args, _, _ in self.runs)
 
-    def compare(self, candidate: nn.Module) -> tuple[str | None, float]:
+    def compare(self, candidate: Callable[..., object]) -> tuple[str | None, float]:
         """Run ``candidate`` on every check input; ``(why it fails or None, worst error ratio)``.
 
         ``candidate`` is run as given: pass a model nobody else will use (runs may fill caches).
+        Any callable taking the forward arguments works (an onnxruntime session wrapper).
         """
         worst = 0.0
         for args, reference, slack in self.runs:
