@@ -170,6 +170,10 @@ def build_dataflow(model: nn.Module, method: str,
 class _LeafTracer(torch.fx.Tracer):
     """A tracer that stops at BatchNorm-likes, convolutions and Linear layers of any class."""
 
+    # Buffers read in forward become graph nodes too, so ``self.bn.running_var`` outside the
+    # BatchNorm's call shows as a read (it would otherwise be evaluated eagerly and vanish).
+    proxy_buffer_attributes = True
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf_of_interest(m) or super().is_leaf_module(m, module_qualified_name)
 

@@ -491,7 +491,7 @@ def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool,
             elif layer.bias is not bias:
                 layer.bias.copy_(weights.bias)
     for parent in list(work.modules()):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # every alias, not just one
             if id(child) in replacements:
                 if journal is not None:
                     journal.append((parent, child_name, child))

@@ -134,16 +134,8 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Tensor, ...], destination: Pa
                 optimize=True, verbose=False, report=False)
     except Exception as exc:  # the exporter raises many types; keep it as the cause
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        cached = _cached_shapes(model)
-        fixed = "Constraints violated" in str(exc) or "specialized" in str(exc)
-        if fixed and cached:
-            hint = (f"{', '.join(cached[:3])} holds an input shape cached by an earlier forward "
-                    "(ultralytics' Detect head does this); comparing the new shape with it fixes "
-                    "the batch size: export a freshly built model that has not run, or pass "
-                    "dynamic_batch=False")
-        elif fixed:
-            hint = ("the model fixes its batch size somewhere (e.g. x.view(1, -1)); use "
-                    "x.flatten(1), or pass dynamic_batch=False")
+        if "Constraints violated" in str(exc) or "specialized" in str(exc):
+            hint = _batch_hint(model)
         else:
             hint = ("run with --debug (CLI) or look at the chained exception for the "
                     "exporter's full message; fuse=False or exporter='legacy' may get around it")
@@ -154,6 +146,18 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Tensor, ...], destination: Pa
     program.model.metadata_props.update(metadata)
     # Weights stay inside the file below 2 GB; above, the ONNX protobuf limit forces a sidecar.
     program.save(str(destination), external_data=False)
+
+
+def _batch_hint(model: nn.Module) -> str:
+    """Why the batch axis came out fixed: a cached input shape when there is one."""
+    cached = _cached_shapes(model)
+    if cached:
+        return (f"{', '.join(cached[:3])} holds an input shape cached by an earlier forward "
+                "(ultralytics' Detect head does this); comparing the new shape with it fixes "
+                "the batch size: export a freshly built model that has not run, or pass "
+                "dynamic_batch=False")
+    return ("the model fixes its batch size somewhere (e.g. x.view(1, -1)); use x.flatten(1), "
+            "or pass dynamic_batch=False")
 
 
 def _cached_shapes(model: nn.Module) -> list[str]:
@@ -238,7 +242,9 @@ def _check_file(destination: Path, opset: int, *, shown: Path) -> None:
 
 
 def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[int | None],
-                leading: int | None, export_batch: int | None, *, shown: Path) -> None:
+                leading: int | None, export_batch: int | None, *, shown: Path,
+                batch_hint: str = "the model fixes its batch size somewhere; pass "
+                                  "dynamic_batch=False") -> None:
     """Run the file in onnxruntime (CPU) at each batch size; a dynamic axis must really be one."""
     try:
         session = _session(destination, ["CPUExecutionProvider"])
@@ -256,14 +262,12 @@ def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[i
             raise ExportError(format_message(
                 f"The exported file does not run at batch size {size}", where=str(shown),
                 got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                hint="the model may fix its batch size (x.view(1, -1)); pass "
-                     "dynamic_batch=False to export a static batch")) from exc
+                hint=batch_hint)) from exc
         if size is not None and leading == export_batch and result[0].shape[:1] != (size,):
             raise ExportError(format_message(
                 "The exported file ignores the batch size", where=str(shown),
                 got=f"output shape {tuple(result[0].shape)} for batch {size}",
-                expected=f"a leading dimension of {size}",
-                hint="the model fixes its batch size somewhere; pass dynamic_batch=False"))
+                expected=f"a leading dimension of {size}", hint=batch_hint))
 
 
 def export_onnx(
@@ -341,7 +345,7 @@ def export_onnx(
             else:
                 sizes = [None]
             _check_runs(staged, export_inputs, sizes, leading, export_batch,
-                        shown=destination)
+                        shown=destination, batch_hint=_batch_hint(model))
             _check_against_original(staged, original, export_inputs,
                                     dynamic_batch=dynamic_batch and export_batch is not None,
                                     shown=destination)
