@@ -19,6 +19,7 @@ report that validates it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -325,7 +326,9 @@ def export_onnx(
 
         model = fuse_batchnorm(model, inputs, inplace=False)
     export_inputs = _export_inputs(inputs, dynamic_batch)
-    count, leading = _output_count(model, export_inputs)
+    # On a copy: a forward may cache state (ultralytics' Detect caches the input shape, which
+    # then fixes the exported batch size), and the caller's model must not run at all.
+    count, leading = _output_count(copy.deepcopy(model), export_inputs)
     export_batch = int(export_inputs[0].shape[0]) if export_inputs[0].dim() > 0 else None
     input_names = _names(len(inputs), "input")
     output_names = _names(count, "output")
