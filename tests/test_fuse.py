@@ -664,3 +664,132 @@ def test_non_finite_original_is_named_where_it_starts():
     with pytest.raises(NonFiniteReferenceError, match=r"first become non-finite in module '0' "
                                                       r"\(Conv2d\)"):
         fuse_batchnorm(model, x)
+
+
+# --- property: random small models either fuse exactly or skip with a reason ------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_C = 4
+_FLAVOURS = ["torch", "bnsurgery", "affine_off", "timm_act", "bnsurgery_act", "frozen"]
+
+
+def _bn(flavour: str, channels: int = _C) -> nn.Module:
+    if flavour == "bnsurgery":
+        from bnsurgery.batchnorm import BatchNorm2d
+        return BatchNorm2d(channels)
+    if flavour == "affine_off":
+        return nn.BatchNorm2d(channels, affine=False)
+    if flavour == "timm_act":
+        from timm.layers import BatchNormAct2d
+        return BatchNormAct2d(channels, act_layer=nn.ReLU)
+    if flavour == "bnsurgery_act":
+        from bnsurgery.batchnorm import BatchNormAct2d
+        return BatchNormAct2d(channels, act=nn.SiLU())
+    if flavour == "frozen":
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        return FrozenBatchNorm2d(channels)
+    return nn.BatchNorm2d(channels)
+
+
+class _Block(nn.Module):
+    def __init__(self, kind: str, flavour: str, kernel: int) -> None:
+        super().__init__()
+        self.kind = kind
+        pad = kernel // 2
+        if kind == "cat":
+            self.a, self.b = nn.Conv2d(_C, 2, kernel, padding=pad), nn.Conv2d(_C, 2, 1)
+        elif kind == "convT":
+            self.conv = nn.ConvTranspose2d(_C, _C, 1)
+        elif kind == "bn_first":
+            self.conv = nn.Conv2d(_C, _C, 1)
+        else:
+            self.conv = nn.Conv2d(_C, _C, kernel, padding=pad, bias=kernel == 1)
+        self.bn = _bn(flavour)
+        if kind == "alias":
+            self.alias = self.bn
+
+    def forward(self, x):
+        kind = self.kind
+        if kind == "cat":
+            return self.bn(torch.cat([self.a(x), self.b(x)], dim=1))
+        if kind == "bn_first":
+            return self.conv(self.bn(x))
+        if kind == "reuse":
+            return self.bn(self.conv(self.conv(x)))
+        if kind == "alias":
+            return self.alias(self.conv(x))
+        if kind == "branch":
+            y = self.conv(x)
+            return self.bn(y) if x.shape[-1] > 10 else y * 2
+        if kind == "functional":
+            return self.bn(self.conv(x)) + torch.nn.functional.conv2d(
+                x, self.conv.weight, padding=self.conv.padding)
+        return self.bn(self.conv(x))
+
+
+class _RandomNet(nn.Module):
+    def __init__(self, blocks: list[tuple[str, str, int]], linear_head: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(*spec) for spec in blocks)
+        self.head = nn.Linear(_C, 3) if linear_head else None
+        self.head_bn = nn.BatchNorm1d(3) if linear_head else None
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # state set in forward: the caller's copy must not see analysis runs
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None:
+            x = self.head_bn(self.head(x.mean(dim=(2, 3))))
+        return x
+
+
+_KINDS = ["conv", "convT", "bn_first", "cat", "reuse", "alias", "branch", "functional"]
+
+
+@st.composite
+def _random_net(draw):
+    blocks = draw(st.lists(st.tuples(st.sampled_from(_KINDS), st.sampled_from(_FLAVOURS),
+                                     st.sampled_from([1, 3])), min_size=1, max_size=4))
+    return blocks, draw(st.booleans()), draw(st.sampled_from([torch.float32, torch.float64])), \
+        draw(st.booleans())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_random_net())
+def test_property_random_models_fuse_exactly_or_skip_with_a_reason(spec):
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    blocks, linear_head, dtype, inplace = spec
+    x = random_input(2, _C, 12, 12, seed=3).to(dtype)
+    model = _RandomNet(blocks, linear_head)
+    model = calibrate_batchnorm(model, x.float(), seed=4).to(dtype).eval()
+    model.calls = 0
+    handle = model.blocks[0].register_forward_hook(lambda module, args, output: None)
+    reference = copy.deepcopy(model)
+    snapshot = _snapshot(model)
+    plan = plan_fusion(model, x)
+    fused = fuse_batchnorm(model, x, plan=plan, inplace=inplace)
+    handle.remove()
+    reference._forward_hooks.clear()
+
+    total = sum(1 for name, m in reference.named_modules() if name and looks_like_batchnorm(m))
+    assert len(plan.folded) + len(plan.skipped) == total
+    assert all(reason.strip() for reason in plan.skipped.values())
+    assert "blocks.0" not in {r.target for r in plan.folded}  # a hooked module is never folded
+    if inplace:
+        assert fused is model
+    else:
+        assert model.calls == 0
+        _assert_untouched(model, {**snapshot, "hooks": snapshot["hooks"] - 1})
+    floor = {torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
+    oracle_model = copy.deepcopy(reference).double()
+    for shape in ((2, _C, 12, 12), (3, _C, 8, 8)):
+        inputs = (random_input(*shape, seed=9).to(dtype),)
+        oracle = _run(oracle_model, inputs, torch.float64)
+        scale = oracle.abs().max().item() or 1.0
+        err_original = (_run(reference, inputs).double() - oracle).abs().max().item()
+        err_fused = (_run(fused, inputs).double() - oracle).abs().max().item()
+        assert err_fused <= 3 * err_original + floor * scale, (shape, err_fused, err_original)
