@@ -234,7 +234,8 @@ def _check_dtype(layer: nn.Module, dtype: torch.dtype | None,
     if not wanted.is_floating_point:
         return None
     limit = torch.finfo(wanted).max ** 0.5
-    largest = max(float(t.abs().max()) for pair in sides.values() for t in pair if t.numel())
+    largest = max((float(t.abs().max()) for pair in sides.values() for t in pair if t.numel()),
+                  default=0.0)
     weights = float(layer.weight.detach().abs().max()) if layer.weight.numel() else 0.0
     return wanted if max(largest, weights) > limit or not torch.isfinite(
         torch.tensor(largest)) else None
