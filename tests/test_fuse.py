@@ -482,19 +482,25 @@ def test_shape_dependent_branch_is_caught_by_the_check_on_another_size():
 
 
 class _OutsideTree(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, holder: str) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
-        self.extra = [self.bn]  # a plain list: outside the module tree
+        self.holder = holder
+        if holder == "list":
+            self.extra = [self.bn]  # a plain list: outside the module tree
+        else:
+            object.__setattr__(self, "bn_ref", self.bn)  # a second, unregistered attribute
 
     def forward(self, x):
-        return self.extra[0](self.conv(x))
+        bn = self.extra[0] if self.holder == "list" else self.__dict__["bn_ref"]
+        return bn(self.conv(x))
 
 
-def test_inplace_refuses_a_batchnorm_reachable_outside_the_module_tree():
+@pytest.mark.parametrize("holder", ["list", "dict"], ids=["plain-list", "second-attribute"])
+def test_inplace_refuses_a_batchnorm_reachable_outside_the_module_tree(holder):
     x = random_input(2, 3, 8, 8)
-    model = _calibrated(_OutsideTree(), x)
+    model = _calibrated(_OutsideTree(holder), x)
     reference = copy.deepcopy(model)
     copied = fuse_batchnorm(model, x)  # a copy redirects the list to the replacement
     _assert_as_accurate(reference, copied, (x,))
@@ -502,7 +508,7 @@ def test_inplace_refuses_a_batchnorm_reachable_outside_the_module_tree():
     assert isinstance(model.bn, nn.BatchNorm2d)  # left alone, with the reason in the log
     torch.testing.assert_close(_run(model, (x,)), _run(reference, (x,)), rtol=0, atol=0)
     with pytest.raises(FusionError, match=r"bn: it is also reachable outside the module tree "
-                                          r"\(held by a list\)"):
+                                          rf"\(held by a {holder}\)"):
         fuse_batchnorm(model, x, inplace=True, strict=True)
 
 

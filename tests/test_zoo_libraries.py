@@ -156,6 +156,8 @@ def test_library_model_fuses_as_accurately_as_the_original(entry):
     fused = fuse_batchnorm(model, x, plan=plan)
     for key, value in _state(model).items():  # the caller's model is untouched
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    for module in model.modules():  # LeViT's bias cache holds no fx Proxy (nor anything new)
+        assert not getattr(module, "attention_bias_cache", {}), type(module).__name__
     total = sum(1 for name, m in model.named_modules() if name and looks_like_batchnorm(m))
     assert len(plan.folded) + len(plan.skipped) == total
     assert len(plan.folded) >= entry.min_folded * total, str(plan)
