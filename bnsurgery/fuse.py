@@ -258,14 +258,21 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
                 methods: Sequence[str] = DISCOVERY_METHODS) -> FusionPlan:
     """Decide which BatchNorms of ``model`` fold into which layers, without changing anything.
 
+    With ``example_inputs``, the plan is checked: a fused copy is compared with the original
+    (both deep copies; ``model`` never runs) on the inputs, at another batch size and, when
+    torch.fx could not trace the model, at another spatial size. Folds that break the check
+    are found by bisection and moved to ``skipped`` with the reason; ``plan.check`` records what
+    was compared.
+
     Args:
         model: The model (typically in eval mode).
         example_inputs: A tensor or a tuple of positional forward arguments. Optional, but
-            needed when ``torch.fx`` cannot trace the model and to check Linear layers' ranks.
+            needed when ``torch.fx`` cannot trace the model, to check Linear layers' ranks, and
+            to check the fused model against the original.
         dtype: The dtype the fused model will run in, when it differs from the weights' dtype
             (e.g. ``torch.float16`` for a float32 model you will ``.half()`` later). Folded
             weights are checked for overflow and new subnormals when this, or a layer's own
-            dtype, is float16 or bfloat16.
+            dtype, is float16 or bfloat16; wider dtypes are checked for overflow only.
         precision_policy: What to do with pairs whose folded weights do not fit that dtype:
             ``"skip"`` (default) leaves pairs unfolded that overflow or turn subnormal,
             ``"skip_overflow"`` only those that overflow, ``"fold"`` folds them all anyway. Every
@@ -276,8 +283,11 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
         The plan; ``print(plan)`` shows a table.
 
     Raises:
-        InvalidInputError: An unknown ``precision_policy`` or ``methods`` entry, or a ``dtype``
-            that is not a floating dtype.
+        InvalidInputError: An unknown ``precision_policy`` or ``methods`` entry, a ``dtype``
+            that is not a floating dtype, or a model that does not run on ``example_inputs`` or
+            returns no tensor.
+        NonFiniteReferenceError: The model's own output on ``example_inputs`` is NaN or Inf
+            (the message names where it first becomes so).
     """
     if precision_policy not in PRECISION_POLICIES:
         raise InvalidInputError(format_message(
