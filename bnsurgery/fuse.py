@@ -614,7 +614,8 @@ def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: 
                 "fuse_batchnorm got a plan and options that the plan already fixed",
                 where=", ".join(given), got=f"plan= and {', '.join(g + '=' for g in given)}",
                 expected="either a plan or those options",
-                hint=f"pass {', '.join(g + '=' for g in given)} to plan_fusion, or leave plan=None"))
+                hint=f"pass {', '.join(g + '=' for g in given)} to plan_fusion, or leave "
+                     "plan=None"))
         _validate_plan(model, plan)
         if args is not None and (plan.check is None
                                  or plan.check.fingerprint != inputs_fingerprint(args)):

@@ -15,8 +15,9 @@ relative to each output's scale). Folding changes rounding, and a deep float32 n
 rounding error can exceed that tolerance, so a float64 run of the original measures it: an output
 passes when ``|fused - original| <= allowed + 3 * |original - original in float64|`` (the fused
 model may be as inaccurate as the original, on both sides). A real mistake (one layer a few
-percent off) is orders of magnitude above either term. The reference outputs come from a deep copy of the original, so
-the caller's model never runs (its caches and counters stay as they were). When the check fails,
+percent off) is orders of magnitude above either term. The reference outputs come from a deep
+copy of the original, so the caller's model never runs (its caches and counters stay as they
+were). When the check fails,
 :func:`bisect_failures` finds which folds break it, so only those are left unfolded.
 """
 
@@ -153,10 +154,11 @@ class ReferenceRuns:
         try:
             first = _run(reference, args)
         except Exception as exc:  # a user model may raise anything on bad inputs
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise InvalidInputError(format_message(
                 "The model does not run on the example inputs, so the fused model cannot be "
                 "checked", where=type(model).__name__,
-                got=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                got=f"{type(exc).__name__}: {first_line}",
                 expected="inputs the model accepts",
                 hint="pass example_inputs of the shape the model was built for")) from exc
         if not first:
