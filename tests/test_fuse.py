@@ -799,3 +799,19 @@ def test_property_random_models_fuse_exactly_or_skip_with_a_reason(spec):
         err_original = (_run(reference, inputs).double() - oracle).abs().max().item()
         err_fused = (_run(fused, inputs).double() - oracle).abs().max().item()
         assert err_fused <= 3 * err_original + floor * scale, (shape, err_fused, err_original)
+
+
+def test_a_failed_in_place_check_restores_the_model(monkeypatch):
+    import bnsurgery.fuse as fuse_module
+
+    x = random_input(2, 3, 8, 8)
+    model = _calibrated(_OutsideTree("list"), x)
+    reference = copy.deepcopy(model)
+    snapshot = _snapshot(model)
+    # Without the referrer scan, the list would keep running the BatchNorm after an in-place
+    # fold; the check against outputs recorded beforehand must catch it and undo everything.
+    monkeypatch.setattr(fuse_module, "_outside_references", lambda model, plan: plan)
+    with pytest.raises(FusionError, match=r"Folding in place made the model differ .* restored"):
+        fuse_batchnorm(model, x, inplace=True)
+    _assert_untouched(model, snapshot)
+    torch.testing.assert_close(_run(model, (x,)), _run(reference, (x,)), rtol=0, atol=0)
