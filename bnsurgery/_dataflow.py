@@ -188,9 +188,16 @@ def _fx_label(node: torch.fx.Node) -> str:
     return name.replace("_operator.", "operator.")
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def _copy(model: nn.Module, *, share_tensors: bool = False) -> nn.Module:
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers are the
+    caller's own objects (symbolic tracing reads no tensor values and writes none: every
+    parameter and buffer becomes a graph node), so a large model costs no weight copy."""
+    memo: dict[int, object] = {}
+    if share_tensors:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            memo[id(tensor)] = tensor
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001 - any failure to copy means "cannot analyse safely"
         raise RuntimeError(f"the model cannot be deep-copied ({type(exc).__name__}: {exc}), and "
                            "analysing the original would leave traces of the analysis on it"
@@ -210,7 +217,7 @@ def _leaf_tensors(model: nn.Module) -> dict[int, tuple[str, str]]:
 
 
 def _from_fx(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
-    model = _copy(model)
+    model = _copy(model, share_tensors=True)
     graph = _LeafTracer().trace(model)
     owned = _leaf_tensors(model)
     flow = Dataflow("fx")
