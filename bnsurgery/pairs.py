@@ -150,7 +150,8 @@ def find_fold_pairs(model: nn.Module, example_inputs: object = None, *,
     also let a Linear layer's output rank be checked when ``torch.fx`` found the graph.
 
     Args:
-        model: The model; it is not modified (the builders that run it work on a deep copy).
+        model: The model; it is not modified, nor run, nor traced (every builder works on a
+            copy).
         example_inputs: A tensor, or a tuple of positional forward arguments, or ``None``.
         methods: Builders to try, a subset of :data:`DISCOVERY_METHODS`, in order.
 
