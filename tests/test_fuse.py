@@ -815,3 +815,42 @@ def test_a_failed_in_place_check_restores_the_model(monkeypatch):
         fuse_batchnorm(model, x, inplace=True)
     _assert_untouched(model, snapshot)
     torch.testing.assert_close(_run(model, (x,)), _run(reference, (x,)), rtol=0, atol=0)
+
+
+def test_a_plan_is_checked_again_on_other_inputs_and_not_on_the_same(monkeypatch):
+    import bnsurgery.fuse as fuse_module
+
+    model, inputs = make(CASES["conv2d_bn"])
+    plan = plan_fusion(model)  # no inputs: not checked
+    calls = []
+    honest = fuse_module._checked
+    monkeypatch.setattr(fuse_module, "_checked",
+                        lambda *a: calls.append(1) or honest(*a))
+    fuse_batchnorm(model, inputs, plan=plan)
+    assert calls == [1]
+    checked = plan_fusion(model, inputs)
+    calls.clear()
+    fuse_batchnorm(model, tuple(t.clone() for t in inputs), plan=checked)
+    assert calls == []  # same values: the plan's own check stands
+    fuse_batchnorm(model, tuple(t + 1 for t in inputs), plan=checked)
+    assert calls == [1]
+
+
+class _TakesAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, images):
+        batch = torch.stack(images) if isinstance(images, list) else images  # (calibration)
+        return self.bn(self.conv(batch))
+
+
+def test_a_check_that_cannot_run_says_so():
+    images = [random_input(3, 4, 4, seed=s) for s in range(2)]
+    model = _calibrated(_TakesAList(), torch.stack(images))
+    plan = plan_fusion(model, (images,))
+    assert plan.check.passed and len(plan.check.inputs) == 1
+    assert any("no check at another batch size" in note for note in plan.check.notes)
+    assert "note: no check at another batch size" in str(plan)
