@@ -79,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             "timm": reparameterize_model(copy.deepcopy(model)),
             "bnsurgery": reparameterize_branches(model, x[:2]),
         }
-        reference = copy.deepcopy(model).double()(x.double())
+        with torch.no_grad():
+            reference = copy.deepcopy(model).double()(x.double())
         scale = float(reference.abs().max())
         with torch.inference_mode():
             errors = {k: float((m(x).double() - reference).abs().max()) / scale
                       for k, m in variants.items()}
             eager = interleaved({k: (lambda m=m: m(x)) for k, m in variants.items()},
                                 args.rounds, 3)
-        convs = {k: sum("convolution" in str(n.target) for n in
+        convs = {k: sum("conv" in str(n.target) for n in
                         torch.export.export(m, (x,)).graph.nodes) for k, m in variants.items()}
         print(f"\n{name} (batch {args.batch}, {args.size} px)")
         print(f"  {'variant':10s} {'convs':>5s} {'rel. error vs float64':>22s} "

@@ -155,10 +155,11 @@ class _Moments:
             raise InvalidInputError(format_message(
                 "A BatchNorm input needs a batch and a channel axis", got=tuple(x.shape),
                 expected="(N, C, ...)"))
-        values = x.detach().to(_F64).transpose(0, 1).reshape(x.shape[1], -1)
-        count = values.shape[1]
-        mean = values.mean(1)
-        sq_dev = (values - mean.unsqueeze(1)).square().sum(1)
+        dims = [0, *range(2, x.dim())]
+        count = x.numel() // x.shape[1]
+        # One float64 pass (Welford inside var_mean) over the input in its own layout.
+        variance, mean = torch.var_mean(x.detach().to(_F64), dim=dims, correction=0)
+        sq_dev = variance * count
         if self.mean is None:
             self.count = torch.tensor(float(count), dtype=_F64, device=x.device)
             self.mean, self.sq_dev = mean, sq_dev

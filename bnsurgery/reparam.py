@@ -380,10 +380,14 @@ class _Planner:
         convs = [self.modules[b.conv] for b in branches if b.conv]
         if not convs:
             return "no branch has a convolution to merge into"
+        outside = getattr(self.flow, "outside_reads", {})
         for branch in branches:
             for name in (branch.conv, branch.batchnorm):
                 if name is not None and (problem := self._once(name)):
                     return problem
+                if name is not None and outside.get(name):
+                    return (f"the forward also reads {', '.join(outside[name])} of '{name}' "
+                            "outside its call")
             if branch.conv:
                 conv = self.modules[branch.conv]
                 if type(conv) not in _CONVS:
