@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                     sessions[k] = onnxruntime.InferenceSession(
                         str(path), options, providers=["CPUExecutionProvider"])
             feed = x.numpy()
-            ort_times = interleaved({k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
-                                     for k, s in sessions.items()}, args.rounds, 3)
+            runners = {k: (lambda s=s, feed=feed: s.run(None, {s.get_inputs()[0].name: feed}))
+                       for k, s in sessions.items()}
+            ort_times = interleaved(runners, args.rounds, 3)
         for k in variants:
             line = (f"  {k:10s} {convs[k]:5d} {errors[k]:22.2e} {eager[k] * 1e3:9.2f} "
                     f"{eager[k] / eager['timm']:8.2f}")

@@ -350,7 +350,8 @@ class _Planner:
     def _once(self, name: str) -> str | None:
         count = len(self.calls.get(name, []))
         if count != 1:
-            return f"'{name}' runs {count} times per forward; its weights cannot be merged for one call only"
+            return (f"'{name}' runs {count} times per forward; its weights cannot be merged for "
+                    "one call only")
         return None
 
     def _interpretations(self, index: int) -> list[_Branch] | str:
@@ -458,7 +459,8 @@ def _offsets(conv: nn.Module, largest: nn.Module) -> tuple[int, ...] | None:
         lead, trail = big_before - before, big_after - after
         if lead < 0 or trail < 0 or lead % dilation or trail % dilation:
             return None
-        if lead // dilation + conv.kernel_size[axis] + trail // dilation != largest.kernel_size[axis]:
+        span = lead // dilation + conv.kernel_size[axis] + trail // dilation
+        if span != largest.kernel_size[axis]:
             return None
         offsets.append(lead // dilation)
     return tuple(offsets)
@@ -491,7 +493,7 @@ def _relative(name: str, block: str) -> str:
 def _owner_candidates(names: Sequence[str]) -> list[str]:
     parts = [n.split(".")[:-1] for n in names]
     common: list[str] = []
-    for pieces in zip(*parts):
+    for pieces in zip(*parts):  # noqa: B905 - stops at the shortest name on purpose
         if len(set(pieces)) != 1:
             break
         common.append(pieces[0])

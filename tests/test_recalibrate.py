@@ -196,7 +196,8 @@ def test_merge_moments_equals_concatenation() -> None:
     counts = torch.tensor([float(p.shape[1]) for p in parts])
     means = torch.stack([p.mean(1) if p.shape[1] else torch.zeros(4, dtype=torch.float64)
                          for p in parts])
-    sq = torch.stack([(p - m.unsqueeze(1)).square().sum(1) for p, m in zip(parts, means)])
+    sq = torch.stack([(p - m.unsqueeze(1)).square().sum(1) for p, m in zip(parts, means,
+                                                                         strict=True)])
     n, mean, sq_dev = merge_moments(counts, means, sq)
     every = torch.cat(parts, 1)
     assert int(n) == 13

@@ -123,7 +123,8 @@ def test_merges_exactly_into_one_conv_per_block(name: str) -> None:
         base = model(x)
     torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
     # As accurate as the original float32 run, within rounding noise.
-    assert (out.double() - reference).abs().max() <= 4 * (base.double() - reference).abs().max() + 1e-6
+    error = (out.double() - reference).abs().max()
+    assert error <= 4 * (base.double() - reference).abs().max() + 1e-6
     assert _conv_and_add_calls(merged, x) == (blocks, 0)
     assert type(merged) is type(model)
     for block in plan.merged:
