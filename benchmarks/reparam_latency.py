@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                       for k, m in variants.items()}
             eager = interleaved({k: (lambda m=m: m(x)) for k, m in variants.items()},
                                 args.rounds, 3)
-        convs = {k: sum("conv" in str(n.target) for n in
+        convs = {k: sum(n.op == "call_function" and "conv" in str(n.target) for n in
                         torch.export.export(m, (x,)).graph.nodes) for k, m in variants.items()}
         print(f"\n{name} (batch {args.batch}, {args.size} px)")
         print(f"  {'variant':10s} {'convs':>5s} {'rel. error vs float64':>22s} "
