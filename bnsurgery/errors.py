@@ -17,6 +17,7 @@ __all__ = [
     "IncompatibleModuleError",
     "InvalidInputError",
     "MissingDependencyError",
+    "NonFiniteReferenceError",
     "NumericMismatchError",
     "ReplacementError",
     "RunTimeoutError",
@@ -62,6 +63,10 @@ class BnSurgeryError(Exception):
 
 class InvalidInputError(BnSurgeryError, ValueError):
     """An argument or tensor has the wrong shape, rank, dtype or value."""
+
+
+class NonFiniteReferenceError(InvalidInputError):
+    """The original model's own output is NaN or infinite, so nothing can be compared with it."""
 
 
 class IncompatibleModuleError(BnSurgeryError, TypeError):
