@@ -1,4 +1,4 @@
-"""Tests for bnsurgery.files: checked, atomic, mode-keeping writes that clean up after themselves."""
+"""Tests for bnsurgery.files: checked, atomic, mode-keeping writes that clean up."""
 
 from __future__ import annotations
 
