@@ -35,6 +35,7 @@ from bnsurgery.errors import (
     NumericMismatchError,
     format_message,
 )
+from bnsurgery.messages import first_line
 
 __all__ = ["build_parser", "main"]
 
@@ -108,14 +109,24 @@ def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise InvalidInputError(format_message(
             "The model does not run on inputs of this shape", where=args.model,
-            got=f"{list(shape)} -> {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            got=f"{list(shape)} -> {type(exc).__name__}: {first_line(exc)}",
             expected="the shape the model was built for",
             hint="pass --input-shape, e.g. --input-shape 1,3,224,224")) from exc
     return loaded, model, inputs
 
 
-def _check_save_path(path: Path) -> None:
-    """Refuse an output type before any work is done."""
+def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
+    """Refuse an output type, an unwritable destination or one that is an input, up front."""
+    from bnsurgery.files import check_output_path, same_file
+
+    check_output_path(path, hint="pass another path to -o")
+    weights = getattr(ctx.args, "weights", None) if ctx is not None else None
+    if weights and weights != "DEFAULT" and same_file(weights, path):
+        raise InvalidInputError(format_message(
+            "The output would overwrite the input weights", where=str(path),
+            got=f"-o {path} is the same file as --weights {weights}",
+            expected="a different output file",
+            hint="pass another path to -o; the input keeps its BatchNorm statistics"))
     if path.suffix.lower() not in _SAVE_SUFFIXES:
         raise InvalidInputError(format_message(
             "Unknown output file type", where=str(path), got=repr(path.suffix),
@@ -126,8 +137,10 @@ def _check_save_path(path: Path) -> None:
 
 def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
+    import io
+
+    from bnsurgery.files import write_bytes
     from bnsurgery.onnx_export import _export_inputs
-    from bnsurgery.report import atomic_output
 
     _check_save_path(path)
     suffix = path.suffix.lower()
@@ -139,20 +152,25 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         except Exception as exc:  # torch.export raises many types; keep it as the cause
             raise ExportError(format_message(
                 "torch.export could not capture the model", where=type(model).__name__,
-                got=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                got=f"{type(exc).__name__}: {first_line(exc)}",
                 hint="save a state_dict instead (-o model.safetensors)")) from exc
-        with atomic_output(path) as temp:
-            torch.export.save(program, temp)
+        # Serialised in memory, then written by Python: a full disk is one clear error, not an
+        # abort inside the C++ archive writer.
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        write_bytes(path, buffer.getbuffer())
         return "torch.export program; load it with torch.export.load"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(path) as temp:
-        if suffix == ".safetensors":
-            from bnsurgery._lazy import require
+    if suffix == ".safetensors":
+        from bnsurgery._lazy import require
 
-            safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
-            safetensors_torch.save_file(state, str(temp), metadata={"format": "pt"})
-        else:
-            torch.save(state, temp)
+        safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
+        data: Any = safetensors_torch.save(state, metadata={"format": "pt"})
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
+    write_bytes(path, data)
     return "state_dict"
 
 
@@ -246,7 +264,7 @@ def _cmd_replace(ctx: _Context) -> int:
     from bnsurgery.replace import replace_batchnorm
     from bnsurgery.validate import compare_models
 
-    _check_save_path(Path(ctx.args.output))
+    _check_save_path(Path(ctx.args.output), ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
     replaced = replace_batchnorm(model, inplace=False).eval()
@@ -262,7 +280,7 @@ def _cmd_fuse(ctx: _Context) -> int:
     from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.validate import compare_models
 
-    _check_save_path(Path(ctx.args.output))
+    _check_save_path(Path(ctx.args.output), ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("folding BatchNorm")
     plan = plan_fusion(model, inputs)
@@ -591,8 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _error_text(exc: BaseException) -> tuple[str, str]:
+    """The one-line summary of an error and, for a long message (a listing), the whole text."""
+    from bnsurgery.messages import printable
+
+    text = str(exc) if str(exc).strip() else type(exc).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) <= 2:  # a sentence and its Hint: one line
+        return printable(" ".join(" ".join(lines).split())), ""
+    return printable(lines[0].strip()), "\n".join(printable(line) for line in lines[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -612,18 +637,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     ctx = _Context(args, stdout, stderr)
     handler: Callable[[_Context], int] = args.handler
+    from bnsurgery.files import Terminated, cleanup_on_termination
+
     try:
-        return handler(ctx)
-    except (BnSurgeryError, OSError) as exc:
+        with cleanup_on_termination():
+            return handler(ctx)
+    except Exception as exc:  # bugs too: the CLI ends with one line; --debug shows the traceback
         code = EXIT_MISMATCH if isinstance(exc, NumericMismatchError) else EXIT_BAD_INPUT
         if args.debug:
             traceback.print_exception(exc, file=stderr)
-        stderr.write(f"bnsurgery {args.command}: error: {_one_line(exc)}\n")
+        summary, rest = _error_text(exc)
+        if not isinstance(exc, (BnSurgeryError, OSError)):
+            summary = (f"unexpected {type(exc).__name__}: {summary} (--debug shows the "
+                       "traceback)")
+        stderr.write(f"bnsurgery {args.command}: error: {summary}\n")
+        if rest:
+            stderr.write(rest + "\n")
         if args.json:
             stdout.write(json.dumps({"command": args.command, "error": {
                 "type": type(exc).__name__, "message": str(exc)}, "exit_code": code},
                 indent=2) + "\n")
         return code
+    except Terminated as exc:
+        stderr.write(f"bnsurgery: {exc}; temporary files removed\n")
+        return 128 + exc.signal_number
     except KeyboardInterrupt:
         stderr.write("bnsurgery: interrupted\n")
         return 130

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "BnSurgeryError",
     "ExportError",
+    "FileWriteError",
     "FusionError",
     "IncompatibleModuleError",
     "InvalidInputError",
@@ -19,6 +20,7 @@ __all__ = [
     "NonFiniteReferenceError",
     "NumericMismatchError",
     "ReplacementError",
+    "RunTimeoutError",
     "UnsafeFileError",
     "format_message",
 ]
@@ -93,3 +95,14 @@ class UnsafeFileError(BnSurgeryError, ValueError):
 
 class MissingDependencyError(BnSurgeryError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class FileWriteError(BnSurgeryError, OSError):
+    """An output file could not be written (full disk, read-only folder, a file in the way).
+
+    The message names the destination the caller asked for, never a temporary file.
+    """
+
+
+class RunTimeoutError(BnSurgeryError, TimeoutError):
+    """A run (e.g. of an ONNX file in onnxruntime) did not finish within its time limit."""
