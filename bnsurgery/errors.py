@@ -16,6 +16,7 @@ __all__ = [
     "IncompatibleModuleError",
     "InvalidInputError",
     "MissingDependencyError",
+    "NonFiniteReferenceError",
     "NumericMismatchError",
     "ReplacementError",
     "UnsafeFileError",
@@ -60,6 +61,10 @@ class BnSurgeryError(Exception):
 
 class InvalidInputError(BnSurgeryError, ValueError):
     """An argument or tensor has the wrong shape, rank, dtype or value."""
+
+
+class NonFiniteReferenceError(InvalidInputError):
+    """The original model's own output is NaN or infinite, so nothing can be compared with it."""
 
 
 class IncompatibleModuleError(BnSurgeryError, TypeError):
