@@ -89,9 +89,13 @@ def _check_options(opset: object, exporter: object) -> None:
             "Unknown ONNX exporter", where="exporter", got=repr(exporter),
             expected=f"one of {sorted(EXPORTERS)}",
             hint="leave exporter='dynamo' (the torch.export-based exporter)"))
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 7:
+    if not isinstance(opset, int) or isinstance(opset, bool):
         raise InvalidInputError(format_message(
             "The opset must be an integer", where="opset", got=repr(opset),
+            expected=f"an integer >= {MIN_DYNAMO_OPSET}", hint="leave opset=18"))
+    if opset < 7:
+        raise InvalidInputError(format_message(
+            "The opset is older than any ONNX exporter supports", where="opset", got=opset,
             expected=f"an integer >= {MIN_DYNAMO_OPSET}", hint="leave opset=18"))
     if exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
         raise InvalidInputError(format_message(
