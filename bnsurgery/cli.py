@@ -131,7 +131,7 @@ def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
         raise InvalidInputError(format_message(
             "Unknown output file type", where=str(path), got=repr(path.suffix),
             expected=f"one of {', '.join(_SAVE_SUFFIXES)}",
-            hint="use .pt2 for a torch.export program (loadable without unpickling code) or "
+            hint="use .pt2 for a torch.export program or "
                  ".safetensors/.pt for a state_dict"))
 
 
@@ -550,8 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save")
     _model_options(fuse)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT",
-                      help="output: .pt2 (torch.export program, loadable without unpickling "
-                           "code), .safetensors or .pt (state_dict of the fused model)")
+                      help="output: .pt2 (torch.export program; torch.export.load can run pickled "
+                           "code from a tampered archive: load only your own), "
+                           ".safetensors or .pt (state_dict of the fused model)")
     fuse.add_argument("--strict", action="store_true",
                       help="fail if any BatchNorm cannot be folded")
     _tolerances(fuse)
