@@ -10,6 +10,9 @@ builds that shape so every raise site reads the same.
 from __future__ import annotations
 
 __all__ = [
+    "BatchNormDtypeError",
+    "BatchNormRuntimeError",
+    "BatchNormTypeError",
     "BnSurgeryError",
     "ExportError",
     "FileWriteError",
@@ -63,6 +66,22 @@ class BnSurgeryError(Exception):
 
 class InvalidInputError(BnSurgeryError, ValueError):
     """An argument or tensor has the wrong shape, rank, dtype or value."""
+
+
+class BatchNormRuntimeError(InvalidInputError, RuntimeError):
+    """A batch_norm argument torch's own kernel rejects with ``RuntimeError``.
+
+    A channel-count mismatch, missing running statistics in evaluation mode, running statistics
+    that require grad: ``except RuntimeError`` written for torch's BatchNorm catches it too.
+    """
+
+
+class BatchNormTypeError(InvalidInputError, TypeError):
+    """A batch_norm input that is not a tensor, which torch rejects with ``TypeError``."""
+
+
+class BatchNormDtypeError(InvalidInputError, NotImplementedError):
+    """A batch_norm input of a non-float dtype, which torch rejects with ``NotImplementedError``."""
 
 
 class NonFiniteReferenceError(InvalidInputError):
