@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/fuse_vs_fx.py
 	$(PY) benchmarks/export_latency.py
 	$(PY) benchmarks/sync_overhead.py
+	$(PY) benchmarks/reparam_latency.py
+	$(PY) benchmarks/recalibrate_throughput.py
 
 clean:
 	rm -rf $(VENV) bnsurgery-demo .pytest_cache

@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnsurgery.report import atomic_output, collect_environment  # noqa: E402
+from bnsurgery.files import atomic_output  # noqa: E402
+from bnsurgery.report import collect_environment  # noqa: E402
 
 NETWORKS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
             "regnet_y_400mf")

@@ -15,6 +15,7 @@ from bnsurgery.errors import (
     IncompatibleModuleError,
     InvalidInputError,
     MissingDependencyError,
+    NonFiniteReferenceError,
     NumericMismatchError,
     ReplacementError,
     UnsafeFileError,
@@ -24,6 +25,13 @@ from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batc
 from bnsurgery.models import load_model, load_state_dict_file
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.pairs import FoldPair, find_fold_pairs
+from bnsurgery.recalibrate import RecalibrationReport, recalibrate_batchnorm
+from bnsurgery.reparam import (
+    MergedBlock,
+    ReparamPlan,
+    plan_reparameterization,
+    reparameterize_branches,
+)
 from bnsurgery.replace import (
     ReplacementHandle,
     ReplacementPlan,
@@ -64,9 +72,13 @@ __all__ = [
     "IncompatibleModuleError",
     "InvalidInputError",
     "LayerError",
+    "MergedBlock",
     "MissingDependencyError",
+    "NonFiniteReferenceError",
     "NumericMismatchError",
     "OutputComparison",
+    "RecalibrationReport",
+    "ReparamPlan",
     "ReplacementError",
     "ReplacementHandle",
     "ReplacementPlan",
@@ -87,10 +99,13 @@ __all__ = [
     "load_model",
     "load_state_dict_file",
     "plan_fusion",
+    "plan_reparameterization",
     "plan_replacement",
     "plot_layer_errors",
     "randomize_batchnorm_affine",
+    "recalibrate_batchnorm",
     "register_replacement",
+    "reparameterize_branches",
     "replace_batchnorm",
     "restore_batchnorm",
     "validate_onnx",

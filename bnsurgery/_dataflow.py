@@ -13,8 +13,12 @@ each module runs. This module records it in one small graph (:class:`Dataflow`) 
   ``TorchFunctionMode`` that sees every torch function applied outside them (handles anything
   that runs, but only sees the path those inputs take).
 
-The export and hooks builders work on a deep copy, so the caller's model (buffers, RNG-driven
-layers, hooks) is never touched. The graph is consumed by :mod:`bnsurgery.pairs`.
+Every builder works on a deep copy, so the caller's model is never touched: a forward that stores
+a tensor on ``self`` (a cache, a counter) would otherwise be left holding an fx ``Proxy``, and
+buffers, RNG-driven layers and hooks would see the analysis. Each graph also records which
+parameters and buffers of the leaf modules forward reads *outside* their own call
+(``F.conv2d(x, self.conv.weight)``, ``self.bn.running_var``): such a layer cannot be folded. The
+graph is consumed by :mod:`bnsurgery.pairs`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from torch.overrides import TorchFunctionMode
 
 from bnsurgery._bn_registry import looks_like_batchnorm
 
-__all__ = ["Dataflow", "FlowNode", "build_dataflow", "is_leaf_of_interest"]
+__all__ = [
+    "Dataflow",
+    "FlowNode",
+    "build_dataflow",
+    "is_leaf_of_interest",
+    "resolve_module_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +97,14 @@ class Dataflow:
 
     method: str
     nodes: list[FlowNode] = field(default_factory=list)
+    #: Leaf module qualified name -> its parameters/buffers that forward reads outside its call.
+    outside_reads: dict[str, list[str]] = field(default_factory=dict)
+
+    def read_outside(self, owner: str, attribute: str) -> None:
+        """Record that forward reads ``owner.attribute`` outside ``owner``'s own call."""
+        seen = self.outside_reads.setdefault(owner, [])
+        if attribute not in seen:
+            seen.append(attribute)
 
     def add(self, kind: str, label: str, inputs: list[int], **extra: object) -> FlowNode:
         node = FlowNode(index=len(self.nodes), kind=kind, label=label, inputs=list(inputs),
@@ -152,6 +170,10 @@ def build_dataflow(model: nn.Module, method: str,
 class _LeafTracer(torch.fx.Tracer):
     """A tracer that stops at BatchNorm-likes, convolutions and Linear layers of any class."""
 
+    # Buffers read in forward become graph nodes too, so ``self.bn.running_var`` outside the
+    # BatchNorm's call shows as a read (it would otherwise be evaluated eagerly and vanish).
+    proxy_buffer_attributes = True
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf_of_interest(m) or super().is_leaf_module(m, module_qualified_name)
 
@@ -166,8 +188,38 @@ def _fx_label(node: torch.fx.Node) -> str:
     return name.replace("_operator.", "operator.")
 
 
+def _copy(model: nn.Module, *, share_tensors: bool = False) -> nn.Module:
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers are the
+    caller's own objects (symbolic tracing reads no tensor values and writes none: every
+    parameter and buffer becomes a graph node), so a large model costs no weight copy."""
+    memo: dict[int, object] = {}
+    if share_tensors:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            memo[id(tensor)] = tensor
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - any failure to copy means "cannot analyse safely"
+        raise RuntimeError(f"the model cannot be deep-copied ({type(exc).__name__}: {exc}), and "
+                           "analysing the original would leave traces of the analysis on it"
+                           ) from exc
+
+
+def _leaf_tensors(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """``id(tensor)`` -> ``(leaf module name, attribute)`` for every leaf parameter and buffer."""
+    owned: dict[int, tuple[str, str]] = {}
+    for name, module in model.named_modules():
+        if not name or not is_leaf_of_interest(module):
+            continue
+        for attribute, tensor in [*module.named_parameters(recurse=False),
+                                  *module.named_buffers(recurse=False)]:
+            owned.setdefault(id(tensor), (name, attribute))
+    return owned
+
+
 def _from_fx(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
+    model = _copy(model, share_tensors=True)
     graph = _LeafTracer().trace(model)
+    owned = _leaf_tensors(model)
     flow = Dataflow("fx")
     index: dict[torch.fx.Node, int] = {}
     for node in graph.nodes:
@@ -176,6 +228,15 @@ def _from_fx(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dat
             new = flow.add("input", str(node.target), [])
         elif node.op == "get_attr":
             new = flow.add("const", str(node.target), [])
+            try:
+                value = model.get_parameter(str(node.target))
+            except AttributeError:
+                try:
+                    value = model.get_buffer(str(node.target))
+                except AttributeError:
+                    value = None
+            if value is not None and id(value) in owned:
+                flow.read_outside(*owned[id(value)])
         elif node.op == "call_module":
             module = model.get_submodule(str(node.target))
             if is_leaf_of_interest(module):
@@ -214,17 +275,28 @@ def _fx_reads_metadata(node: torch.fx.Node) -> bool:
 def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
     if example_inputs is None:
         raise ValueError("torch.export needs example_inputs")
-    work = copy.deepcopy(model)
+    work = _copy(model)
     with _quiet_torch() as captured:
         try:
             program = torch.export.export(work, tuple(example_inputs), strict=False)
         finally:
             if captured.getvalue():
                 logger.debug("torch.export printed:\n%s", captured.getvalue())
-    leaf_names = {name for name, module in work.named_modules()
-                  if name and is_leaf_of_interest(module)}
-    user_inputs = set(program.graph_signature.user_inputs)
+    names = {id(module): name for name, module in work.named_modules()}
+    resolved: dict[str, str | None] = {}
 
+    def leaf_name(path: str) -> str | None:
+        if path not in resolved:
+            module = resolve_module_path(work, path)
+            name = None if module is None else names.get(id(module))
+            resolved[path] = name if name and is_leaf_of_interest(module) else None
+        return resolved[path]
+
+    signature = program.graph_signature
+    user_inputs = set(signature.user_inputs)
+    state_inputs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+
+    flow = Dataflow("export")
     # Group every ATen node under the outermost leaf module call it belongs to.
     group_of: dict[torch.fx.Node, str] = {}
     path_of_group: dict[str, str] = {}
@@ -232,12 +304,29 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
         if node.op != "call_function":
             continue
         for key, (path, _type_name) in (node.meta.get("nn_module_stack") or {}).items():
-            if path in leaf_names:
+            name = leaf_name(path)
+            if name is not None:
                 group_of[node] = key
-                path_of_group[key] = path
+                path_of_group[key] = name
                 break
+    owned = _leaf_tensors(work)
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in state_inputs:
+            continue
+        try:
+            target = state_inputs[node.name]
+            value = (work.get_parameter(target) if node.name in signature.inputs_to_parameters
+                     else work.get_buffer(target))
+        except AttributeError:
+            continue
+        owner = owned.get(id(value))
+        if owner is None:
+            continue
+        for user in node.users:
+            key = group_of.get(user)
+            if key is None or path_of_group[key] != owner[0]:
+                flow.read_outside(*owner)
 
-    flow = Dataflow("export")
     index: dict[torch.fx.Node, int] = {}
     group_node: dict[str, FlowNode] = {}
     for node in program.graph.nodes:
@@ -273,6 +362,48 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
         label = getattr(node.target, "__name__", str(node.target))
         index[node] = flow.add("op", f"aten.{label}", inputs).index
     return flow
+
+
+def _path_parts(path: str) -> list[str]:
+    """Split a module path on the dots outside parentheses (``a.slice(None, -1, None).0``)."""
+    parts, depth, current = [], 0, ""
+    for char in path:
+        if char == "." and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        depth += (char == "(") - (char == ")")
+        current += char
+    parts.append(current)
+    return [p for p in parts if p]
+
+
+def resolve_module_path(root: nn.Module, path: str) -> nn.Module | None:
+    """The module a ``torch.export`` module path names, or ``None``.
+
+    Besides plain dotted names, torch.export writes the slices a forward takes of an
+    ``nn.Sequential`` or ``nn.ModuleList`` (``for m in self.model[:-1]``) into the path:
+    ``model.slice(None, -1, None).0.bn``. The slice is applied to the real container, so the
+    path leads to the real module.
+    """
+    module: object = root
+    for part in _path_parts(path):
+        if part.startswith("slice(") and part.endswith(")"):
+            try:
+                bounds = [None if b.strip() == "None" else int(b)
+                          for b in part[len("slice("):-1].split(",")]
+                module = module[slice(*bounds)]  # type: ignore[index]
+            except (TypeError, ValueError, IndexError):
+                return None
+            continue
+        children = getattr(module, "_modules", None)
+        if isinstance(children, dict) and part in children:
+            module = children[part]
+        else:
+            module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module if isinstance(module, nn.Module) else None
 
 
 @contextlib.contextmanager
@@ -342,9 +473,10 @@ def _function_name(func: Callable[..., object]) -> str:
 class _Recorder(TorchFunctionMode):
     """Records torch functions applied to tracked tensors outside the leaf modules."""
 
-    def __init__(self, flow: Dataflow) -> None:
+    def __init__(self, flow: Dataflow, owned: dict[int, tuple[str, str]] | None = None) -> None:
         super().__init__()
         self.flow = flow
+        self.owned = owned or {}
         self.producer: dict[int, int] = {}
         self.alive: list[torch.Tensor] = []  # keeps ids unique for the whole run
         self.depth = 0
@@ -364,6 +496,11 @@ class _Recorder(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.depth:
             return result
+        if self.owned:
+            for tensor in _tensors_in((args, kwargs)):
+                owner = self.owned.get(id(tensor))
+                if owner is not None:
+                    self.flow.read_outside(*owner)
         outputs = list(_tensors_in(result))
         name = _function_name(func)
         if not outputs and name in _METADATA_READS:
@@ -409,9 +546,9 @@ class _Recorder(TorchFunctionMode):
 def _from_hooks(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
     if example_inputs is None:
         raise ValueError("a forward run needs example_inputs")
-    work = copy.deepcopy(model)
+    work = _copy(model)
     flow = Dataflow("hooks")
-    recorder = _Recorder(flow)
+    recorder = _Recorder(flow, _leaf_tensors(work))
     handles = []
     inputs = copy.deepcopy(tuple(example_inputs))
     try:

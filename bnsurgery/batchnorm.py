@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.errors import BatchNormRuntimeError, InvalidInputError, format_message
 from bnsurgery.functional import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d"]
@@ -40,7 +40,8 @@ class _FromScratchBatchNorm:
                 expected=layouts,
                 hint="use the BatchNorm class that matches the input (1d, 2d or 3d)"))
         if input.shape[1] != self.num_features:
-            raise InvalidInputError(format_message(
+            # A RuntimeError as well, as torch's own layer raises for this mismatch.
+            raise BatchNormRuntimeError(format_message(
                 f"{type(self).__name__}({self.num_features}) got the wrong number of channels",
                 got=f"{input.shape[1]} channels (dim 1 of shape {tuple(input.shape)})",
                 expected=f"{self.num_features} channels",

@@ -1,4 +1,4 @@
-"""The ``bnsurgery`` command line: demo, inspect, replace, fuse, export and validate.
+"""The ``bnsurgery`` command line: demo, inspect, replace, fuse, export, validate, recalibrate.
 
 Every subcommand builds a MODEL (``torchvision:NAME``, ``timm:NAME`` or
 ``package.module:factory``), optionally with ``--weights`` (a state_dict file, loaded without
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 import traceback
@@ -34,6 +35,7 @@ from bnsurgery.errors import (
     NumericMismatchError,
     format_message,
 )
+from bnsurgery.messages import first_line
 
 __all__ = ["build_parser", "main"]
 
@@ -107,26 +109,38 @@ def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise InvalidInputError(format_message(
             "The model does not run on inputs of this shape", where=args.model,
-            got=f"{list(shape)} -> {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            got=f"{list(shape)} -> {type(exc).__name__}: {first_line(exc)}",
             expected="the shape the model was built for",
             hint="pass --input-shape, e.g. --input-shape 1,3,224,224")) from exc
     return loaded, model, inputs
 
 
-def _check_save_path(path: Path) -> None:
-    """Refuse an output type before any work is done."""
+def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
+    """Refuse an output type, an unwritable destination or one that is an input, up front."""
+    from bnsurgery.files import check_output_path, same_file
+
+    check_output_path(path, hint="pass another path to -o")
+    weights = getattr(ctx.args, "weights", None) if ctx is not None else None
+    if weights and weights != "DEFAULT" and same_file(weights, path):
+        raise InvalidInputError(format_message(
+            "The output would overwrite the input weights", where=str(path),
+            got=f"-o {path} is the same file as --weights {weights}",
+            expected="a different output file",
+            hint="pass another path to -o; the input keeps its BatchNorm statistics"))
     if path.suffix.lower() not in _SAVE_SUFFIXES:
         raise InvalidInputError(format_message(
             "Unknown output file type", where=str(path), got=repr(path.suffix),
             expected=f"one of {', '.join(_SAVE_SUFFIXES)}",
-            hint="use .pt2 for a torch.export program (loadable without unpickling code) or "
+            hint="use .pt2 for a torch.export program or "
                  ".safetensors/.pt for a state_dict"))
 
 
 def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
+    import io
+
+    from bnsurgery.files import write_bytes
     from bnsurgery.onnx_export import _export_inputs
-    from bnsurgery.report import atomic_output
 
     _check_save_path(path)
     suffix = path.suffix.lower()
@@ -138,20 +152,25 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         except Exception as exc:  # torch.export raises many types; keep it as the cause
             raise ExportError(format_message(
                 "torch.export could not capture the model", where=type(model).__name__,
-                got=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
+                got=f"{type(exc).__name__}: {first_line(exc)}",
                 hint="save a state_dict instead (-o model.safetensors)")) from exc
-        with atomic_output(path) as temp:
-            torch.export.save(program, temp)
+        # Serialised in memory, then written by Python: a full disk is one clear error, not an
+        # abort inside the C++ archive writer.
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        write_bytes(path, buffer.getbuffer())
         return "torch.export program; load it with torch.export.load"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(path) as temp:
-        if suffix == ".safetensors":
-            from bnsurgery._lazy import require
+    if suffix == ".safetensors":
+        from bnsurgery._lazy import require
 
-            safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
-            safetensors_torch.save_file(state, str(temp), metadata={"format": "pt"})
-        else:
-            torch.save(state, temp)
+        safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
+        data: Any = safetensors_torch.save(state, metadata={"format": "pt"})
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
+    write_bytes(path, data)
     return "state_dict"
 
 
@@ -245,7 +264,7 @@ def _cmd_replace(ctx: _Context) -> int:
     from bnsurgery.replace import replace_batchnorm
     from bnsurgery.validate import compare_models
 
-    _check_save_path(Path(ctx.args.output))
+    _check_save_path(Path(ctx.args.output), ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
     replaced = replace_batchnorm(model, inplace=False).eval()
@@ -261,7 +280,7 @@ def _cmd_fuse(ctx: _Context) -> int:
     from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.validate import compare_models
 
-    _check_save_path(Path(ctx.args.output))
+    _check_save_path(Path(ctx.args.output), ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("folding BatchNorm")
     plan = plan_fusion(model, inputs)
@@ -382,6 +401,72 @@ def _cmd_validate(ctx: _Context) -> int:
 # Parser and entry point.
 # ---------------------------------------------------------------------------------------------
 
+def _cmd_recalibrate(ctx: _Context) -> int:
+    """Re-estimate BatchNorm statistics from a tensor file, check the result runs, save it."""
+    from bnsurgery.recalibrate import recalibrate_batchnorm
+    from bnsurgery.report import atomic_output
+
+    args = ctx.args
+    _check_save_path(Path(args.output))
+    if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
+        raise InvalidInputError(format_message(
+            "--batch-size and --num-batches must be positive", where="--batch-size",
+            got=f"{args.batch_size} / {args.num_batches}", hint="e.g. --batch-size 32"))
+    path = Path(args.data)
+    if not path.is_file():
+        raise InvalidInputError(format_message(
+            "The data file does not exist", where=str(path), hint="pass --data FILE"))
+    ctx.progress(f"loading {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from bnsurgery._lazy import require
+
+            stored = require("safetensors.torch", purpose="Reading .safetensors data").load_file(
+                str(path), device="cpu")
+        else:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise InvalidInputError(format_message(
+            "The data file cannot be read without unpickling code", where=str(path),
+            got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            expected="a tensor saved with torch.save, or a .safetensors file",
+            hint="save the images as one (N, C, H, W) tensor")) from exc
+    if isinstance(stored, dict) and len(stored) == 1:
+        stored = next(iter(stored.values()))
+    if not isinstance(stored, Tensor) or stored.dim() < 2 or not stored.is_floating_point():
+        raise InvalidInputError(format_message(
+            "The data file must hold one floating-point tensor of inputs", where=str(path),
+            got=type(stored).__name__ if not isinstance(stored, Tensor)
+            else f"{stored.dtype} {list(stored.shape)}",
+            expected="one (N, C, ...) float tensor", hint="torch.save(images, FILE)"))
+    loaded, model, _ = _load(ctx)
+    batches = list(torch.split(stored, args.batch_size))
+    report = recalibrate_batchnorm(model, batches, num_batches=args.num_batches,
+                                   progress=not args.quiet)
+    recalibrated = report.model.eval()
+    with torch.no_grad():
+        output = recalibrated(batches[0])
+    finite = all(bool(torch.isfinite(t).all()) for t in
+                 (output if isinstance(output, (tuple, list)) else [output])
+                 if isinstance(t, Tensor))
+    payload: dict[str, Any] = {"command": "recalibrate", "model": loaded.to_dict(),
+                               "data": str(path), "report": report.to_dict(),
+                               "passed": finite}
+    text = [str(report)]
+    if finite:
+        kind = _save_model(recalibrated, batches[0], Path(args.output))
+        payload.update(output=args.output, format=kind)
+        text.append(f"checked: finite outputs on the first batch; saved {args.output} ({kind})")
+    else:
+        payload["output"] = None
+        text.append("not saved: the recalibrated model gives non-finite outputs")
+    if args.report:
+        with atomic_output(args.report) as temp:
+            Path(temp).write_text(json.dumps(payload, indent=2) + "\n")
+    ctx.emit("\n".join(text), payload)
+    return EXIT_OK if finite else EXIT_MISMATCH
+
+
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # On subcommands the defaults are SUPPRESSed so "bnsurgery --json export ..." also works.
     default: Any = False if top else argparse.SUPPRESS
@@ -465,8 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save")
     _model_options(fuse)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT",
-                      help="output: .pt2 (torch.export program, loadable without unpickling "
-                           "code), .safetensors or .pt (state_dict of the fused model)")
+                      help="output: .pt2 (torch.export program; torch.export.load can run pickled "
+                           "code from a tampered archive: load only your own), "
+                           ".safetensors or .pt (state_dict of the fused model)")
     fuse.add_argument("--strict", action="store_true",
                       help="fail if any BatchNorm cannot be folded")
     _tolerances(fuse)
@@ -507,11 +593,32 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(validate)
     _common(validate, top=False)
     validate.set_defaults(handler=_cmd_validate)
+    recalibrate = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics from "
+                                                     "a tensor file, save the model")
+    _model_options(recalibrate)
+    recalibrate.add_argument("--data", required=True, metavar="FILE",
+                             help="one (N, C, ...) input tensor: a torch.save file (loaded with "
+                                  "weights_only=True) or a .safetensors file")
+    recalibrate.add_argument("--batch-size", type=int, default=32,
+                             help="inputs per batch (default 32)")
+    recalibrate.add_argument("--num-batches", type=int, help="stop after this many batches")
+    recalibrate.add_argument("-o", "--output", required=True, metavar="OUT",
+                             help="output: .pt2, .safetensors or .pt (state_dict)")
+    recalibrate.add_argument("--report", metavar="PATH", help="also write the report as JSON")
+    _common(recalibrate, top=False)
+    recalibrate.set_defaults(handler=_cmd_recalibrate)
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _error_text(exc: BaseException) -> tuple[str, str]:
+    """The one-line summary of an error and, for a long message (a listing), the whole text."""
+    from bnsurgery.messages import printable
+
+    text = str(exc) if str(exc).strip() else type(exc).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) <= 2:  # a sentence and its Hint: one line
+        return printable(" ".join(" ".join(lines).split())), ""
+    return printable(lines[0].strip()), "\n".join(printable(line) for line in lines[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -531,18 +638,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     ctx = _Context(args, stdout, stderr)
     handler: Callable[[_Context], int] = args.handler
+    from bnsurgery.files import Terminated, cleanup_on_termination
+
     try:
-        return handler(ctx)
-    except (BnSurgeryError, OSError) as exc:
+        with cleanup_on_termination():
+            return handler(ctx)
+    except Exception as exc:  # bugs too: the CLI ends with one line; --debug shows the traceback
         code = EXIT_MISMATCH if isinstance(exc, NumericMismatchError) else EXIT_BAD_INPUT
         if args.debug:
             traceback.print_exception(exc, file=stderr)
-        stderr.write(f"bnsurgery {args.command}: error: {_one_line(exc)}\n")
+        summary, rest = _error_text(exc)
+        if not isinstance(exc, (BnSurgeryError, OSError)):
+            summary = (f"unexpected {type(exc).__name__}: {summary} (--debug shows the "
+                       "traceback)")
+        stderr.write(f"bnsurgery {args.command}: error: {summary}\n")
+        if rest:
+            stderr.write(rest + "\n")
         if args.json:
             stdout.write(json.dumps({"command": args.command, "error": {
                 "type": type(exc).__name__, "message": str(exc)}, "exit_code": code},
                 indent=2) + "\n")
         return code
+    except Terminated as exc:
+        stderr.write(f"bnsurgery: {exc}; temporary files removed\n")
+        return 128 + exc.signal_number
     except KeyboardInterrupt:
         stderr.write("bnsurgery: interrupted\n")
         return 130

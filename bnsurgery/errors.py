@@ -10,14 +10,20 @@ builds that shape so every raise site reads the same.
 from __future__ import annotations
 
 __all__ = [
+    "BatchNormDtypeError",
+    "BatchNormRuntimeError",
+    "BatchNormTypeError",
     "BnSurgeryError",
     "ExportError",
+    "FileWriteError",
     "FusionError",
     "IncompatibleModuleError",
     "InvalidInputError",
     "MissingDependencyError",
+    "NonFiniteReferenceError",
     "NumericMismatchError",
     "ReplacementError",
+    "RunTimeoutError",
     "UnsafeFileError",
     "format_message",
 ]
@@ -62,6 +68,26 @@ class InvalidInputError(BnSurgeryError, ValueError):
     """An argument or tensor has the wrong shape, rank, dtype or value."""
 
 
+class BatchNormRuntimeError(InvalidInputError, RuntimeError):
+    """A batch_norm argument torch's own kernel rejects with ``RuntimeError``.
+
+    A channel-count mismatch, missing running statistics in evaluation mode, running statistics
+    that require grad: ``except RuntimeError`` written for torch's BatchNorm catches it too.
+    """
+
+
+class BatchNormTypeError(InvalidInputError, TypeError):
+    """A batch_norm input that is not a tensor, which torch rejects with ``TypeError``."""
+
+
+class BatchNormDtypeError(InvalidInputError, NotImplementedError):
+    """A batch_norm input of a non-float dtype, which torch rejects with ``NotImplementedError``."""
+
+
+class NonFiniteReferenceError(InvalidInputError):
+    """The original model's own output is NaN or infinite, so nothing can be compared with it."""
+
+
 class IncompatibleModuleError(BnSurgeryError, TypeError):
     """A module is of a type the operation cannot handle."""
 
@@ -88,3 +114,14 @@ class UnsafeFileError(BnSurgeryError, ValueError):
 
 class MissingDependencyError(BnSurgeryError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class FileWriteError(BnSurgeryError, OSError):
+    """An output file could not be written (full disk, read-only folder, a file in the way).
+
+    The message names the destination the caller asked for, never a temporary file.
+    """
+
+
+class RunTimeoutError(BnSurgeryError, TimeoutError):
+    """A run (e.g. of an ONNX file in onnxruntime) did not finish within its time limit."""

@@ -368,7 +368,9 @@ def _scale_rows_blockwise(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> 
     step = max(1, _BLOCK_ELEMENTS // per_row)
     view_shape = (-1,) + (1,) * (weight.dim() - 1)
     for start in range(0, rows, step):
-        block = weight[start:start + step].to(_F64)
+        # copy=True: for a float64 weight, .to(float64) would return the caller's own storage
+        # and the in-place multiply below would scale the original weights.
+        block = weight[start:start + step].to(_F64, copy=True)
         block.mul_(scale[start:start + step].reshape(view_shape))
         result[start:start + step].copy_(block)
     return result

@@ -54,7 +54,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.errors import (
+    BatchNormDtypeError,
+    BatchNormRuntimeError,
+    BatchNormTypeError,
+    InvalidInputError,
+    format_message,
+)
 
 __all__ = ["batch_norm", "batch_norm_stats"]
 
@@ -166,12 +172,17 @@ def _centre(x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
 def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
                           var: Tensor, count: int, momentum: float) -> None:
     """Exponential moving average of the batch statistics, with the unbiased variance."""
+    # Each new value is computed in the statistics' dtype (float32 for half buffers) and rounded
+    # once into the buffer, as torch does: updating a float16 buffer in place would round the
+    # decay, the batch value and their sum separately.
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            updated = running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum
+            running_mean.copy_(updated)
         if running_var is not None:
             unbiased = var * (count / (count - 1)) if count > 1 else var
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            running_var.copy_(running_var.to(unbiased.dtype) * (1 - momentum)
+                              + unbiased * momentum)
 
 
 def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -319,18 +330,21 @@ class _BatchNormFunction(torch.autograd.Function):
 
 
 def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                     weight: Tensor | None, bias: Tensor | None, training: bool) -> None:
+                     weight: Tensor | None, bias: Tensor | None, training: bool,
+                     eps: float) -> None:
     """The input checks of torch's batch_norm, with messages naming expected and actual values."""
     if not isinstance(x, Tensor):
-        raise InvalidInputError(format_message(
+        raise BatchNormTypeError(format_message(
             "batch_norm needs a tensor input", where="input", got=type(x).__name__,
             expected="a torch.Tensor of shape (N, C, ...)"))
     if not x.is_floating_point():
-        raise InvalidInputError(format_message(
+        raise BatchNormDtypeError(format_message(
             "batch_norm needs a floating-point input", where="input", got=f"dtype {x.dtype}",
             expected="float16, bfloat16, float32 or float64",
             hint="convert the input first, e.g. x.float()"))
     if x.dim() < 2:
+        if x.numel() == 0:
+            return  # an empty 1-D input has nothing to normalise; torch returns it as it is
         raise InvalidInputError(format_message(
             "batch_norm needs an input with a channel dimension", where="input",
             got=f"a {x.dim()}-D input of shape {tuple(x.shape)}",
@@ -339,13 +353,26 @@ def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != channels:
-            raise InvalidInputError(format_message(
+            raise BatchNormRuntimeError(format_message(
                 f"{name} does not match the input's channel count", where=name,
                 got=f"{t.numel()} elements for an input of shape {tuple(x.shape)}",
                 expected=f"{channels} elements (dim 1 of the input)",
                 hint="the layer was built for another number of channels; check num_features"))
-    if not training and (running_mean is None or running_var is None):
+    if training and not eps > 0 or not eps >= 0:
         raise InvalidInputError(format_message(
+            "batch_norm eps must be positive in training and non-negative in evaluation",
+            where="eps", got=eps, expected="eps > 0" if training else "eps >= 0",
+            hint="the usual value is eps=1e-5"))
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise BatchNormRuntimeError(format_message(
+                    f"batch_norm is not differentiable with respect to {name}", where=name,
+                    got="a tensor with requires_grad=True",
+                    expected="a buffer that does not require grad",
+                    hint=f"pass {name}.detach(), or register it as a buffer, not a Parameter"))
+    if not training and (running_mean is None or running_var is None):
+        raise BatchNormRuntimeError(format_message(
             "evaluation-mode batch_norm needs running statistics",
             where="running_mean/running_var", got="None",
             expected="both tensors, or training=True to use batch statistics"))
@@ -386,10 +413,17 @@ def batch_norm(
         The normalised tensor, of ``input``'s shape and dtype.
 
     Raises:
-        InvalidInputError: Wrong rank, dtype or channel count, missing running statistics in
-            evaluation mode, or a single value per channel in training mode.
+        InvalidInputError: Wrong rank, a single value per channel in training mode, or an
+            ``eps`` torch refuses too (``<= 0`` in training, ``< 0`` in evaluation). The
+            subclasses that torch raises as other builtins derive from those too:
+            ``BatchNormRuntimeError`` (a ``RuntimeError``: channel count, missing running
+            statistics in evaluation, running statistics that require grad),
+            ``BatchNormTypeError`` (not a tensor) and ``BatchNormDtypeError`` (not floating
+            point, a ``NotImplementedError``).
     """
-    _check_arguments(input, running_mean, running_var, weight, bias, training)
+    _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
+    if input.dim() < 2:  # only an empty one passes the checks
+        return input.clone()
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     if not grad_wanted:

@@ -9,6 +9,11 @@ working. Each folded BatchNorm becomes ``nn.Identity``; a norm+act class (timm's
 ``BatchNormAct2d``) becomes a :class:`FoldedBatchNormAct` that keeps its ``drop`` and ``act``
 children, so its activation is not lost. The weight arithmetic lives in :mod:`bnsurgery.fold`.
 
+Whenever example inputs are given, the plan is checked before anything is handed out: a fused
+copy is run against the original (:mod:`bnsurgery.fusion_check`) on the inputs and at another
+batch size, and a fold that breaks the check is found by bisection and left unfolded with the
+reason. ``plan.check`` says what was checked, or that nothing could be.
+
 Example:
     >>> plan = plan_fusion(model, example_inputs)
     >>> print(plan)                       # what is folded where, and why the rest is not
@@ -18,8 +23,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import gc
 import logging
 import textwrap
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +45,14 @@ from bnsurgery.fold import (
     precision_report,
     split_scale_shift,
 )
-from bnsurgery.pairs import DISCOVERY_METHODS, DiscoveryAttempt, FoldPair, find_fold_pairs
+from bnsurgery.fusion_check import FusionCheck, ReferenceRuns, bisect_failures, inputs_fingerprint
+from bnsurgery.pairs import (
+    DISCOVERY_METHODS,
+    DiscoveryAttempt,
+    FoldPair,
+    as_forward_args,
+    find_fold_pairs,
+)
 
 __all__ = [
     "PRECISION_POLICIES",
@@ -124,6 +139,8 @@ class FusionPlan:
         method: The builder whose graph was used, or ``None`` when none worked.
         dtype: The dtype precision was checked against (``None``: each layer's own dtype).
         precision_policy: One of :data:`PRECISION_POLICIES`.
+        check: How a fused copy compared with the original on the example inputs (``None``
+            for a plan built by hand).
     """
 
     folded: tuple[FoldRecord, ...]
@@ -132,12 +149,14 @@ class FusionPlan:
     method: str | None = None
     dtype: str | None = None
     precision_policy: str = "skip"
+    check: FusionCheck | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
         return {"folded": [r.to_dict() for r in self.folded], "skipped": dict(self.skipped),
                 "attempts": [a.to_dict() for a in self.attempts], "method": self.method,
-                "dtype": self.dtype, "precision_policy": self.precision_policy}
+                "dtype": self.dtype, "precision_policy": self.precision_policy,
+                "check": None if self.check is None else self.check.to_dict()}
 
     def __str__(self) -> str:
         total = len(self.folded) + len(self.skipped)
@@ -157,6 +176,9 @@ class FusionPlan:
             p = record.precision
             lines.append(f"note: {record.batchnorm} folded with {p.overflow} overflowing and "
                          f"{p.subnormal} new subnormal values in {p.dtype}")
+        if self.check is not None:
+            lines.append(f"check: {self.check.status}: {self.check.detail}")
+            lines += [f"  note: {note}" for note in self.check.notes]
         if self.skipped:
             lines.append("skipped:")
             for name, reason in self.skipped.items():
@@ -198,17 +220,33 @@ def _fold_layer(layer: nn.Module, sides: dict[str, tuple[torch.Tensor, torch.Ten
                               groups=getattr(layer, "groups", 1), keep_float64=keep_float64)
 
 
-def _check_dtype(layer: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
-    """The half-precision dtype the layer's folded weights must fit, or ``None``."""
+def _check_dtype(layer: nn.Module, dtype: torch.dtype | None,
+                 sides: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.dtype | None:
+    """The dtype the layer's folded weights must be checked against, or ``None``.
+
+    Half-precision dtypes are always checked (overflow and subnormals). Wider dtypes can only
+    overflow, which needs a factor near the square root of their range; only then is the fold
+    computed to count the values that turn infinite.
+    """
     wanted = dtype if dtype is not None else layer.weight.dtype
-    return wanted if wanted in _HALF else None
+    if wanted in _HALF:
+        return wanted
+    if not wanted.is_floating_point:
+        return None
+    limit = torch.finfo(wanted).max ** 0.5
+    largest = max((float(t.abs().max()) for pair in sides.values() for t in pair if t.numel()),
+                  default=0.0)
+    weights = float(layer.weight.detach().abs().max()) if layer.weight.numel() else 0.0
+    return wanted if max(largest, weights) > limit or not torch.isfinite(
+        torch.tensor(largest)) else None
 
 
 def _hazard(report: PrecisionReport, policy: str) -> str | None:
     if report.overflow and policy in ("skip", "skip_overflow"):
         return (f"{report.overflow} folded values would overflow {report.dtype} (largest "
                 f"magnitude {report.max_abs:.3g})")
-    if report.subnormal and policy == "skip":
+    half = report.dtype in (str(torch.float16), str(torch.bfloat16))
+    if report.subnormal and policy == "skip" and half:
         return (f"{report.subnormal} folded values would turn subnormal or zero in "
                 f"{report.dtype} (smallest magnitude {report.min_abs_nonzero:.3g}) and lose "
                 "precision")
@@ -220,14 +258,21 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
                 methods: Sequence[str] = DISCOVERY_METHODS) -> FusionPlan:
     """Decide which BatchNorms of ``model`` fold into which layers, without changing anything.
 
+    With ``example_inputs``, the plan is checked: a fused copy is compared with the original
+    (both deep copies; ``model`` never runs) on the inputs, at another batch size and, when
+    torch.fx could not trace the model, at another spatial size. Folds that break the check
+    are found by bisection and moved to ``skipped`` with the reason; ``plan.check`` records what
+    was compared.
+
     Args:
         model: The model (typically in eval mode).
         example_inputs: A tensor or a tuple of positional forward arguments. Optional, but
-            needed when ``torch.fx`` cannot trace the model and to check Linear layers' ranks.
+            needed when ``torch.fx`` cannot trace the model, to check Linear layers' ranks, and
+            to check the fused model against the original.
         dtype: The dtype the fused model will run in, when it differs from the weights' dtype
             (e.g. ``torch.float16`` for a float32 model you will ``.half()`` later). Folded
             weights are checked for overflow and new subnormals when this, or a layer's own
-            dtype, is float16 or bfloat16.
+            dtype, is float16 or bfloat16; wider dtypes are checked for overflow only.
         precision_policy: What to do with pairs whose folded weights do not fit that dtype:
             ``"skip"`` (default) leaves pairs unfolded that overflow or turn subnormal,
             ``"skip_overflow"`` only those that overflow, ``"fold"`` folds them all anyway. Every
@@ -238,8 +283,11 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
         The plan; ``print(plan)`` shows a table.
 
     Raises:
-        InvalidInputError: An unknown ``precision_policy`` or ``methods`` entry, or a ``dtype``
-            that is not a floating dtype.
+        InvalidInputError: An unknown ``precision_policy`` or ``methods`` entry, a ``dtype``
+            that is not a floating dtype, or a model that does not run on ``example_inputs`` or
+            returns no tensor.
+        NonFiniteReferenceError: The model's own output on ``example_inputs`` is NaN or Inf
+            (the message names where it first becomes so).
     """
     if precision_policy not in PRECISION_POLICIES:
         raise InvalidInputError(format_message(
@@ -258,7 +306,7 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
         reports, bad_layers = {}, {}
         for name, sides in folds.items():
             layer = model.get_submodule(name)
-            check = _check_dtype(layer, dtype)
+            check = _check_dtype(layer, dtype, sides)
             if check is None:
                 continue
             folded = _fold_layer(layer, sides, keep_float64=True)
@@ -297,11 +345,61 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
             "example_inputs because torch.fx and torch.export could not trace it; only the "
             "path those inputs take was seen, so check the fused model on inputs that take "
             "other branches", UserWarning, stacklevel=2)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    skipped = dict(sorted(skipped.items(), key=lambda item: order.get(item[0], len(order))))
-    return FusionPlan(folded=tuple(records), skipped=skipped, attempts=search.attempts,
-                      method=search.method, dtype=None if dtype is None else str(dtype),
+    plan = FusionPlan(folded=tuple(records), skipped=_in_model_order(model, skipped),
+                      attempts=search.attempts, method=search.method,
+                      dtype=None if dtype is None else str(dtype),
                       precision_policy=precision_policy)
+    args = as_forward_args(example_inputs)
+    if args is None:
+        return dataclasses.replace(plan, check=FusionCheck(
+            "not run", "no example inputs: the fused model was not compared with the original"))
+    return _checked(model, plan, args)
+
+
+def _in_model_order(model: nn.Module, skipped: dict[str, str]) -> dict[str, str]:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(skipped.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def _checked(model: nn.Module, plan: FusionPlan, args: tuple[object, ...]) -> FusionPlan:
+    """``plan`` with every fold that makes a fused copy differ from the original left out.
+
+    Fused copies are built from ``model`` (never run themselves) and compared with a deep copy
+    of the original; failing folds are found by bisection, so one bad pair does not cost the rest.
+    """
+    fingerprint = inputs_fingerprint(args)
+    if not plan.folded:
+        return dataclasses.replace(plan, check=FusionCheck(
+            "not run", "nothing is folded, so the result computes what the original does",
+            fingerprint=fingerprint))
+    runs = ReferenceRuns(model, args, other_shapes=plan.method != "fx")
+    ratios: dict[tuple[str, ...], float] = {}
+
+    def failure(records: list[FoldRecord]) -> str | None:
+        candidate = _fused_copy(model, dataclasses.replace(plan, folded=tuple(records)),
+                                inplace=False)
+        reason, ratio = runs.compare(candidate)
+        if reason is None:
+            ratios[tuple(r.batchnorm for r in records)] = ratio
+        return reason
+
+    kept, dropped = bisect_failures(list(plan.folded), failure)  # type: ignore[arg-type]
+    skipped = dict(plan.skipped)
+    for index, reason in dropped.items():
+        name = plan.folded[index].batchnorm
+        skipped[name] = ("the fused model did not match the original with it folded ("
+                         f"{reason}), so it is left as it is")
+        logger.warning("left %s unfolded: %s", name, reason)
+    shapes = runs.shapes
+    detail = (f"{len(kept)} fold(s) checked against the original on inputs of shapes "
+              f"{[list(s) for s in shapes]} ({runs.tolerance.label} tolerance)")
+    if dropped:
+        detail += f"; {len(dropped)} fold(s) broke the check and were left out"
+    check = FusionCheck("passed", detail, inputs=shapes, tolerance=runs.tolerance.label,
+                        max_error_ratio=ratios.get(tuple(r.batchnorm for r in kept), 0.0),
+                        notes=tuple(runs.notes), fingerprint=fingerprint)
+    return dataclasses.replace(plan, folded=tuple(kept), skipped=_in_model_order(model, skipped),
+                               check=check)
 
 
 def _merge_reports(reports: list[PrecisionReport]) -> PrecisionReport | None:
@@ -358,12 +456,15 @@ def _replacement(bn: nn.Module, memo: dict[int, object] | None) -> nn.Module:
     return new
 
 
-def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Module:
+def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool,
+                journal: list[tuple[object, str, object]] | None = None) -> nn.Module:
     """Apply ``plan`` to ``model`` itself or to a deep copy of it.
 
     For a copy, the folded weights and the BatchNorm replacements are seeded into
     ``copy.deepcopy``'s memo, so the copy is built with them directly: the parameters that are
-    about to be overwritten (most of a CNN's weights) are never cloned.
+    about to be overwritten (most of a CNN's weights) are never cloned, and every reference to a
+    folded BatchNorm (a plain list, a second attribute) leads to its replacement. In place,
+    ``journal`` (when given) records what :func:`_undo` needs to restore the model.
     """
     pairs = [FoldPair(r.batchnorm, r.targets, r.direction, r.method) for r in plan.folded]
     with torch.no_grad():
@@ -390,6 +491,10 @@ def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modu
         layer = work.get_submodule(name)
         weight, bias = seeded.get(name, (None, None))
         with torch.no_grad():
+            if journal is not None:
+                journal.append((layer, "weight", layer.weight.detach().clone()))
+                journal.append((layer, "bias", None if layer.bias is None
+                                else layer.bias.detach().clone()))
             if layer.weight is not weight:  # in place, or a class with its own __deepcopy__
                 layer.weight.copy_(weights.weight)
             if layer.bias is None:
@@ -397,10 +502,52 @@ def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool) -> nn.Modu
             elif layer.bias is not bias:
                 layer.bias.copy_(weights.bias)
     for parent in list(work.modules()):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # every alias, not just one
             if id(child) in replacements:
+                if journal is not None:
+                    journal.append((parent, child_name, child))
                 setattr(parent, child_name, replacements[id(child)])
     return work
+
+
+def _undo(journal: list[tuple[object, str, object]]) -> None:
+    """Put back what an in-place :func:`_fused_copy` changed, newest change first."""
+    with torch.no_grad():
+        for owner, name, old in reversed(journal):
+            if isinstance(old, nn.Module):
+                setattr(owner, name, old)
+            elif name == "weight":
+                owner.weight.copy_(old)  # type: ignore[union-attr]
+            elif old is None:
+                owner.bias = None  # type: ignore[union-attr]
+            else:
+                owner.bias.copy_(old)  # type: ignore[union-attr]
+
+
+def _outside_references(model: nn.Module, plan: FusionPlan) -> FusionPlan:
+    """``plan`` without the BatchNorms that something outside the module tree also holds.
+
+    In place, a folded BatchNorm is swapped out of its parents; a plain list, dict or attribute
+    that also holds it would keep running it on the folded output. (A deep copy redirects those
+    references to the replacement, so only ``inplace=True`` needs this.)
+    """
+    tree = {id(m._modules) for m in model.modules()}
+    gc.collect()
+    keep, skipped = [], dict(plan.skipped)
+    for record in plan.folded:
+        bn = model.get_submodule(record.batchnorm)
+        holders = sorted({type(ref).__name__ for ref in gc.get_referrers(bn)
+                          if id(ref) not in tree and not isinstance(ref, types.FrameType)})
+        if holders:
+            skipped[record.batchnorm] = (
+                f"it is also reachable outside the module tree (held by a {', a '.join(holders)}"
+                "), which would keep running it on the folded output if it were folded in "
+                "place; use inplace=False (a copy redirects every reference)")
+        else:
+            keep.append(record)
+    if len(keep) == len(plan.folded):
+        return plan
+    return dataclasses.replace(plan, folded=tuple(keep), skipped=_in_model_order(model, skipped))
 
 
 def _new_parameter(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -416,7 +563,7 @@ def _new_parameter(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: bool = False,
                    strict: bool = False, dtype: torch.dtype | None = None,
-                   precision_policy: str = "skip", methods: Sequence[str] = DISCOVERY_METHODS,
+                   precision_policy: str | None = None, methods: Sequence[str] | None = None,
                    plan: FusionPlan | None = None) -> nn.Module:
     """Fold every foldable BatchNorm of ``model`` into its neighbouring conv/Linear layer.
 
@@ -425,6 +572,10 @@ def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: 
     Weights are computed in float64 and rounded once to each layer's dtype; a layer that had no
     bias gets one, a ``Parameter`` with the weight's ``requires_grad``.
 
+    With ``example_inputs``, the result is checked against the original before it is returned
+    (see :func:`plan_fusion`); a fold that breaks the check is left out. In place, the folded
+    model is checked once more against outputs recorded beforehand, and restored if it fails.
+
     Args:
         model: The model, in eval mode (BatchNorms in training mode are never folded).
         example_inputs: A tensor or a tuple of positional forward arguments; see
@@ -432,26 +583,66 @@ def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: 
         inplace: Fold into ``model`` itself instead of a deep copy.
         strict: Raise if any BatchNorm cannot be folded (nothing is changed then).
         dtype: See :func:`plan_fusion`.
-        precision_policy: See :func:`plan_fusion`.
-        methods: See :func:`plan_fusion`.
-        plan: A plan from :func:`plan_fusion` for this model, to skip planning again; its
-            ``dtype`` and ``precision_policy`` then apply.
+        precision_policy: See :func:`plan_fusion` (``None``: ``"skip"``).
+        methods: See :func:`plan_fusion` (``None``: every method).
+        plan: A plan from :func:`plan_fusion` for this model, to skip planning again. It fixes
+            ``dtype``, ``precision_policy`` and ``methods``, so passing any of them too is an
+            error. It is checked again unless it was checked on these very example inputs.
 
     Returns:
         The fused model (``model`` itself when ``inplace=True``).
 
     Raises:
-        FusionError: ``strict=True`` and some BatchNorm cannot be folded; the message lists
-            every one with its reason.
-        InvalidInputError: Bad options, or a ``plan`` made for another model.
+        FusionError: ``strict=True`` and some BatchNorm cannot be folded (the message lists
+            every one with its reason), or an in-place fold failed its check (the model is
+            restored).
+        InvalidInputError: Bad options, a ``plan`` made for another model, or a model that
+            returns no tensor on ``example_inputs``.
+        NonFiniteReferenceError: The original returns NaN or Inf on ``example_inputs``.
     """
+    args = as_forward_args(example_inputs)
     if plan is None:
-        plan = plan_fusion(model, example_inputs, dtype=dtype, precision_policy=precision_policy,
-                           methods=methods)
+        plan = plan_fusion(model, example_inputs, dtype=dtype,
+                           precision_policy="skip" if precision_policy is None
+                           else precision_policy,
+                           methods=DISCOVERY_METHODS if methods is None else methods)
     else:
+        given = [name for name, value in (("dtype", dtype), ("precision_policy", precision_policy),
+                                          ("methods", methods)) if value is not None]
+        if given:
+            raise InvalidInputError(format_message(
+                "fuse_batchnorm got a plan and options that the plan already fixed",
+                where=", ".join(given), got=f"plan= and {', '.join(g + '=' for g in given)}",
+                expected="either a plan or those options",
+                hint=f"pass {', '.join(g + '=' for g in given)} to plan_fusion, or leave "
+                     "plan=None"))
         _validate_plan(model, plan)
+        if args is not None and (plan.check is None
+                                 or plan.check.fingerprint != inputs_fingerprint(args)):
+            plan = _checked(model, plan, args)
+    if inplace and plan.folded:
+        plan = _outside_references(model, plan)
     if strict and plan.skipped:
         raise _strict_error(plan)
-    work = _fused_copy(model, plan, inplace=inplace)
+    if args is None and plan.folded:
+        logger.warning("fuse_batchnorm without example_inputs: the fused model was not "
+                       "compared with the original")
+    if not inplace:
+        work = _fused_copy(model, plan, inplace=False)
+    else:
+        runs = (ReferenceRuns(model, args, other_shapes=plan.method != "fx")
+                if args is not None and plan.folded else None)
+        journal: list[tuple[object, str, object]] = []
+        work = _fused_copy(model, plan, inplace=True, journal=journal)
+        if runs is not None:
+            reason, _ = runs.compare(copy.deepcopy(work))
+            if reason is not None:
+                _undo(journal)
+                raise FusionError(format_message(
+                    "Folding in place made the model differ from the original; it has been "
+                    "restored", where=type(model).__name__, got=reason,
+                    expected="the same outputs as before folding",
+                    hint="use inplace=False (a copy redirects every reference to a folded "
+                         "BatchNorm)"))
     logger.info("folded %d BatchNorm layers, skipped %d", len(plan.folded), len(plan.skipped))
     return work

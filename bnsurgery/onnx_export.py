@@ -3,8 +3,11 @@
 :func:`export_onnx` folds BatchNorm (optional), exports with ``torch.onnx.export`` using the
 torch.export-based exporter at a pinned opset, and only then puts the file in place: it is written
 into a temporary folder beside the destination, checked with ``onnx.checker``, run in onnxruntime
-at batch 1 and at a larger batch when the batch axis is dynamic, and renamed onto the destination.
-A failed export never leaves a file behind, and a file that exists is one that loaded and ran.
+at batch 1 and at a larger batch when the batch axis is dynamic, compared with the *original*
+model (not the fused one) on the example inputs and at another batch size
+(:mod:`bnsurgery.fusion_check`), and only then renamed onto the destination. A failed export
+never leaves a file behind, and a file that exists is one that loaded, ran and agreed with the
+original.
 
 Why export from a batch of at least two: ``torch.export`` specialises a dimension of size 1 to the
 constant 1, so a "dynamic" batch exported from a single example is quietly static.
@@ -16,6 +19,7 @@ report that validates it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -85,9 +89,13 @@ def _check_options(opset: object, exporter: object) -> None:
             "Unknown ONNX exporter", where="exporter", got=repr(exporter),
             expected=f"one of {sorted(EXPORTERS)}",
             hint="leave exporter='dynamo' (the torch.export-based exporter)"))
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 7:
+    if not isinstance(opset, int) or isinstance(opset, bool):
         raise InvalidInputError(format_message(
             "The opset must be an integer", where="opset", got=repr(opset),
+            expected=f"an integer >= {MIN_DYNAMO_OPSET}", hint="leave opset=18"))
+    if opset < 7:
+        raise InvalidInputError(format_message(
+            "The opset is older than any ONNX exporter supports", where="opset", got=opset,
             expected=f"an integer >= {MIN_DYNAMO_OPSET}", hint="leave opset=18"))
     if exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
         raise InvalidInputError(format_message(
@@ -131,11 +139,11 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Tensor, ...], destination: Pa
                 optimize=True, verbose=False, report=False)
     except Exception as exc:  # the exporter raises many types; keep it as the cause
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        hint = ("the model fixes its batch size somewhere (e.g. x.view(1, -1)); use "
-                "x.flatten(1), or pass dynamic_batch=False" if "Constraints violated" in str(exc)
-                or "specialized" in str(exc) else
-                "run with --debug (CLI) or look at the chained exception for the exporter's "
-                "full message; fuse=False or exporter='legacy' may get around it")
+        if "Constraints violated" in str(exc) or "specialized" in str(exc):
+            hint = _batch_hint(model)
+        else:
+            hint = ("run with --debug (CLI) or look at the chained exception for the "
+                    "exporter's full message; fuse=False or exporter='legacy' may get around it")
         raise ExportError(format_message(
             "torch.onnx.export (torch.export-based exporter) failed",
             where=type(model).__name__, got=f"{type(exc).__name__}: {first_line}",
@@ -143,6 +151,55 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Tensor, ...], destination: Pa
     program.model.metadata_props.update(metadata)
     # Weights stay inside the file below 2 GB; above, the ONNX protobuf limit forces a sidecar.
     program.save(str(destination), external_data=False)
+
+
+def _batch_hint(model: nn.Module) -> str:
+    """Why the batch axis came out fixed: a cached input shape when there is one."""
+    cached = _cached_shapes(model)
+    if cached:
+        return (f"{', '.join(cached[:3])} holds an input shape cached by an earlier forward "
+                "(ultralytics' Detect head does this); comparing the new shape with it fixes "
+                "the batch size: export a freshly built model that has not run, or pass "
+                "dynamic_batch=False")
+    return ("the model fixes its batch size somewhere (e.g. x.view(1, -1)); use x.flatten(1), "
+            "or pass dynamic_batch=False")
+
+
+def _cached_shapes(model: nn.Module) -> list[str]:
+    """Attributes holding a ``torch.Size``: shapes a forward cached on the module."""
+    found = []
+    for name, module in model.named_modules():
+        for attribute, value in vars(module).items():
+            if isinstance(value, torch.Size) and len(value) > 0:
+                found.append(f"'{name + '.' if name else ''}{attribute}' ({tuple(value)})")
+    return found
+
+
+class _OnnxCallable:
+    """Calls an onnxruntime session like a model: tensors in, tensors out."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
+
+    def __call__(self, *inputs: Tensor) -> list[Tensor]:
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs, strict=True)}
+        return [torch.from_numpy(r) for r in self.session.run(None, feed)]  # type: ignore[attr-defined]
+
+
+def _check_against_original(destination: Path, original: nn.Module, inputs: tuple[Tensor, ...],
+                            *, dynamic_batch: bool, shown: Path) -> None:
+    """Refuse a file whose outputs disagree with the original (unfused) model."""
+    from bnsurgery.fusion_check import ReferenceRuns
+
+    runs = ReferenceRuns(original, inputs, other_shapes=False, other_batch=dynamic_batch)
+    session = _session(destination, ["CPUExecutionProvider"])
+    reason, _ = runs.compare(_OnnxCallable(session))
+    if reason is not None:
+        raise ExportError(format_message(
+            "The exported file does not compute what the original model computes",
+            where=str(shown), got=reason, expected="outputs within the onnxruntime tolerance",
+            hint="export with fuse=False to see whether folding is the cause, and report it"))
 
 
 def _export_legacy(model: nn.Module, inputs: tuple[Tensor, ...], destination: Path, *,
@@ -190,7 +247,9 @@ def _check_file(destination: Path, opset: int, *, shown: Path) -> None:
 
 
 def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[int | None],
-                leading: int | None, export_batch: int | None, *, shown: Path) -> None:
+                leading: int | None, export_batch: int | None, *, shown: Path,
+                batch_hint: str = "the model fixes its batch size somewhere; pass "
+                                  "dynamic_batch=False") -> None:
     """Run the file in onnxruntime (CPU) at each batch size; a dynamic axis must really be one."""
     try:
         session = _session(destination, ["CPUExecutionProvider"])
@@ -208,14 +267,12 @@ def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[i
             raise ExportError(format_message(
                 f"The exported file does not run at batch size {size}", where=str(shown),
                 got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                hint="the model may fix its batch size (x.view(1, -1)); pass "
-                     "dynamic_batch=False to export a static batch")) from exc
+                hint=batch_hint)) from exc
         if size is not None and leading == export_batch and result[0].shape[:1] != (size,):
             raise ExportError(format_message(
                 "The exported file ignores the batch size", where=str(shown),
                 got=f"output shape {tuple(result[0].shape)} for batch {size}",
-                expected=f"a leading dimension of {size}",
-                hint="the model fixes its batch size somewhere; pass dynamic_batch=False"))
+                expected=f"a leading dimension of {size}", hint=batch_hint))
 
 
 def export_onnx(
@@ -267,12 +324,15 @@ def export_onnx(
         raise InvalidInputError(format_message(
             "The ONNX destination is a folder", where=str(destination), got="a directory",
             expected="a file path such as model.onnx", hint="append a file name"))
+    original = model
     if fuse:
         from bnsurgery.fuse import fuse_batchnorm
 
         model = fuse_batchnorm(model, inputs, inplace=False)
     export_inputs = _export_inputs(inputs, dynamic_batch)
-    count, leading = _output_count(model, export_inputs)
+    # On a copy: a forward may cache state (ultralytics' Detect caches the input shape, which
+    # then fixes the exported batch size), and the caller's model must not run at all.
+    count, leading = _output_count(copy.deepcopy(model), export_inputs)
     export_batch = int(export_inputs[0].shape[0]) if export_inputs[0].dim() > 0 else None
     input_names = _names(len(inputs), "input")
     output_names = _names(count, "output")
@@ -292,7 +352,10 @@ def export_onnx(
             else:
                 sizes = [None]
             _check_runs(staged, export_inputs, sizes, leading, export_batch,
-                        shown=destination)
+                        shown=destination, batch_hint=_batch_hint(model))
+            _check_against_original(staged, original, export_inputs,
+                                    dynamic_batch=dynamic_batch and export_batch is not None,
+                                    shown=destination)
         sidecars = [p for p in Path(folder).iterdir() if p != staged]
         for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
             logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",

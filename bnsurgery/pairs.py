@@ -9,9 +9,14 @@ exact:
 * the BatchNorm and the layer each run exactly once per forward (a module used at two call sites
   shares one set of weights, which cannot be folded for one call and not the other);
 * the tensor between them has no other reader (a second reader would see folded values);
-* the layer is exactly ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` (a
-  subclass may transform its weights in ``forward``), its parameters are not shared with another
-  module and nobody has hooks on either;
+* the layer is ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``, or a subclass
+  that only changes ``__init__`` (a subclass with its own ``forward`` may transform its weights),
+  its parameters are neither shared with another module nor share storage with another tensor,
+  forward reads neither module's parameters or buffers outside its own call
+  (``F.conv2d(x, self.conv.weight)``, ``self.bn.running_var``), and nobody has hooks on either
+  (nor global module hooks, which see every module);
+* a norm+act layer (timm's ``BatchNormAct2d``) folds only into the layer *before* it: its
+  activation runs after the normalisation, and ``conv(act(bn(x)))`` is not ``conv'(act(x))``;
 * the channel axes agree: a Linear layer writes the *last* axis, so it pairs with a BatchNorm
   only on 2-D tensors; folding into a following conv is refused when it pads with zeros.
 
@@ -29,7 +34,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bnsurgery._bn_registry import batchnorm_input_rank, looks_like_batchnorm, static_skip_reason
+from bnsurgery._bn_registry import (
+    batchnorm_input_rank,
+    batchnorm_kind,
+    looks_like_batchnorm,
+    static_skip_reason,
+)
 from bnsurgery._dataflow import Dataflow, FlowNode, build_dataflow
 from bnsurgery.errors import InvalidInputError, format_message
 
@@ -40,6 +50,8 @@ __all__ = [
     "PairSearch",
     "as_forward_args",
     "find_fold_pairs",
+    "global_hooks_reason",
+    "target_base",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,7 +153,8 @@ def find_fold_pairs(model: nn.Module, example_inputs: object = None, *,
     also let a Linear layer's output rank be checked when ``torch.fx`` found the graph.
 
     Args:
-        model: The model; it is not modified (the builders that run it work on a deep copy).
+        model: The model; it is not modified, nor run, nor traced (every builder works on a
+            copy).
         example_inputs: A tensor, or a tuple of positional forward arguments, or ``None``.
         methods: Builders to try, a subset of :data:`DISCOVERY_METHODS`, in order.
 
@@ -189,12 +202,59 @@ def _padded_with_zeros(conv: nn.Module) -> bool:
     return conv.padding_mode == "zeros" and any(int(p) != 0 for p in amounts)
 
 
+#: Methods whose override means a subclass may compute something else than its base class.
+_BEHAVIOUR = ("forward", "_conv_forward", "__call__", "_call_impl", "__getattr__",
+              "__getattribute__", "_output_padding")
+
+
+def target_base(module: nn.Module) -> type | None:
+    """The foldable torch class ``module`` behaves as, or ``None``.
+
+    That is the class itself when it is one of torch's convolutions or ``nn.Linear``, or that
+    class when ``type(module)`` subclasses it without overriding how it computes (transformers'
+    ``EfficientNetDepthwiseConv2d`` only changes ``__init__``).
+    """
+    cls = type(module)
+    if cls in _TARGETS:
+        return cls
+    base = next((c for c in cls.__mro__ if c in _TARGETS), None)
+    if base is None:
+        return None
+    for name in _BEHAVIOUR:
+        if getattr(cls, name, None) is not getattr(base, name, None):
+            return None
+    for klass in cls.__mro__[:cls.__mro__.index(base)]:
+        if "weight" in vars(klass) or "bias" in vars(klass):  # a property computing them
+            return None
+    return base
+
+
+def global_hooks_reason() -> str | None:
+    """Why no BatchNorm can be folded while global module hooks are registered, or ``None``."""
+    registries = nn.modules.module
+    count = sum(len(getattr(registries, name, {})) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks"))
+    if count:
+        return (f"{count} global module forward hook(s) are registered "
+                "(torch.nn.modules.module.register_module_forward_hook and friends); they see "
+                "every module, and would see different modules and tensors once the BatchNorm is "
+                "folded; remove them first")
+    return None
+
+
 def _channels_out(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def _channels_in(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    try:
+        return str(tensor.device), tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # meta or wrapper tensors have no storage
+        return None
 
 
 class _Analysis:
@@ -218,6 +278,14 @@ class _Analysis:
             for param in module.parameters(recurse=False):
                 owners.setdefault(id(param), {})[id(module)] = name
         self.param_owners = owners
+        storages: dict[tuple[str, int], set[str]] = {}  # (device, storage pointer) -> tensors
+        for name, tensor in [*model.named_parameters(remove_duplicate=True),
+                             *model.named_buffers(remove_duplicate=True)]:
+            key = _storage_key(tensor)
+            if key is not None:
+                storages.setdefault(key, set()).add(name)
+        self.storages = storages
+        self.global_hooks = global_hooks_reason()
 
     def _canonical(self, label: str) -> str:
         try:
@@ -250,10 +318,10 @@ class _Analysis:
     def _layer_reason(self, name: str) -> str | None:
         """Why layer ``name`` cannot absorb a BatchNorm, whatever the dataflow, or ``None``."""
         module = self.modules[name]
-        if type(module) not in _TARGETS:
-            return (f"'{name}' is a {type(module).__module__}.{type(module).__qualname__}, not "
-                    "exactly nn.Conv*, nn.ConvTranspose* or nn.Linear, and its forward may "
-                    "transform its weights")
+        if target_base(module) is None:
+            return (f"'{name}' is a {type(module).__module__}.{type(module).__qualname__}, which "
+                    "overrides how nn.Conv*, nn.ConvTranspose* or nn.Linear compute, so its "
+                    "forward may transform its weights")
         weight = module.weight
         if isinstance(weight, nn.parameter.UninitializedParameter) or not isinstance(
                 weight, torch.Tensor) or not weight.is_floating_point():
@@ -266,6 +334,20 @@ class _Analysis:
             if others:
                 return (f"the parameters of '{name}' are shared with {others}, which would "
                         "change too")
+        own = {f"{name}.{attr}" if name else attr for attr, _ in module.named_parameters(
+            recurse=False)} | {f"{name}.{attr}" if name else attr
+                               for attr, _ in module.named_buffers(recurse=False)}
+        for param in (module.weight, module.bias):
+            key = None if param is None else _storage_key(param)
+            sharing = sorted(self.storages.get(key, set()) - own) if key else []
+            if sharing:
+                return (f"the weights of '{name}' share storage with {sharing[:3]}, which would "
+                        "change too (or stop matching them)")
+        reads = self.flow.outside_reads.get(name)
+        if reads:
+            return (f"forward also reads {', '.join(repr(name + '.' + r) for r in reads)} "
+                    f"outside '{name}' itself (e.g. F.conv2d(x, self.conv.weight)), and that "
+                    "code would see the folded weights")
         if module._forward_hooks or module._forward_pre_hooks:
             return (f"'{name}' has forward hooks registered, which would see different tensors "
                     "after folding; remove the hooks first")
@@ -410,9 +492,14 @@ class _Analysis:
         for name, module in self.modules.items():
             if not name or not looks_like_batchnorm(module):
                 continue
-            reason = static_skip_reason(module)
+            reason = static_skip_reason(module) or self.global_hooks
             if reason is None and not self.has_graph:
                 reason = self._no_graph_reason()
+            reads = self.flow.outside_reads.get(name)
+            if reason is None and reads:
+                reason = (f"forward reads {', '.join(repr(name + '.' + r) for r in reads)} "
+                          "outside the BatchNorm's own call; once folded that state is gone, "
+                          "so the code reading it would fail or compute something else")
             if reason is not None:
                 skipped[name] = reason
                 continue
@@ -437,6 +524,11 @@ class _Analysis:
         targets, before_reason = self._preceding(name, node)
         if targets is not None:
             return FoldPair(name, targets, "preceding", self.flow.method)
+        kind = batchnorm_kind(self.modules[name])
+        if kind is not None and kind.keeps:
+            return (f"it folds only into the layer before it, and cannot ({before_reason}); it "
+                    f"applies {' and '.join(kind.keeps)} after normalising, and the layer after "
+                    "it reads the activation's output, not the normalised tensor")
         target, after_reason = self._following(name, node)
         if target is not None:
             return FoldPair(name, (target,), "following", self.flow.method)

@@ -242,7 +242,11 @@ def _walk(model: nn.Module, decide: Callable, *, apply: bool, restoring: bool,
         elif reason is not None:
             skipped[name] = reason
         swapped[id(module)] = result
-        for child_name, child in list(result.named_children()):
+        # _modules, not named_children(): the latter yields a module registered under two names
+        # (self.alias_bn = self.bn) once, and the other name would keep the old class.
+        for child_name, child in list(result._modules.items()):
+            if child is None:
+                continue
             new_child = visit(f"{name}.{child_name}" if name else child_name, child)
             if apply and new_child is not child:
                 result._modules[child_name] = new_child

@@ -7,21 +7,19 @@ whose output diverged when a check failed, and the environment (library versions
 execution providers, GPU, TF32 state) needed to reproduce it. A check that could not run is a
 *skipped* report, which never counts as passed.
 
-This module also writes reports to disk: ``report.json`` atomically (temporary file, then
-rename, so a crash never leaves half a file) and an optional PNG of the error per layer, with
+This module also writes reports to disk (through :mod:`bnsurgery.files`, atomically):
+``report.json`` and an optional PNG of the error per layer, with
 matplotlib imported only when a plot is asked for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,13 +29,14 @@ import torch
 
 from bnsurgery._lazy import require
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.files import atomic_output, write_text
+from bnsurgery.messages import first_line, printable
 
 __all__ = [
     "EquivalenceReport",
     "LayerError",
     "OutputComparison",
     "Tolerance",
-    "atomic_output",
     "collect_environment",
     "plot_layer_errors",
     "write_report_json",
@@ -254,11 +253,14 @@ class EquivalenceReport:
         }
 
     def __str__(self) -> str:
-        lines = [f"{self.check} check {self.status}: {self.candidate} vs {self.reference}",
-                 f"  backend {self.backend}; tolerance {self.tolerance}"]
+        # Values can come from the checked file (metadata, error texts quoting node names):
+        # escaped, so none of them can start a forged line or move the terminal's cursor.
+        lines = [f"{self.check} check {printable(self.status)}: {printable(self.candidate)} vs "
+                 f"{printable(self.reference)}",
+                 f"  backend {printable(self.backend)}; tolerance {self.tolerance}"]
         for key in ("file", "opset", "exporter", "providers_requested", "providers_used"):
             if key in self.details:
-                lines.append(f"  {key.replace('_', ' ')}: {self.details[key]}")
+                lines.append(f"  {key.replace('_', ' ')}: {printable(self.details[key])}")
         if self.outputs:
             header = (f"  {'output':<14}{'batch':>6}{'max|err|':>11}{'rel':>10}{'mean|err|':>11}"
                       f"{'cosine':>11}{'top1':>7}{'f64 err':>10}{'ref f64':>10}  status")
@@ -266,18 +268,18 @@ class EquivalenceReport:
             for o in self.outputs:
                 top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}"
                 lines.append(
-                    f"  {o.name:<14}{'-' if o.batch is None else o.batch:>6}"
+                    f"  {printable(o.name):<14}{'-' if o.batch is None else o.batch:>6}"
                     f"{o.max_abs_error:>11.2e}{o.max_rel_error:>10.2e}{o.mean_abs_error:>11.2e}"
                     f"{o.cosine_similarity:>11.8f}{top1:>7}{_fmt(o.float64_error):>10}"
                     f"{_fmt(o.reference_float64_error):>10}  {'ok' if o.passed else 'FAIL'}")
         for failure in self.failures:
-            lines.append(f"  failure: {failure}")
+            lines.append(f"  failure: {printable(failure)}")
         if self.first_divergence:
-            suspects = ", ".join(self.divergence_suspects) or "none recorded"
-            lines.append(f"  first diverging module: {self.first_divergence} "
+            suspects = printable(", ".join(self.divergence_suspects) or "none recorded")
+            lines.append(f"  first diverging module: {printable(self.first_divergence)} "
                          f"(ran just before it, not compared: {suspects})")
         for note in self.notes:
-            lines.append(f"  note: {note}")
+            lines.append(f"  note: {printable(note)}")
         return "\n".join(lines)
 
 
@@ -339,7 +341,7 @@ def collect_environment(*, device: str | torch.device | None = None) -> dict[str
             gpu_name = torch.cuda.get_device_name(index if index is not None else 0)
             cudnn = torch.backends.cudnn.version()
         except (RuntimeError, AssertionError) as exc:  # a driver that fails to initialise
-            gpu_name = f"unknown ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            gpu_name = f"unknown ({type(exc).__name__}: {first_line(exc)})"
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -353,41 +355,6 @@ def collect_environment(*, device: str | torch.device | None = None) -> dict[str
                  "cudnn": bool(torch.backends.cudnn.allow_tf32)},
         "torch_threads": torch.get_num_threads(),
     }
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
-
-    Readers never see a half-written file: the temporary file lives in the same directory (so
-    the final ``os.replace`` is an atomic rename on one file system) and is removed if the body
-    raises.
-
-    Args:
-        path: The final destination. Its parent directory is created if missing.
-
-    Yields:
-        The temporary path to write to.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the final suffix: some writers pick their format from it.
-    handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{final.suffix}",
-                                         dir=final.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        yield temp
-        # mkstemp creates the file readable by its owner only; give it the permissions a plain
-        # open() would have given under the current umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        if temp.exists():
-            os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, final)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def write_report_json(reports: EquivalenceReport | Sequence[EquivalenceReport],
@@ -418,9 +385,8 @@ def write_report_json(reports: EquivalenceReport | Sequence[EquivalenceReport],
     }
     if extra:
         document.update(_jsonable(dict(extra)))
-    with atomic_output(path) as temp:
-        temp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    return Path(path)
+    return write_text(path, json.dumps(document, indent=2, sort_keys=False) + "\n",
+                      what="report")
 
 
 def plot_layer_errors(layers: Sequence[LayerError] | EquivalenceReport
@@ -497,7 +463,7 @@ def plot_layer_errors(layers: Sequence[LayerError] | EquivalenceReport
         axes.set_title(title or "error per layer", fontsize=10)
         figure.tight_layout()
         final = Path(path)
-        with atomic_output(final) as temp:
+        with atomic_output(final, what="plot") as temp:
             figure.savefig(temp, format="png", dpi=120)
     finally:
         pyplot.close(figure)

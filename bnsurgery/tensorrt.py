@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from bnsurgery._lazy import is_available, require
 from bnsurgery.errors import ExportError, InvalidInputError, MissingDependencyError, format_message
-from bnsurgery.report import EquivalenceReport, atomic_output, collect_environment
+from bnsurgery.files import atomic_output
+from bnsurgery.report import EquivalenceReport, collect_environment
 from bnsurgery.validate import (
     _tf32,
     as_input_tuple,

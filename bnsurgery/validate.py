@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from bnsurgery._lazy import require
 from bnsurgery.divergence import LayerComparison, _bn_like, _onnx_layer_errors, layer_errors
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.finite import require_finite_reference
 from bnsurgery.ort_session import _ONNX_TENSOR_TYPES, _file_details, _session, resolve_providers
 from bnsurgery.report import (
     EquivalenceReport,
@@ -448,6 +449,7 @@ def run_and_compare(ref_model: nn.Module, candidate: Callable[..., Any],
     Call it under ``torch.no_grad()`` and the TF32 setting the check asks for.
     """
     ref_out, ref_time = _timed(lambda: flatten_outputs(ref_model(*ref_inputs)), repeats)
+    require_finite_reference(ref_model, ref_inputs, ref_out)
     cand_out, cand_time = _timed(lambda: flatten_outputs(candidate(*cand_inputs)), repeats)
     notes: list[str] = []
     ref64 = None
@@ -631,6 +633,7 @@ def validate_onnx(
         start = time.perf_counter()
         with torch.no_grad():
             ref_out = flatten_outputs(ref_model(*ref_inputs))
+        require_finite_reference(ref_model, ref_inputs, ref_out)
         ref_time = time.perf_counter() - start
         if size == batch:
             timings.update(onnxruntime_run_s=ort_time, reference_forward_s=ref_time)

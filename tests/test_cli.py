@@ -256,3 +256,65 @@ def test_unavailable_provider_is_a_clear_error(capsys, tmp_path):
     assert code == 2
     assert "CUDAExecutionProvider" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_recalibrate_from_tensor_file(tmp_path, capsys):
+    import json
+
+    from bnsurgery.cli import main
+
+    data = tmp_path / "images.pt"
+    torch.save(torch.randn(6, 3, 32, 32), data)
+    out, report = tmp_path / "model.safetensors", tmp_path / "recal.json"
+    code = main(["--json", "recalibrate", "torchvision:resnet18", "--data", str(data),
+                 "--batch-size", "3", "-o", str(out), "--report", str(report), "-q"])
+    assert code == 0, capsys.readouterr()
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["report"]["batches"] == 2 and len(payload["report"]["layers"]) == 20
+    assert out.exists() and json.loads(report.read_text())["passed"] is True
+
+
+def test_recalibrate_refuses_pickled_code(tmp_path, capsys):
+    from bnsurgery.cli import main
+
+    data = tmp_path / "data.pt"
+    torch.save({"a": object()}, data)
+    code = main(["recalibrate", "torchvision:resnet18", "--data", str(data),
+                 "-o", str(tmp_path / "m.pt"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "without unpickling code" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fuse_refuses_its_own_input_as_output(capsys, tmp_path, factories):
+    weights = tmp_path / "w.pt"
+    torch.save(sys.modules[factories].small().state_dict(), weights)
+    before = weights.read_bytes()
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "--weights", str(weights),
+                        "--input-shape", "1,3,8,8", "-o", str(tmp_path / "." / "w.pt"))
+    assert code == 2 and "overwrite the input weights" in err
+    assert weights.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".pt2"])
+def test_full_disk_exits_2_with_one_line(capsys, tmp_path, factories, monkeypatch, suffix):
+    import errno as errno_codes
+
+    from bnsurgery import files
+
+    def full(_descriptor, _data):
+        raise OSError(errno_codes.ENOSPC, os.strerror(errno_codes.ENOSPC))
+
+    monkeypatch.setattr(files, "_write_all", full)
+    out = tmp_path / f"fused{suffix}"
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "--input-shape", "2,3,8,8",
+                        "-o", str(out))
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert str(out) in lines[0] and "No space left" in lines[0] and ".bns-" not in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_in_a_file_is_refused_before_any_work(capsys, tmp_path, factories):
+    (tmp_path / "f").write_text("")
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f" / "x.pt"))
+    assert code == 2 and "a file is in the way" in err and "building" not in err

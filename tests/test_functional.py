@@ -78,7 +78,8 @@ def test_training_without_running_stats(shape):
 def test_running_variance_is_unbiased_and_normalisation_biased():
     x = torch.tensor([[1.0], [3.0]], dtype=torch.float64)  # mean 2, biased var 1, unbiased 2
     rm, rv = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    out = batch_norm(x, rm, rv, training=True, momentum=1.0, eps=0.0)
+    # eps must be positive in training (as in torch); 1e-300 leaves var + eps == 1 exactly.
+    out = batch_norm(x, rm, rv, training=True, momentum=1.0, eps=1e-300)
     torch.testing.assert_close(out, torch.tensor([[-1.0], [1.0]], dtype=torch.float64))
     torch.testing.assert_close(rm, torch.tensor([2.0], dtype=torch.float64))
     torch.testing.assert_close(rv, torch.tensor([2.0], dtype=torch.float64))
@@ -238,3 +239,93 @@ def test_cuda_is_as_accurate_as_cudnn(dtype, training):
         ref_err = (ref[key].double() - truth).abs().max()
         floor = 1e-6 if dtype == torch.float32 else 1e-3
         assert ours_err <= 2 * ref_err + floor * scale, (key, float(ours_err), float(ref_err))
+
+
+# --- Agreement with torch on what is refused, and how ----------------------------------------
+
+
+def _raised(function):
+    """The exception ``function()`` raises, or ``None``."""
+    try:
+        function()
+    except Exception as exc:  # noqa: BLE001 - the test compares whatever each side raises
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("training,eps", [(True, 0.0), (True, -1.0), (False, -1.0),
+                                          (False, 0.0), (True, 1e-5)],
+                         ids=["train-0", "train-neg", "eval-neg", "eval-0", "train-ok"])
+def test_eps_is_checked_as_torch_checks_it(training, eps):
+    x = torch.randn(4, 3, 5)
+    args = lambda: (x, torch.zeros(3), torch.ones(3), None, None, training, 0.1, eps)  # noqa: E731
+    theirs, ours = _raised(lambda: F.batch_norm(*args())), _raised(lambda: batch_norm(*args()))
+    if theirs is None:
+        assert ours is None
+        torch.testing.assert_close(batch_norm(*args()), F.batch_norm(*args()))
+    else:
+        assert isinstance(theirs, ValueError) and isinstance(ours, ValueError)
+        assert "eps" in str(ours) and "Hint:" in str(ours)
+
+
+@pytest.mark.parametrize("case", ["channels", "weight-channels", "eval-without-stats",
+                                  "integer-input", "stats-require-grad"])
+def test_refusals_are_catchable_as_what_torch_raises(case):
+    x = torch.randn(4, 3, 5)
+    calls = {
+        "channels": lambda f: f(x, torch.zeros(4), torch.ones(4), None, None, False),
+        "weight-channels": lambda f: f(x, torch.zeros(3), torch.ones(3), torch.ones(4), None,
+                                       False),
+        "eval-without-stats": lambda f: f(x, None, None, None, None, False),
+        "integer-input": lambda f: f(torch.ones(4, 3, dtype=torch.long), None, None, None, None,
+                                     True),
+        "stats-require-grad": lambda f: f(x, torch.zeros(3, requires_grad=True), torch.ones(3),
+                                          None, None, False),
+    }
+    theirs = _raised(lambda: calls[case](F.batch_norm))
+    ours = _raised(lambda: calls[case](batch_norm))
+    assert theirs is not None and ours is not None
+    builtin = next(cls for cls in type(theirs).__mro__ if cls.__module__ == "builtins")
+    assert isinstance(ours, builtin), (type(theirs), type(ours))
+    assert isinstance(ours, InvalidInputError)  # bnsurgery's own hierarchy as well
+
+
+def test_module_channel_mismatch_is_a_runtime_error_as_in_torch():
+    from bnsurgery import BatchNorm2d
+
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError):
+        torch.nn.BatchNorm2d(3)(x)
+    with pytest.raises(RuntimeError, match="wrong number of channels"):
+        BatchNorm2d(3)(x)
+
+
+def test_running_stats_that_require_grad_are_fine_under_no_grad():
+    x, running_mean = torch.randn(4, 3), torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(batch_norm(x, running_mean, torch.ones(3)),
+                                   F.batch_norm(x, running_mean, torch.ones(3)))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_one_dimensional_input_is_returned_as_torch_does(training):
+    stats = (torch.zeros(0), torch.ones(0)) if not training else (None, None)
+    x = torch.empty(0)
+    theirs = F.batch_norm(x, *stats, None, None, training)
+    ours = batch_norm(x, *stats, None, None, training)
+    assert ours.shape == theirs.shape == (0,) and ours.dtype == theirs.dtype
+
+
+def test_half_running_statistics_are_rounded_once_as_torch_does():
+    """Each half buffer is updated in float32 and rounded once: torch's result, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = (torch.randn(16, 8, 4, 4, generator=generator) * 3 + 2).half()
+        mean = torch.randn(8, generator=generator).half()
+        var = (torch.rand(8, generator=generator) + 0.5).half()
+        ours_mean, ours_var = mean.clone(), var.clone()
+        torch_mean, torch_var = mean.clone(), var.clone()
+        batch_norm(x, ours_mean, ours_var, None, None, True, 0.1, 1e-5)
+        F.batch_norm(x, torch_mean, torch_var, None, None, True, 0.1, 1e-5)
+        torch.testing.assert_close(ours_mean, torch_mean, rtol=0, atol=0)
+        torch.testing.assert_close(ours_var, torch_var, rtol=0, atol=0)

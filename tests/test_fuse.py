@@ -356,3 +356,501 @@ def test_torchvision_classifier(name):
     assert [n for n, m in fused.named_modules() if looks_like_batchnorm(m)] == sorted(
         expected_skips, key=[n for n, _ in model.named_modules()].index)
     _assert_as_accurate(model, fused, (image[:1],))  # one image keeps the float64 run short
+
+
+# --- reliability: never a silent wrong result, never a changed caller's model ----------------
+
+def _calibrated(model: nn.Module, *inputs: torch.Tensor) -> nn.Module:
+    batch = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in inputs)
+    return calibrate_batchnorm(model, batch, seed=1).eval()
+
+
+class _NormActFirst(nn.Module):
+    """input -> norm+act -> 1x1 conv: the norm+act layer has no layer before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.bn = BatchNormAct2d(4, act_layer=nn.ReLU)
+        self.conv = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_norm_act_never_folds_into_the_following_layer():
+    pytest.importorskip("timm")
+    x = random_input(2, 4, 6, 6)
+    model = _calibrated(_NormActFirst(), x)
+    plan = plan_fusion(model, x)
+    assert not plan.folded
+    assert re.search(r"folds only into the layer before it.*act after normalising",
+                     plan.skipped["bn"])
+    fused = fuse_batchnorm(model, x)
+    torch.testing.assert_close(_run(fused, (x,)), _run(model, (x,)), rtol=0, atol=0)
+
+
+def test_float64_model_weights_are_never_scaled_in_place():
+    model, inputs = make(CASES["conv2d_bn"])
+    model = model.double()
+    inputs = tuple(t.double() for t in inputs)
+    snapshot = _snapshot(model)
+    first = _run(fuse_batchnorm(model, inputs), inputs)
+    second = _run(fuse_batchnorm(model, inputs), inputs)  # a second call does not compound
+    _assert_untouched(model, snapshot)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, _run(model, inputs), rtol=1e-12, atol=1e-12)
+
+
+class _StoresOnSelf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.calls = 0
+        self.last = None
+
+    def forward(self, x):
+        self.calls += 1
+        self.last = x.mean()
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attribute self.last was assigned")
+def test_analysis_leaves_no_proxy_or_side_effect_on_the_callers_model(tmp_path):
+    x = random_input(2, 3, 8, 8)
+    model = _calibrated(_StoresOnSelf(), x)
+    model.calls, model.last = 0, None
+    snapshot = _snapshot(model)
+    plan = plan_fusion(model, x)
+    fused = fuse_batchnorm(model, x, plan=plan)
+    from bnsurgery.onnx_export import export_onnx
+
+    export_onnx(model, x, tmp_path / "m.onnx")
+    assert model.calls == 0 and model.last is None
+    _assert_untouched(model, snapshot)
+    torch.save(model, tmp_path / "model.pt")  # an fx Proxy left on it would make this fail
+    assert [r.batchnorm for r in plan.folded] == ["bn"]
+    _assert_as_accurate(model, fused, (x,))
+
+
+class _FunctionalWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        side = torch.nn.functional.conv2d(x, self.conv.weight, padding=1)
+        return self.bn(self.conv(x)) + side
+
+
+@pytest.mark.parametrize("method", ["fx", "export", "hooks"])
+def test_conv_weight_used_functionally_is_not_folded(method):
+    x = random_input(2, 3, 8, 8)
+    model = _calibrated(_FunctionalWeight(), x)
+    plan = plan_fusion(model, x, methods=(method,))
+    assert not plan.folded
+    assert re.search(r"reads 'conv\.weight' outside 'conv'", plan.skipped["bn"])
+
+
+class _ShapeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.shape[-1] > 8:  # torch.fx cannot trace this; torch.export specialises it
+            return self.bn(y)
+        return y * 2
+
+
+def test_shape_dependent_branch_is_caught_by_the_check_on_another_size():
+    x = random_input(2, 3, 16, 16)
+    model = _calibrated(_ShapeBranch(), x)
+    plan = plan_fusion(model, x)
+    assert plan.method == "export"
+    assert not plan.folded
+    assert re.search(r"did not match the original with it folded .*shape \[2, 3, 8, 8\]",
+                     plan.skipped["bn"])
+    fused = fuse_batchnorm(model, x, plan=plan)
+    small = random_input(2, 3, 8, 8, seed=5)
+    torch.testing.assert_close(_run(fused, (small,)), _run(model, (small,)), rtol=0, atol=0)
+
+
+class _OutsideTree(nn.Module):
+    def __init__(self, holder: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.holder = holder
+        if holder == "list":
+            self.extra = [self.bn]  # a plain list: outside the module tree
+        else:
+            object.__setattr__(self, "bn_ref", self.bn)  # a second, unregistered attribute
+
+    def forward(self, x):
+        bn = self.extra[0] if self.holder == "list" else self.__dict__["bn_ref"]
+        return bn(self.conv(x))
+
+
+@pytest.mark.parametrize("holder", ["list", "dict"], ids=["plain-list", "second-attribute"])
+def test_inplace_refuses_a_batchnorm_reachable_outside_the_module_tree(holder):
+    x = random_input(2, 3, 8, 8)
+    model = _calibrated(_OutsideTree(holder), x)
+    reference = copy.deepcopy(model)
+    copied = fuse_batchnorm(model, x)  # a copy redirects the list to the replacement
+    _assert_as_accurate(reference, copied, (x,))
+    fuse_batchnorm(model, x, inplace=True)
+    assert isinstance(model.bn, nn.BatchNorm2d)  # left alone, with the reason in the log
+    torch.testing.assert_close(_run(model, (x,)), _run(reference, (x,)), rtol=0, atol=0)
+    with pytest.raises(FusionError, match=r"bn: it is also reachable outside the module tree "
+                                          rf"\(held by a {holder}\)"):
+        fuse_batchnorm(model, x, inplace=True, strict=True)
+
+
+class _SharedStorage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.twin = nn.Conv2d(4, 4, 1)
+
+    def tie(self) -> _SharedStorage:
+        self.twin.weight = nn.Parameter(self.conv.weight.data)  # another Parameter, same storage
+        return self
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.twin(x)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_weights_sharing_storage_are_not_folded(inplace):
+    x = random_input(2, 4, 5, 5)
+    model = _calibrated(_SharedStorage(), x).tie()  # (a deep copy does not keep the sharing)
+    reference = copy.deepcopy(model)
+    plan = plan_fusion(model, x)
+    assert re.search(r"share storage with \['twin.weight'\]", plan.skipped["bn"])
+    fused = fuse_batchnorm(model, x, inplace=inplace)
+    torch.testing.assert_close(fused.twin.weight, reference.twin.weight, rtol=0, atol=0)
+    torch.testing.assert_close(_run(fused, (x,)), _run(reference, (x,)), rtol=0, atol=0)
+
+
+def test_global_module_hooks_block_every_fold():
+    model, inputs = make(CASES["conv2d_bn"])
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(type(module).__name__))
+    try:
+        plan = plan_fusion(model, inputs)
+        fused = fuse_batchnorm(model, inputs, inplace=True)
+    finally:
+        handle.remove()
+    assert not plan.folded and re.search(r"global module forward hook", plan.skipped["bn"])
+    assert isinstance(fused.bn, nn.BatchNorm2d)
+
+
+class _ReadsRunningVar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) / self.bn.running_var.sqrt().mean()
+
+
+@pytest.mark.parametrize("method", ["fx", "export", "hooks"])
+def test_forward_reading_batchnorm_state_keeps_working(method):
+    x = random_input(2, 3, 8, 8)
+    model = _calibrated(_ReadsRunningVar(), x)
+    plan = plan_fusion(model, x, methods=(method,))
+    assert not plan.folded
+    assert re.search(r"reads 'bn.running_var' outside the BatchNorm's own call",
+                     plan.skipped["bn"])
+    fused = fuse_batchnorm(model, x, plan=plan)
+    torch.testing.assert_close(_run(fused, (x,)), _run(model, (x,)), rtol=0, atol=0)
+
+
+class _InitOnlyConv(nn.Conv2d):
+    """Only __init__ differs (as transformers' EfficientNetDepthwiseConv2d)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+
+def test_conv_subclass_that_only_changes_init_folds():
+    x = random_input(2, 4, 8, 8)
+    model = _calibrated(nn.Sequential(_InitOnlyConv(4), nn.BatchNorm2d(4)), x)
+    plan = plan_fusion(model, x)
+    assert [(r.batchnorm, r.target) for r in plan.folded] == [("1", "0")]
+    _assert_as_accurate(model, fuse_batchnorm(model, x), (x,))
+
+
+def test_a_fold_that_breaks_the_check_is_found_and_left_out(monkeypatch):
+    x = random_input(2, 3, 8, 8)
+    model, inputs = make(CASES["conv_chain"]) if "conv_chain" in CASES else (None, None)
+    if model is None:
+        model = _calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), x)
+        inputs = (x,)
+    import bnsurgery.fuse as fuse_module
+
+    honest = fuse_module._scale_shift
+    bad = sorted({name for name, m in model.named_modules()
+                  if isinstance(m, nn.BatchNorm2d)})[-1]
+
+    def wrong_for_one(bn):  # a deliberately wrong fold for one BatchNorm
+        scale, shift = honest(bn)
+        return (scale * 1.1, shift) if bn is model.get_submodule(bad) else (scale, shift)
+
+    monkeypatch.setattr(fuse_module, "_scale_shift", wrong_for_one)
+    plan = plan_fusion(model, inputs)
+    assert bad in plan.skipped and "did not match the original" in plan.skipped[bad]
+    assert plan.folded and bad not in {r.batchnorm for r in plan.folded}
+    assert plan.check.passed and len(plan.check.inputs) == 2
+    fused = fuse_batchnorm(model, inputs, plan=plan)
+    _assert_as_accurate(model, fused, inputs)
+
+
+def test_without_inputs_the_plan_says_it_was_not_checked():
+    model, _ = make(CASES["conv2d_bn"])
+    plan = plan_fusion(model)
+    assert plan.check.status == "not run" and "no example inputs" in plan.check.detail
+    assert "check: not run" in str(plan)
+
+
+def test_plan_and_options_together_are_refused():
+    model, inputs = make(CASES["conv2d_bn"])
+    plan = plan_fusion(model, inputs)
+    with pytest.raises(InvalidInputError, match=r"options that the plan already fixed.*"
+                                                r"dtype, precision_policy"):
+        fuse_batchnorm(model, inputs, plan=plan, dtype=torch.float16, precision_policy="fold")
+
+
+class _ReturnsNone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        self.bn(self.conv(x))
+        return None
+
+
+def test_forward_returning_no_tensor_is_said():
+    x = random_input(2, 3, 4, 4)
+    model = _calibrated(_ReturnsNone(), x)
+    with pytest.raises(InvalidInputError, match="The model returns no tensor"):
+        fuse_batchnorm(model, x)
+
+
+def test_float32_overflow_is_reported_and_skipped():
+    x = random_input(2, 3, 4, 4)
+    model = _calibrated(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), x)
+    with torch.no_grad():
+        model[0].weight.mul_(1e20)
+        model[1].weight.fill_(1e20)
+    plan = plan_fusion(model)
+    assert re.search(r"overflow torch.float32", plan.skipped["1"])
+
+
+def test_non_finite_original_is_named_where_it_starts():
+    from bnsurgery.errors import NonFiniteReferenceError
+
+    x = random_input(2, 3, 4, 4)
+    model = _calibrated(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()), x)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteReferenceError, match=r"first become non-finite in module '0' "
+                                                      r"\(Conv2d\)"):
+        fuse_batchnorm(model, x)
+
+
+# --- property: random small models either fuse exactly or skip with a reason ------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_C = 4
+_FLAVOURS = ["torch", "bnsurgery", "affine_off", "timm_act", "bnsurgery_act", "frozen"]
+
+
+def _bn(flavour: str, channels: int = _C) -> nn.Module:
+    if flavour == "bnsurgery":
+        from bnsurgery.batchnorm import BatchNorm2d
+        return BatchNorm2d(channels)
+    if flavour == "affine_off":
+        return nn.BatchNorm2d(channels, affine=False)
+    if flavour == "timm_act":
+        from timm.layers import BatchNormAct2d
+        return BatchNormAct2d(channels, act_layer=nn.ReLU)
+    if flavour == "bnsurgery_act":
+        from bnsurgery.batchnorm import BatchNormAct2d
+        return BatchNormAct2d(channels, act=nn.SiLU())
+    if flavour == "frozen":
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        return FrozenBatchNorm2d(channels)
+    return nn.BatchNorm2d(channels)
+
+
+class _Block(nn.Module):
+    def __init__(self, kind: str, flavour: str, kernel: int) -> None:
+        super().__init__()
+        self.kind = kind
+        pad = kernel // 2
+        if kind == "cat":
+            self.a, self.b = nn.Conv2d(_C, 2, kernel, padding=pad), nn.Conv2d(_C, 2, 1)
+        elif kind == "convT":
+            self.conv = nn.ConvTranspose2d(_C, _C, 1)
+        elif kind == "bn_first":
+            self.conv = nn.Conv2d(_C, _C, 1)
+        else:
+            self.conv = nn.Conv2d(_C, _C, kernel, padding=pad, bias=kernel == 1)
+        self.bn = _bn(flavour)
+        if kind == "alias":
+            self.alias = self.bn
+
+    def forward(self, x):
+        kind = self.kind
+        if kind == "cat":
+            return self.bn(torch.cat([self.a(x), self.b(x)], dim=1))
+        if kind == "bn_first":
+            return self.conv(self.bn(x))
+        if kind == "reuse":
+            return self.bn(self.conv(self.conv(x)))
+        if kind == "alias":
+            return self.alias(self.conv(x))
+        if kind == "branch":
+            y = self.conv(x)
+            return self.bn(y) if x.shape[-1] > 10 else y * 2
+        if kind == "functional":
+            return self.bn(self.conv(x)) + torch.nn.functional.conv2d(
+                x, self.conv.weight, padding=self.conv.padding)
+        return self.bn(self.conv(x))
+
+
+class _RandomNet(nn.Module):
+    def __init__(self, blocks: list[tuple[str, str, int]], linear_head: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(*spec) for spec in blocks)
+        self.head = nn.Linear(_C, 3) if linear_head else None
+        self.head_bn = nn.BatchNorm1d(3) if linear_head else None
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # state set in forward: the caller's copy must not see analysis runs
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None:
+            x = self.head_bn(self.head(x.mean(dim=(2, 3))))
+        return x
+
+
+_KINDS = ["conv", "convT", "bn_first", "cat", "reuse", "alias", "branch", "functional"]
+
+
+@st.composite
+def _random_net(draw):
+    blocks = draw(st.lists(st.tuples(st.sampled_from(_KINDS), st.sampled_from(_FLAVOURS),
+                                     st.sampled_from([1, 3])), min_size=1, max_size=4))
+    return blocks, draw(st.booleans()), draw(st.sampled_from([torch.float32, torch.float64])), \
+        draw(st.booleans())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_random_net())
+def test_property_random_models_fuse_exactly_or_skip_with_a_reason(spec):
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    blocks, linear_head, dtype, inplace = spec
+    x = random_input(2, _C, 12, 12, seed=3).to(dtype)
+    model = _RandomNet(blocks, linear_head)
+    model = calibrate_batchnorm(model, x.float(), seed=4).to(dtype).eval()
+    model.calls = 0
+    handle = model.blocks[0].register_forward_hook(lambda module, args, output: None)
+    reference = copy.deepcopy(model)
+    snapshot = _snapshot(model)
+    plan = plan_fusion(model, x)
+    fused = fuse_batchnorm(model, x, plan=plan, inplace=inplace)
+    handle.remove()
+    reference._forward_hooks.clear()
+
+    total = sum(1 for name, m in reference.named_modules() if name and looks_like_batchnorm(m))
+    assert len(plan.folded) + len(plan.skipped) == total
+    assert all(reason.strip() for reason in plan.skipped.values())
+    assert "blocks.0" not in {r.target for r in plan.folded}  # a hooked module is never folded
+    if inplace:
+        assert fused is model
+    else:
+        assert model.calls == 0
+        _assert_untouched(model, {**snapshot, "hooks": snapshot["hooks"] - 1})
+    floor = {torch.float32: 1e-5, torch.float64: 1e-10}[dtype]
+    oracle_model = copy.deepcopy(reference).double()
+    for shape in ((2, _C, 12, 12), (3, _C, 8, 8)):
+        inputs = (random_input(*shape, seed=9).to(dtype),)
+        oracle = _run(oracle_model, inputs, torch.float64)
+        scale = oracle.abs().max().item() or 1.0
+        err_original = (_run(reference, inputs).double() - oracle).abs().max().item()
+        err_fused = (_run(fused, inputs).double() - oracle).abs().max().item()
+        assert err_fused <= 3 * err_original + floor * scale, (shape, err_fused, err_original)
+
+
+def test_a_failed_in_place_check_restores_the_model(monkeypatch):
+    import bnsurgery.fuse as fuse_module
+
+    x = random_input(2, 3, 8, 8)
+    model = _calibrated(_OutsideTree("list"), x)
+    reference = copy.deepcopy(model)
+    snapshot = _snapshot(model)
+    # Without the referrer scan, the list would keep running the BatchNorm after an in-place
+    # fold; the check against outputs recorded beforehand must catch it and undo everything.
+    monkeypatch.setattr(fuse_module, "_outside_references", lambda model, plan: plan)
+    with pytest.raises(FusionError, match=r"Folding in place made the model differ .* restored"):
+        fuse_batchnorm(model, x, inplace=True)
+    _assert_untouched(model, snapshot)
+    torch.testing.assert_close(_run(model, (x,)), _run(reference, (x,)), rtol=0, atol=0)
+
+
+def test_a_plan_is_checked_again_on_other_inputs_and_not_on_the_same(monkeypatch):
+    import bnsurgery.fuse as fuse_module
+
+    model, inputs = make(CASES["conv2d_bn"])
+    plan = plan_fusion(model)  # no inputs: not checked
+    calls = []
+    honest = fuse_module._checked
+    monkeypatch.setattr(fuse_module, "_checked",
+                        lambda *a: calls.append(1) or honest(*a))
+    fuse_batchnorm(model, inputs, plan=plan)
+    assert calls == [1]
+    checked = plan_fusion(model, inputs)
+    calls.clear()
+    fuse_batchnorm(model, tuple(t.clone() for t in inputs), plan=checked)
+    assert calls == []  # same values: the plan's own check stands
+    fuse_batchnorm(model, tuple(t + 1 for t in inputs), plan=checked)
+    assert calls == [1]
+
+
+class _TakesAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, images):
+        batch = torch.stack(images) if isinstance(images, list) else images  # (calibration)
+        return self.bn(self.conv(batch))
+
+
+def test_a_check_that_cannot_run_says_so():
+    images = [random_input(3, 4, 4, seed=s) for s in range(2)]
+    model = _calibrated(_TakesAList(), torch.stack(images))
+    plan = plan_fusion(model, (images,))
+    assert plan.check.passed and len(plan.check.inputs) == 1
+    assert any("no check at another batch size" in note for note in plan.check.notes)
+    assert "note: no check at another batch size" in str(plan)

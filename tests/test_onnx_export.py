@@ -200,3 +200,49 @@ def test_a_file_that_fails_the_checker_never_lands(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="checker says no"):
         export_onnx(TinyNet().eval(), torch.randn(2, 3, 8, 8), tmp_path / "x.onnx", fuse=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_file_that_disagrees_with_the_original_is_never_written(tmp_path, monkeypatch):
+    import bnsurgery.fuse as fuse_module
+
+    x = torch.randn(2, 3, 8, 8)
+    model = _calibrated(TinyNet(), x)
+    honest = fuse_module.fuse_batchnorm
+
+    def off_by_ten_percent(*args, **kwargs):  # stands in for any wrong transformation
+        fused = honest(*args, **kwargs)
+        with torch.no_grad():
+            next(m for m in fused.modules() if isinstance(m, nn.Conv2d)).weight.mul_(1.1)
+        return fused
+
+    monkeypatch.setattr(fuse_module, "fuse_batchnorm", off_by_ten_percent)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"does not compute what the original model computes"):
+        export_onnx(model, x, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _CachesShape(nn.Module):
+    """Caches the input shape on the first forward, as ultralytics' Detect head does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.shape = None
+        self.scale = torch.ones(1)
+
+    def forward(self, x):
+        if self.shape != x.shape:
+            self.scale = torch.ones(1) * x.shape[-1]
+            self.shape = x.shape
+        return self.conv(x) * self.scale
+
+
+def test_cached_input_shape_is_named_in_the_batch_hint(tmp_path):
+    model = _CachesShape().eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 8))  # the batch the export uses: the cache then matches
+    with pytest.raises(ExportError, match=r"'shape' \(\(2, 3, 8, 8\)\) holds an input shape "
+                                          r"cached by an earlier forward"):
+        export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -236,3 +236,28 @@ def test_a_layer_registered_under_two_names_is_not_shared():
 
     search = find_fold_pairs(Model().eval())
     assert [(p.batchnorm, p.targets) for p in search.pairs] == [("bn", ("conv",))]
+
+
+class _SlicedSequential(nn.Module):
+    """Runs a slice of its body (``for m in self.body[:-1]``), as ultralytics RT-DETR does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten())
+
+    def forward(self, x):
+        for module in self.body[:-1]:
+            x = module(x)
+        return x
+
+
+def test_export_paths_through_a_sequential_slice_are_mapped_back():
+    from bnsurgery._dataflow import resolve_module_path
+
+    model = _SlicedSequential().eval()
+    assert resolve_module_path(model, "body.slice(None, -1, None).3") is model.body[3]
+    assert resolve_module_path(model, "body.slice(None, -1, None).9") is None
+    search = find_fold_pairs(model, torch.randn(2, 3, 6, 6), methods=("export",))
+    assert {p.batchnorm: p.targets for p in search.pairs} == {"body.1": ("body.0",),
+                                                              "body.4": ("body.3",)}

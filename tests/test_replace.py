@@ -378,6 +378,31 @@ def test_sync_conversion_keeps_activation_and_restores_plain_classes():
     assert not hasattr(restored[0], "process_group")
 
 
+class _AliasedBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.alias_bn = self.bn  # the same module under a second name; forward calls this one
+
+    def forward(self, x):
+        return self.alias_bn(self.conv(x))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_batchnorm_registered_under_two_names_is_replaced_under_both(inplace):
+    model = _AliasedBatchNorm().eval()
+    replaced = bnsurgery.replace_batchnorm(model, inplace=inplace)
+    assert type(replaced.bn) is bnsurgery.BatchNorm2d
+    assert replaced.alias_bn is replaced.bn
+    recorder = AtenOpRecorder()
+    with recorder, torch.no_grad():
+        replaced(torch.randn(2, 3, 6, 6))
+    assert recorder.batch_norm_ops() == []  # torch's kernel no longer runs under either name
+    restored = bnsurgery.restore_batchnorm(replaced)
+    assert type(restored.alias_bn) is nn.BatchNorm2d and restored.alias_bn is restored.bn
+
+
 def _freeze(model):
     timm.utils.freeze(model)  # in place, returns nothing
     return model

@@ -13,7 +13,6 @@ from bnsurgery.report import (
     LayerError,
     OutputComparison,
     Tolerance,
-    atomic_output,
     collect_environment,
     plot_layer_errors,
     write_report_json,
@@ -120,22 +119,14 @@ def test_write_report_json_with_only_skipped_checks_does_not_claim_a_pass(tmp_pa
     assert json.loads(path.read_text())["passed"] is False
 
 
-def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "report.json"
-    path.write_text("old")
-    with pytest.raises(RuntimeError, match="disk full"), atomic_output(path) as temp:
-        temp.write_text("half")
-        raise RuntimeError("disk full")
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
-
-
-def test_atomic_output_gives_normal_permissions(tmp_path):
-    path = tmp_path / "x.txt"
-    with atomic_output(path) as temp:
-        temp.write_text("new")
-    assert path.read_text() == "new"
-    assert path.stat().st_mode & 0o044  # readable by others under a usual umask, not 0600
+def test_str_escapes_values_read_from_the_checked_file():
+    forged = "exporter\n  onnxruntime check passed: \x1b[32mok\x1b[0m"
+    text = str(_report(details={"exporter": forged}, notes=("note\r\nfake line",)))
+    # header, backend, exporter, table header, one row, one note: no forged line among them
+    assert len(text.splitlines()) == 6
+    assert not any(line.lstrip().startswith("onnxruntime check") for line in text.splitlines())
+    assert "\\n  onnxruntime check passed: \\x1b[32mok" in text
+    assert "\x1b" not in text and "\r" not in text
 
 
 def test_plot_layer_errors_writes_a_png(tmp_path):

@@ -428,7 +428,7 @@ _CASES: list[TinyCase] = [
              _images(), skipped={"bn": "not one bnsurgery knows"}),
     TinyCase("conv_subclass", lambda: _seq(conv=StandardizedConv2d(3, 4, 3, padding=1),
                                            bn=nn.BatchNorm2d(4)),
-             _images(), skipped={"bn": "not exactly nn.Conv"}),
+             _images(), skipped={"bn": "overrides how nn.Conv"}),
     TinyCase("mixed_kernel_concat", MixedKernels, _images(4),
              folded={"bn": ("conv3", "conv5")}),
     TinyCase("concat_with_pool", ConcatWithPool, _images(),

@@ -1,0 +1,86 @@
+"""Throughput of recalibrate_batchnorm against torch.optim.swa_utils.update_bn.
+
+Both re-estimate the BatchNorm statistics of the same model (random weights, CPU) from the same
+batches; a plain ``torch.no_grad`` forward pass over the batches is the floor. The three run
+interleaved for several rounds; the medians and their ratios are printed. ``update_bn`` gives a
+momentum-free average of per-batch variances (and runs dropout in training mode);
+``recalibrate_batchnorm`` computes the exact dataset statistics in float64, so some cost over
+the forward pass is expected.
+
+Rerun with::
+
+    .venv/bin/python benchmarks/recalibrate_throughput.py
+    .venv/bin/python benchmarks/recalibrate_throughput.py --model resnet50 --batches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnsurgery.recalibrate import recalibrate_batchnorm  # noqa: E402
+
+COMMAND = ".venv/bin/python benchmarks/recalibrate_throughput.py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    import torchvision
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(args.batch, 3, args.size, args.size, generator=gen)
+            for _ in range(args.batches)]
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            for x in data:
+                model(x)
+
+    def update_bn() -> None:
+        torch.optim.swa_utils.update_bn(data, copy.deepcopy(model))
+
+    def recalibrate() -> None:
+        recalibrate_batchnorm(model, data)
+
+    runners = {"forward only": forward_only, "update_bn": update_bn,
+               "recalibrate_batchnorm": recalibrate}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    names = list(runners)
+    for name in names:
+        runners[name]()
+    for index in range(args.rounds):
+        for name in names[index % 3:] + names[:index % 3]:
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    print(f"# {COMMAND} --model {args.model} --batches {args.batches} --batch {args.batch} "
+          f"--size {args.size} --rounds {args.rounds} --threads {args.threads}")
+    base = statistics.median(times["forward only"])
+    images = args.batches * args.batch
+    for name in names:
+        median = statistics.median(times[name])
+        print(f"  {name:22s} {median * 1e3:8.1f} ms  {images / median:7.1f} images/s  "
+              f"x{median / base:.2f} of a forward pass")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,399 @@
+"""Re-estimate BatchNorm running statistics from data, exactly.
+
+After pruning, quantisation, a change of input resolution, weight averaging or surgery, running
+statistics no longer describe the activations. :func:`recalibrate_batchnorm` runs the data through
+the model with *only* the BatchNorm layers in training mode (dropout and stochastic depth keep the
+mode they had), measures each layer's input per channel, and sets
+
+* ``running_mean`` to the mean over every value the layer saw, and
+* ``running_var`` to their unbiased variance (BatchNorm's convention for running statistics),
+
+computed in float64 by Chan's parallel merge of per-batch moments, so the result is the statistic
+of the whole dataset, not a momentum average. Under ``torch.distributed`` the per-rank moments
+are merged the same way, so every rank ends with identical buffers equal to a single process
+seeing all the data. Layers that should not change (frozen classes, layers without running
+statistics, layers the caller excludes) are left alone and listed in the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm
+from bnsurgery.errors import InvalidInputError, format_message
+
+__all__ = ["LayerRecalibration", "RecalibrationReport", "merge_moments", "recalibrate_batchnorm"]
+
+_F64 = torch.float64
+
+
+def merge_moments(counts: Tensor, means: Tensor, sq_devs: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's exact merge of per-part moments into the moments of the union.
+
+    Args:
+        counts: ``(R,)`` values per channel in each part (0 for an empty part).
+        means: ``(R, C)`` per-part means.
+        sq_devs: ``(R, C)`` per-part sums of squared deviations from the part's own mean.
+
+    Returns:
+        ``(count, mean, sq_dev)`` of the union, float64; with a zero count, zeros.
+    """
+    counts, means, sq_devs = counts.to(_F64), means.to(_F64), sq_devs.to(_F64)
+    total = counts.sum()
+    if float(total) == 0:
+        return total, torch.zeros_like(means[0]), torch.zeros_like(means[0])
+    weights = counts.unsqueeze(1)
+    mean = (weights * means).sum(0) / total
+    # The spread within each part plus the spread of the parts' means around the union's mean.
+    sq_dev = sq_devs.sum(0) + (weights * (means - mean).square()).sum(0)
+    return total, mean, sq_dev
+
+
+@dataclass(frozen=True)
+class LayerRecalibration:
+    """What recalibration did to one BatchNorm.
+
+    Attributes:
+        name: Qualified name of the layer.
+        samples: Values per channel it saw (batch size times spatial positions, summed).
+        old_mean: Norm of the running mean before.
+        new_mean: Norm of the running mean after.
+        mean_change: ``|new_mean - old_mean| / max(|old_mean|, |sqrt(old_var)|)``, vector norms.
+        var_change: ``|new_var - old_var| / |old_var|``, vector norms.
+        near_zero_variance: Channels whose new variance is below the layer's ``eps``.
+    """
+
+    name: str
+    samples: int
+    old_mean: float
+    new_mean: float
+    mean_change: float
+    var_change: float
+    near_zero_variance: tuple[int, ...] = ()
+
+    @property
+    def change(self) -> float:
+        """The larger of the two relative changes."""
+        return max(self.mean_change, self.var_change)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {"name": self.name, "samples": self.samples, "old_mean_norm": self.old_mean,
+                "new_mean_norm": self.new_mean, "mean_change": self.mean_change,
+                "var_change": self.var_change,
+                "near_zero_variance_channels": list(self.near_zero_variance)}
+
+
+@dataclass(frozen=True)
+class RecalibrationReport:
+    """The outcome of :func:`recalibrate_batchnorm`.
+
+    Attributes:
+        model: The recalibrated model (the caller's own when ``inplace=True``).
+        layers: One record per BatchNorm whose statistics were re-estimated.
+        skipped: Layer name -> why its statistics were left as they were.
+        batches: Batches run on this process.
+        world_size: Processes whose statistics were merged (1 without torch.distributed).
+        seconds: Wall time of the data pass.
+    """
+
+    model: nn.Module = field(repr=False, compare=False)
+    layers: tuple[LayerRecalibration, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    batches: int = 0
+    world_size: int = 1
+    seconds: float = 0.0
+
+    def most_changed(self, count: int = 5) -> tuple[LayerRecalibration, ...]:
+        """The ``count`` layers whose statistics moved most."""
+        return tuple(sorted(self.layers, key=lambda r: -r.change)[:count])
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (without the model)."""
+        return {"layers": [r.to_dict() for r in self.layers], "skipped": dict(self.skipped),
+                "most_changed": [r.name for r in self.most_changed()],
+                "batches": self.batches, "world_size": self.world_size,
+                "seconds": self.seconds}
+
+    def __str__(self) -> str:
+        lines = [f"BatchNorm recalibration: {len(self.layers)} layers re-estimated from "
+                 f"{self.batches} batches x {self.world_size} process(es) in "
+                 f"{self.seconds:.2f} s, {len(self.skipped)} left alone"]
+        if self.layers:
+            lines.append("moved most (relative change of mean / variance):")
+            for record in self.most_changed():
+                lines.append(f"  {record.name}: {record.mean_change:.3g} / "
+                             f"{record.var_change:.3g}")
+        flat = [r for r in self.layers if r.near_zero_variance]
+        for record in flat:
+            lines.append(f"note: {record.name} has {len(record.near_zero_variance)} channel(s) "
+                         "with near-zero variance")
+        for name, reason in self.skipped.items():
+            lines.append(f"left alone: {name}: {reason}")
+        return "\n".join(lines)
+
+
+class _Moments:
+    """Float64 count, mean and sum of squared deviations of one layer's input, per channel."""
+
+    def __init__(self) -> None:
+        self.count = torch.zeros((), dtype=_F64)
+        self.mean: Tensor | None = None
+        self.sq_dev: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise InvalidInputError(format_message(
+                "A BatchNorm input needs a batch and a channel axis", got=tuple(x.shape),
+                expected="(N, C, ...)"))
+        dims = [0, *range(2, x.dim())]
+        count = x.numel() // x.shape[1]
+        # One float64 pass (Welford inside var_mean) over the input in its own layout.
+        variance, mean = torch.var_mean(x.detach().to(_F64), dim=dims, correction=0)
+        sq_dev = variance * count
+        if self.mean is None:
+            self.count = torch.tensor(float(count), dtype=_F64, device=x.device)
+            self.mean, self.sq_dev = mean, sq_dev
+            return
+        self.count, self.mean, self.sq_dev = merge_moments(
+            torch.stack([self.count, torch.tensor(float(count), dtype=_F64, device=x.device)]),
+            torch.stack([self.mean, mean]), torch.stack([self.sq_dev, sq_dev]))
+
+
+def _skip_reason(module: nn.Module) -> str | None:
+    kind = batchnorm_kind(module)
+    if kind is not None and kind.frozen:
+        return "a frozen BatchNorm class, whose statistics are fixed by design"
+    if not isinstance(getattr(module, "running_mean", None), Tensor) or not isinstance(
+            getattr(module, "running_var", None), Tensor):
+        return "it has no running statistics (track_running_stats=False)"
+    if kind is None and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (f"its class {type(module).__qualname__} is not a BatchNorm bnsurgery knows; its "
+                "training-mode forward is unknown")
+    return None
+
+
+def _run(model: nn.Module, batch: object, device: torch.device | None) -> None:
+    def move(value: object) -> object:
+        return value.to(device) if isinstance(value, Tensor) and device is not None else value
+
+    if isinstance(batch, Tensor):
+        model(move(batch))
+    elif isinstance(batch, (tuple, list)) and batch:
+        model(move(batch[0]))  # (inputs, targets, ...) as a DataLoader yields them
+    elif isinstance(batch, Mapping):
+        model(**{key: move(value) for key, value in batch.items()})
+    else:
+        raise InvalidInputError(format_message(
+            "recalibrate_batchnorm got a batch it cannot feed to the model", where="data",
+            got=type(batch).__name__, expected="a tensor, a (inputs, ...) tuple or a dict",
+            hint="pass an iterable of input tensors, e.g. a DataLoader"))
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled, self.total, self.start = enabled, total, time.perf_counter()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        sys.stderr.write(f"\rrecalibrating BatchNorm: {done}{of} batches ({rate:.1f}/s)")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _world(process_group: object) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+def _merge_across_ranks(moments: list[tuple[str, _Moments, int]], process_group: object,
+                        world_size: int, rank: int, device: torch.device
+                        ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Every layer's moments merged over all ranks, with one ``all_reduce``."""
+    import torch.distributed as dist
+
+    width = sum(1 + 2 * channels for _, _, channels in moments)
+    payload = torch.zeros(world_size, width, dtype=_F64, device=device)
+    offset = 0
+    for _, moment, channels in moments:
+        if moment.mean is not None:
+            payload[rank, offset] = moment.count
+            payload[rank, offset + 1:offset + 1 + channels] = moment.mean
+            payload[rank, offset + 1 + channels:offset + 1 + 2 * channels] = moment.sq_dev
+        offset += 1 + 2 * channels
+    dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=process_group)
+    merged, offset = [], 0
+    for _, _, channels in moments:
+        counts = payload[:, offset]
+        means = payload[:, offset + 1:offset + 1 + channels]
+        sq_devs = payload[:, offset + 1 + channels:offset + 1 + 2 * channels]
+        merged.append(merge_moments(counts, means, sq_devs))
+        offset += 1 + 2 * channels
+    return merged
+
+
+def _relative(new: Tensor, old: Tensor, scale: float) -> float:
+    difference = float(torch.linalg.vector_norm(new - old))
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else math.inf)
+
+
+def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
+                          num_batches: int | None = None, inplace: bool = False,
+                          exclude: Sequence[str] = (), progress: bool = False,
+                          process_group: object = None) -> RecalibrationReport:
+    """Re-estimate every BatchNorm's running statistics from ``data``, exactly.
+
+    Only the BatchNorm layers are switched to training mode (so they normalise with batch
+    statistics, as during training); every other module keeps its mode, so a model in eval mode
+    runs without dropout or stochastic depth. Each layer's running mean and (unbiased) variance
+    become those of every value it saw over all batches (and all ranks), computed in float64;
+    ``num_batches_tracked`` becomes the number of batches. The layers' modes are restored.
+
+    Args:
+        model: The model; put it in eval mode so dropout and stochastic depth stay off.
+        data: An iterable of batches on the model's device (tensors, ``(inputs, ...)`` tuples
+            whose first element is the input, or dicts of keyword arguments).
+        num_batches: Stop after this many batches (default: all of ``data``).
+        inplace: Update ``model`` itself instead of a deep copy.
+        exclude: Qualified names of BatchNorm layers (or of modules containing them) to leave
+            alone.
+        progress: Show progress on stderr.
+        process_group: The ``torch.distributed`` group to merge over (default: the world, when
+            torch.distributed is initialised). Every rank must call this function.
+
+    Returns:
+        The report; ``report.model`` is the recalibrated model.
+
+    Raises:
+        InvalidInputError: ``num_batches`` is not positive, an ``exclude`` name is not in the
+            model, or a batch is of an unusable kind.
+    """
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise InvalidInputError(format_message(
+            "num_batches must be a positive integer", where="num_batches", got=num_batches,
+            hint="pass num_batches=None to use all of data"))
+    names = dict(model.named_modules())
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise InvalidInputError(format_message(
+            "exclude names modules the model does not have", where="exclude", got=unknown,
+            hint="use qualified names from model.named_modules()"))
+    work = model if inplace else copy.deepcopy(model)
+    skipped: dict[str, str] = {}
+    targets: dict[str, nn.Module] = {}
+    for name, module in work.named_modules():
+        if not looks_like_batchnorm(module):
+            continue
+        if any(name == e or name.startswith(e + ".") for e in exclude if e):
+            skipped[name] = "excluded by the caller (exclude=...)"
+        elif (reason := _skip_reason(module)) is not None:
+            skipped[name] = reason
+        else:
+            targets[name] = module
+    # BatchNorm's own training-mode forward moves its buffers; whatever is not re-estimated
+    # here is put back afterwards.
+    saved = {name: {key: value.detach().clone()
+                    for key, value in work.get_submodule(name).named_buffers(recurse=False)}
+             for name in [*skipped, *targets]}
+    moments = {name: _Moments() for name in targets}
+    modes = {name: module.training for name, module in targets.items()}
+    handles = []
+    for name, module in targets.items():
+        def hook(_module: nn.Module, args: tuple[object, ...], moment: _Moments = moments[name]
+                 ) -> None:
+            if args and isinstance(args[0], Tensor):
+                moment.add(args[0])
+        handles.append(module.register_forward_pre_hook(hook))
+        module.train()
+    first = next(work.parameters(), None)
+    device = first.device if first is not None else None
+    total = num_batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)  # type: ignore[arg-type]
+    bar = _Progress(progress, total)
+    batches = 0
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for batch in data:
+                if num_batches is not None and batches >= num_batches:
+                    break
+                _run(work, batch, device)
+                batches += 1
+                bar.update(batches)
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        for name, module in targets.items():
+            module.train(modes[name])
+    world_size, rank = _world(process_group)
+    ordered = [(name, moments[name], targets[name].running_mean.numel()) for name in targets]
+    if world_size > 1:
+        merged = _merge_across_ranks(ordered, process_group, world_size, rank,
+                                     device or torch.device("cpu"))
+        import torch.distributed as dist
+
+        counts = torch.tensor([float(batches)], dtype=_F64, device=device or "cpu")
+        dist.all_reduce(counts, group=process_group)
+        all_batches = int(counts.item())
+    else:
+        merged = [(m.count, m.mean, m.sq_dev) for _, m, _ in ordered]
+        all_batches = batches
+    records = []
+    with torch.no_grad():
+        for (name, _, _), (count, mean, sq_dev) in zip(ordered, merged, strict=True):
+            module = targets[name]
+            if mean is None or float(count) < 2:
+                skipped[name] = ("the data never reached it" if mean is None or float(count) == 0
+                                 else "it saw a single value per channel; no variance")
+                continue
+            del saved[name]
+            variance = sq_dev / (count - 1)
+            old_mean = module.running_mean.detach().to(_F64)
+            old_var = module.running_var.detach().to(_F64)
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(variance)
+            tracked = getattr(module, "num_batches_tracked", None)
+            if isinstance(tracked, Tensor):
+                tracked.fill_(all_batches)
+            old_norm = float(torch.linalg.vector_norm(old_mean))
+            old_scale = max(old_norm, float(torch.linalg.vector_norm(old_var.clamp(min=0).sqrt())))
+            eps = float(getattr(module, "eps", 1e-5))
+            records.append(LayerRecalibration(
+                name=name, samples=int(count), old_mean=old_norm,
+                new_mean=float(torch.linalg.vector_norm(mean)),
+                mean_change=_relative(mean, old_mean, old_scale),
+                var_change=_relative(variance, old_var,
+                                     float(torch.linalg.vector_norm(old_var))),
+                near_zero_variance=tuple(int(i) for i in
+                                         torch.nonzero(variance < eps).flatten().tolist())))
+    with torch.no_grad():
+        for name, buffers in saved.items():
+            module = work.get_submodule(name)
+            for key, value in buffers.items():
+                getattr(module, key).copy_(value)
+    order = {name: i for i, name in enumerate(names)}
+    skipped = dict(sorted(skipped.items(), key=lambda item: order.get(item[0], len(order))))
+    return RecalibrationReport(model=work, layers=tuple(records), skipped=skipped,
+                               batches=batches, world_size=world_size,
+                               seconds=time.perf_counter() - start)
