@@ -49,6 +49,7 @@ __all__ = [
     "FoldPair",
     "PairSearch",
     "as_forward_args",
+    "discover_dataflow",
     "find_fold_pairs",
     "global_hooks_reason",
     "target_base",
@@ -144,6 +145,38 @@ def as_forward_args(example_inputs: object) -> tuple[object, ...] | None:
     return (example_inputs,)
 
 
+def discover_dataflow(model: nn.Module, args: tuple[object, ...] | None,
+                      methods: Sequence[str]) -> tuple[Dataflow | None, list[DiscoveryAttempt]]:
+    """The dataflow graph from the first builder in ``methods`` that works, and every attempt.
+
+    Shared by fold-pair discovery and branch re-parameterisation, so both try the builders in
+    the same order and report their failures in the same words.
+
+    Args:
+        model: The model; each builder works on a copy.
+        args: Positional forward arguments, or ``None`` (then only ``fx`` can run).
+        methods: Builder names, in the order to try them.
+
+    Returns:
+        The graph (``None`` when every builder failed) and one attempt per method tried.
+    """
+    attempts: list[DiscoveryAttempt] = []
+    for method in methods:
+        if method != "fx" and args is None:
+            attempts.append(DiscoveryAttempt(method, "not tried", "needs example_inputs"))
+            continue
+        try:
+            flow = build_dataflow(model, method, args)
+        except Exception as exc:  # noqa: BLE001 - any tracer failure means "try the next one"
+            detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            attempts.append(DiscoveryAttempt(method, "failed", detail[:300]))
+            logger.info("Dataflow discovery with %s failed: %s", method, detail)
+            continue
+        attempts.append(DiscoveryAttempt(method, "used"))
+        return flow, attempts
+    return None, attempts
+
+
 def find_fold_pairs(model: nn.Module, example_inputs: object = None, *,
                     methods: Sequence[str] = DISCOVERY_METHODS) -> PairSearch:
     """Find every foldable BatchNorm of ``model`` and say why the others are not.
@@ -172,21 +205,7 @@ def find_fold_pairs(model: nn.Module, example_inputs: object = None, *,
             expected=f"a non-empty sequence drawn from {list(DISCOVERY_METHODS)}",
             hint="use the default ('fx', 'export', 'hooks') unless you need to force one"))
     args = as_forward_args(example_inputs)
-    attempts: list[DiscoveryAttempt] = []
-    flow: Dataflow | None = None
-    for method in methods:
-        if method != "fx" and args is None:
-            attempts.append(DiscoveryAttempt(method, "not tried", "needs example_inputs"))
-            continue
-        try:
-            flow = build_dataflow(model, method, args)
-        except Exception as exc:  # noqa: BLE001 - any tracer failure means "try the next one"
-            detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-            attempts.append(DiscoveryAttempt(method, "failed", detail[:300]))
-            logger.info("BatchNorm pair discovery with %s failed: %s", method, detail)
-            continue
-        attempts.append(DiscoveryAttempt(method, "used"))
-        break
+    flow, attempts = discover_dataflow(model, args, methods)
     analysis = _Analysis(model, flow, args, attempts)
     pairs, skipped = analysis.run()
     return PairSearch(pairs=tuple(pairs), skipped=skipped, attempts=tuple(attempts),

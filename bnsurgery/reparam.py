@@ -34,10 +34,15 @@ import torch
 from torch import nn
 
 from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm, static_skip_reason
-from bnsurgery._dataflow import Dataflow, FlowNode, build_dataflow, is_leaf_of_interest
+from bnsurgery._dataflow import Dataflow, FlowNode, is_leaf_of_interest
 from bnsurgery.errors import InvalidInputError, NumericMismatchError, format_message
 from bnsurgery.fold import batchnorm_scale_shift, fold_batchnorm_after
-from bnsurgery.pairs import DISCOVERY_METHODS, DiscoveryAttempt, as_forward_args
+from bnsurgery.pairs import (
+    DISCOVERY_METHODS,
+    DiscoveryAttempt,
+    as_forward_args,
+    discover_dataflow,
+)
 
 __all__ = [
     "BranchRecord",
@@ -611,22 +616,6 @@ def _trace(block_module: nn.Module) -> torch.fx.Graph:
 
 # --- planning -----------------------------------------------------------------------------------
 
-def _dataflow(model: nn.Module, args: tuple[object, ...] | None, methods: Sequence[str]
-              ) -> tuple[Dataflow | None, list[DiscoveryAttempt]]:
-    attempts: list[DiscoveryAttempt] = []
-    for method in methods:
-        if method != "fx" and args is None:
-            attempts.append(DiscoveryAttempt(method, "not tried", "needs example_inputs"))
-            continue
-        try:
-            flow = build_dataflow(model, method, args)
-        except Exception as exc:  # noqa: BLE001 - any tracer failure means "try the next one"
-            detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-            attempts.append(DiscoveryAttempt(method, "failed", detail[:300]))
-            continue
-        attempts.append(DiscoveryAttempt(method, "used"))
-        return flow, attempts
-    return None, attempts
 
 
 def _kernel(module: nn.Module, branch: _Branch, dims: int) -> tuple[int, ...]:
@@ -661,7 +650,7 @@ def plan_reparameterization(model: nn.Module, example_inputs: object = None, *,
             "Unknown dataflow discovery method", where="methods", got=list(methods),
             expected=f"a non-empty sequence drawn from {list(DISCOVERY_METHODS)}",
             hint="use the default ('fx', 'export', 'hooks')"))
-    flow, attempts = _dataflow(model, as_forward_args(example_inputs), methods)
+    flow, attempts = discover_dataflow(model, as_forward_args(example_inputs), methods)
     if flow is None:
         return ReparamPlan(merged=(), not_merged=(UnmergedSum(
             ("<model>",), "no dataflow graph could be built: "
