@@ -19,6 +19,7 @@ __all__ = [
     "FusionError",
     "IncompatibleModuleError",
     "InvalidInputError",
+    "KernelUnavailableError",
     "MissingDependencyError",
     "NonFiniteReferenceError",
     "NumericMismatchError",
@@ -82,6 +83,10 @@ class BatchNormTypeError(InvalidInputError, TypeError):
 
 class BatchNormDtypeError(InvalidInputError, NotImplementedError):
     """A batch_norm input of a non-float dtype, which torch rejects with ``NotImplementedError``."""
+
+
+class KernelUnavailableError(InvalidInputError, RuntimeError):
+    """A BatchNorm kernel that was asked for by name (``BNSURGERY_KERNEL``) cannot run here."""
 
 
 class NonFiniteReferenceError(InvalidInputError):

@@ -47,6 +47,12 @@ mode mean and var are constants, so ``dL/dx = weight * invstd * g``.
 Half-precision inputs (float16, bfloat16) are normalised with float32 statistics and float32
 arithmetic and rounded once to the input's dtype, as torch does; weight, bias and running
 statistics may then be float32 (mixed precision) or of the input's dtype.
+
+Reading order: these formulas; :func:`literal_batch_norm`, which writes them out line by line
+(slow, and the oracle the tests hold every fast path to); then :func:`batch_norm`, which checks
+its arguments as torch does and hands the work to a kernel. The kernels compute the same
+formulas with the memory-layout engineering that makes them fast: :mod:`bnsurgery.kernel_tensor`
+in torch operations, and the compiled backends that :mod:`bnsurgery.kernels` chooses between.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bnsurgery.autograd_function import BatchNormFunction
 from bnsurgery.errors import (
     BatchNormDtypeError,
     BatchNormRuntimeError,
@@ -61,272 +68,72 @@ from bnsurgery.errors import (
     InvalidInputError,
     format_message,
 )
+from bnsurgery.kernel_tensor import accumulate_dtype, batch_norm_stats
+from bnsurgery.kernels import select_backend
 
-__all__ = ["batch_norm", "batch_norm_stats"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are computed in: float32 for half types, else the input's own."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+__all__ = ["batch_norm", "batch_norm_stats", "literal_batch_norm"]
 
 
-def _reduce_dims(x: Tensor) -> list[int]:
-    """Every dimension but the channel one (dim 1)."""
-    return [0, *range(2, x.dim())]
+# --- The formulas, literally -----------------------------------------------------------------
 
 
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    """View a per-channel vector ``(C,)`` so that it broadcasts against ``x`` ``(N, C, ...)``."""
-    return t.view(1, -1, *([1] * (x.dim() - 2)))
+def literal_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """The formulas of this module's docstring, one line each; the oracle for the fast paths.
 
-
-# --- Memory layout -------------------------------------------------------------------------
-# Per-channel reductions over (N, *spatial) are slow in torch when they span non-adjacent
-# dimensions. Viewing the memory as a contiguous (A, C, L) block turns them into fast ones:
-# a contiguous NCHW tensor is (N, C, H*W), a channels-last one or a 2-D (N, C) one is
-# (N*H*W, C, 1). Everything below reads that block, never the strided original.
-
-
-def _block(x: Tensor) -> Tensor:
-    """``x`` as a contiguous ``(A, C, L)`` view of its memory (copying only odd layouts)."""
-    channels = x.shape[1]
-    if x.is_contiguous():
-        return x.view(x.shape[0], channels, -1)
-    if x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt):
-            return x.permute(0, *range(2, x.dim()), 1).reshape(-1, channels, 1)
-    return x.contiguous().view(x.shape[0], channels, -1)
-
-
-def _channel_sum(block: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-channel sum of an ``(A, C, L)`` block."""
-    if block.shape[2] == 1:
-        return block.sum((0, 2), dtype=dtype)
-    return block.sum(2, dtype=dtype).sum(0)
-
-
-def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-channel ``sum(a * b)`` of two ``(A, C, L)`` blocks.
-
-    A sum of squares (``a is b``) with ``L > 1`` is taken as row norms, which needs no
-    ``a * a`` temporary: on large tensors, allocating fresh memory costs more than the arithmetic.
-    """
-    if a is b and a.shape[2] > 1:
-        return torch.linalg.vector_norm(a, dim=2).square().sum(0)
-    return (a * b).sum((0, 2))
-
-
-def _like(t: Tensor, reference: Tensor) -> Tensor:
-    """``t`` with ``reference``'s dtype and memory layout, so their blocks line up."""
-    if t.dtype == reference.dtype and t.stride() == reference.stride():
-        return t
-    return torch.empty_like(reference).copy_(t)
-
-
-def _affine(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``x * scale + shift`` per channel in one pass, rounded once to ``out_dtype``.
-
-    torch vectorises a fused multiply-add only when at most one operand is broadcast along the
-    innermost dimension. With channels innermost (2-D or channels-last) scale and shift already
-    vary along it; otherwise shift is spread over one sample's spatial extent first (a tensor the
-    size of one sample, small next to the batch).
-    """
-    scale_b, shift_b = _per_channel(scale, x), _per_channel(shift, x)
-    if x.dim() > 2 and not _block(x).shape[2] == 1:
-        shift_b = shift_b.expand(1, x.shape[1], *x.shape[2:]).contiguous()
-    return torch.addcmul(shift_b, x, scale_b).to(out_dtype)
-
-
-# --- The maths -----------------------------------------------------------------------------
-
-
-def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel batch mean and *biased* variance of ``x``, in the accumulation dtype.
-
-    Two passes (mean first, then the mean squared deviation from it) rather than
-    ``E[x^2] - E[x]^2``, which loses every significant digit when the mean is large compared to
-    the spread.
+    Differentiable by autograd as written (so it is a gradient oracle too), and slow: every step
+    makes a tensor. It does no argument checking; :func:`batch_norm` is the function to call.
 
     Args:
-        x: Input of shape ``(N, C, *spatial)`` with at least one value per channel.
+        input: Tensor of shape ``(N, C, *spatial)``, non-empty.
+        running_mean: ``(C,)``; read in evaluation, updated in place in training.
+        running_var: ``(C,)``; read in evaluation, updated in place in training.
+        weight: ``(C,)`` or ``None`` for 1.
+        bias: ``(C,)`` or ``None`` for 0.
+        training: Use (and record) the batch statistics rather than the running ones.
+        momentum: Weight of this batch in the running-statistics update.
+        eps: Added to the variance before the square root.
 
     Returns:
-        ``(mean, var)``, each of shape ``(C,)``.
+        The normalised tensor, in ``input``'s dtype.
     """
-    mean, centred = _centre(x)
-    block = _block(centred)
-    return mean, _channel_dot(block, block) / (x.numel() // x.shape[1])
-
-
-def _centre(x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(mean, x - mean)`` in the accumulation dtype; the batch mean unless ``mean`` is given."""
-    acc = _accumulate_dtype(x.dtype)
-    if mean is None:
-        mean = _channel_sum(_block(x), acc) / (x.numel() // x.shape[1])
-    return mean, x - _per_channel(mean, x)
-
-
-def _update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
-                          var: Tensor, count: int, momentum: float) -> None:
-    """Exponential moving average of the batch statistics, with the unbiased variance."""
-    # Each new value is computed in the statistics' dtype (float32 for half buffers) and rounded
-    # once into the buffer, as torch does: updating a float16 buffer in place would round the
-    # decay, the batch value and their sum separately.
-    with torch.no_grad():
-        if running_mean is not None:
-            updated = running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum
-            running_mean.copy_(updated)
-        if running_var is not None:
-            unbiased = var * (count / (count - 1)) if count > 1 else var
-            running_var.copy_(running_var.to(unbiased.dtype) * (1 - momentum)
-                              + unbiased * momentum)
-
-
-def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-             running_var: Tensor | None, training: bool, momentum: float,
-             eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Output, the mean used and ``invstd``; updates the running statistics in training."""
-    acc = _accumulate_dtype(x.dtype)
-    channels = x.shape[1]
-    if x.numel() == 0:
-        # An empty batch has no statistics: return an empty output and leave the buffers alone.
-        empty = torch.zeros(channels, dtype=acc, device=x.device)
-        return x.clone(), empty, empty
-    weight = None if weight is None else weight.to(acc)
-    bias = None if bias is None else bias.to(acc)
+    x = input.to(accumulate_dtype(input.dtype))
+    dims = [0, *range(2, x.dim())]               # every dimension but the channels
+    shape = [1, -1] + [1] * (x.dim() - 2)        # a (C,) vector, broadcast against x
+    count = x.numel() // x.shape[1]              # M, the values per channel
     if training:
-        count = x.numel() // channels
-        mean, centred = _centre(x)
-        block = _block(centred)
-        var = _channel_dot(block, block) / count
-        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        invstd = torch.rsqrt(var + eps)
-        # y = (x - mean) * invstd * weight + bias, from the centred values already at hand.
-        scale = invstd if weight is None else invstd * weight
-        shift = torch.zeros_like(scale) if bias is None else bias
-        if centred.dtype != x.dtype:  # half input: float32 arithmetic, rounded once
-            return _affine(centred, scale, shift, x.dtype), mean, invstd
-        # In place on the temporary: one allocation fewer, which on large tensors matters more
-        # than one extra pass.
-        y = centred.mul_(_per_channel(scale, x))
-        if bias is not None:
-            y.add_(_per_channel(bias, x))
-        return y, mean, invstd
-    mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
-    # y = x * scale + shift with scale = weight * invstd and shift = bias - mean * scale.
-    scale = invstd if weight is None else invstd * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return _affine(x, scale, shift, x.dtype), mean, invstd
-
-
-def _backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
-              training: bool, needs: tuple[bool, bool, bool]
-              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for input, weight and bias; see the module docstring for the formulas.
-
-    In training mode ``dL/dx = a * g + b * (x - mean) + c`` per channel, with
-    ``a = weight * invstd``, ``b = -a * invstd^2 * mean(g * (x - mean))`` and
-    ``c = -a * mean(g)``: the formula of the module docstring with its per-channel factors
-    gathered.
-    """
-    acc = invstd.dtype
-    count = x.numel() // x.shape[1]
-    # One input-sized scratch buffer serves every step: x - mean, then g * (x - mean) for its
-    # per-channel sum, then dL/dx itself.
-    _, scratch = _centre(x, mean)
-    g = _like(grad_out, scratch)
-    sum_dy = _channel_sum(_block(g), acc)
-    # The saved mean is rounded, so x - mean is off by a per-channel constant: the mean of the
-    # centred values, ideally 0. Measuring it and taking sum(g) times it back out keeps
-    # sum(g * (x - mean)) accurate when the mean is large next to the spread.
-    residual = _channel_sum(_block(scratch), acc) / count if training else None
-    sum_dy_xmu = _channel_sum(_block(scratch.mul_(g)), acc)
-    if training:
-        sum_dy_xmu = sum_dy_xmu - residual * sum_dy
-    a = invstd if weight is None else invstd * weight.to(acc)
-    grad_x = None
-    if needs[0]:
-        if training:
-            b = -a * invstd.square() * (sum_dy_xmu / count)
-            c = -a * (sum_dy / count) - b * residual
-            grad_x = torch.sub(x, _per_channel(mean, x), out=scratch).mul_(_per_channel(b, x))
-            grad_x.addcmul_(g, _per_channel(a, x)).add_(_per_channel(c, x))
-        else:
-            grad_x = torch.mul(g, _per_channel(a, x), out=scratch)
-        grad_x = grad_x.to(x.dtype)
-    grad_w = sum_dy_xmu * invstd if needs[1] else None
-    grad_b = sum_dy if needs[2] else None
-    return grad_x, grad_w, grad_b
-
-
-def _backward_differentiable(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
-                             invstd: Tensor, training: bool, eps: float
-                             ) -> tuple[Tensor, Tensor, Tensor]:
-    """The same gradients, written literally and out of place so autograd can differentiate them.
-
-    Used for double backward (``create_graph=True``). In training the statistics are recomputed
-    from ``x`` inside the graph, because they depend on ``x`` and the second derivative must see
-    that dependence.
-    """
-    acc = invstd.dtype
-    dims = _reduce_dims(x)
-    xf, g = x.to(acc), grad_out.to(acc)
-    if training:
-        mean = xf.mean(dims)
-        var = (xf - _per_channel(mean, x)).square().mean(dims)
-        invstd = torch.rsqrt(var + eps)
-    x_hat = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
-    w = torch.ones_like(invstd) if weight is None else weight.to(acc)
-    grad_b = g.sum(dims)
-    grad_w = (g * x_hat).sum(dims)
-    if training:
-        inner = g - _per_channel(g.mean(dims), x) - x_hat * _per_channel((g * x_hat).mean(dims), x)
+        mean = x.mean(dims)                                    # mean   = sum(x) / M
+        var = ((x - mean.view(shape)) ** 2).mean(dims)        # var    = sum((x - mean)^2) / M
+        with torch.no_grad():
+            unbiased = var * count / max(count - 1, 1)        # Bessel's correction M / (M - 1)
+            if running_mean is not None:
+                running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
+            if running_var is not None:
+                running_var.copy_((1 - momentum) * running_var + momentum * unbiased)
     else:
-        inner = g
-    grad_x = _per_channel(w * invstd, x) * inner
-    return grad_x.to(x.dtype), grad_w, grad_b
+        mean = running_mean.to(x.dtype)                        # mean = running_mean
+        var = running_var.to(x.dtype)                          # var  = running_var
+    invstd = 1 / torch.sqrt(var + eps)                         # invstd = 1 / sqrt(var + eps)
+    x_hat = (x - mean.view(shape)) * invstd.view(shape)        # x_hat  = (x - mean) * invstd
+    y = x_hat
+    if weight is not None:
+        y = weight.to(x.dtype).view(shape) * y                 # y = weight * x_hat ...
+    if bias is not None:
+        y = y + bias.to(x.dtype).view(shape)                   # ... + bias
+    return y.to(input.dtype)
 
 
-class _BatchNormFunction(torch.autograd.Function):
-    """The autograd node of :func:`batch_norm`: forward and backward written out by hand.
+# --- Checks and dispatch ---------------------------------------------------------------------
 
-    Like torch's kernel it saves the input, the mean and ``1/std`` for backward (nothing
-    input-sized besides the input itself) and recomputes ``x - mean`` when it is needed.
-    """
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-                momentum: float, eps: float) -> Tensor:
-        y, mean, invstd = _forward(x, weight, bias, running_mean, running_var, training,
-                                   momentum, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, mean, invstd = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        if x.numel() == 0:
-            zeros = None if weight is None else torch.zeros_like(weight)
-            grads = (torch.zeros_like(x), zeros, zeros)
-        elif torch.is_grad_enabled():
-            grads = _backward_differentiable(grad_out, x, weight, mean, invstd, ctx.training,
-                                             ctx.eps)
-        else:
-            grads = _backward(grad_out, x, weight, mean, invstd, ctx.training, needs)
-        grad_x, grad_w, grad_b = (g if need else None for g, need in zip(grads, needs, strict=True))
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None and ctx.bias_dtype is not None:
-            grad_b = grad_b.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -428,7 +235,7 @@ def batch_norm(
         t is not None and t.requires_grad for t in (input, weight, bias))
     if not grad_wanted:
         # Inference (or no_grad): the same maths without building an autograd node.
-        return _forward(input, weight, bias, running_mean, running_var, training, momentum,
-                        eps)[0]
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                    momentum, eps)
+        return select_backend(input).forward(input, weight, bias, running_mean, running_var,
+                                             training, momentum, eps)[0]
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
+                                   momentum, eps)

@@ -62,20 +62,20 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.functional import batch_norm
 
-# Private helpers of the from-scratch BatchNorm: the same memory-layout tricks and arithmetic,
+# The building blocks of the pure-tensor kernel: the same memory-layout tricks and arithmetic,
 # so the synced layer differs from the plain one only by its collectives.
-from bnsurgery.functional import (
-    _accumulate_dtype,
-    _affine,
-    _block,
-    _centre,
-    _channel_dot,
-    _channel_sum,
-    _like,
-    _per_channel,
-    _update_running_stats,
-    batch_norm,
+from bnsurgery.kernel_tensor import (
+    accumulate_dtype,
+    affine,
+    centre,
+    channel_block,
+    channel_dot,
+    channel_sum,
+    like,
+    per_channel,
+    update_running_stats,
 )
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
@@ -133,10 +133,10 @@ def _rank_statistics(x: Tensor) -> _RankStatistics:
     digits of the variance that one process on the whole batch keeps.
     """
     count = x.numel() // x.shape[1]
-    mean, centred = _centre(x)
-    block = _block(centred)
-    dev_sum = _channel_sum(block, centred.dtype).to(_PAYLOAD_DTYPE)
-    dev_sq_sum = _channel_dot(block, block).to(_PAYLOAD_DTYPE)
+    mean, centred = centre(x)
+    block = channel_block(centred)
+    dev_sum = channel_sum(block, centred.dtype).to(_PAYLOAD_DTYPE)
+    dev_sq_sum = channel_dot(block, block).to(_PAYLOAD_DTYPE)
     sums = mean.to(_PAYLOAD_DTYPE) * count + dev_sum
     sq_devs = (dev_sq_sum - dev_sum.square() / count).clamp(min=0)
     return _RankStatistics(count, sums, sq_devs, mean, centred)
@@ -263,11 +263,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             (t.device for t in (weight, running_mean) if t is not None), torch.device("cpu"))
         total, mean64, var64 = _exchange_statistics(x, problem, stats, num_features, group,
                                                     world_size, rank, device, layer, failure)
-        acc = _accumulate_dtype(x.dtype)
+        acc = accumulate_dtype(x.dtype)
         zeros = torch.zeros(num_features, dtype=acc, device=x.device)
         mean, mean_residual, invstd = zeros, zeros, zeros
         if total > 0:
-            _update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
+            update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
             mean = mean64.to(acc)
             # What rounding the mean to the accumulation precision lost; the backward adds it
             # back (for float32 inputs far from zero it would otherwise bias the gradients).
@@ -280,9 +280,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             offset = (mean64 - stats.mean.to(_PAYLOAD_DTYPE)).to(acc)
             shift = -offset * scale if bias is None else bias.to(acc) - offset * scale
             if stats.centred.dtype != x.dtype:  # half input: float32 arithmetic, rounded once
-                y = _affine(stats.centred, scale, shift, x.dtype)
+                y = affine(stats.centred, scale, shift, x.dtype)
             else:  # in place on the temporary: no fresh input-sized allocation
-                y = stats.centred.mul_(_per_channel(scale, x)).add_(_per_channel(shift, x))
+                y = stats.centred.mul_(per_channel(scale, x)).add_(per_channel(shift, x))
         else:
             y = x.clone()  # an empty batch: nothing to normalise
         ctx.save_for_backward(x, weight, mean, mean_residual, invstd)
@@ -305,10 +305,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             try:
                 # One input-sized scratch buffer: x - mean, then g * (x - mean) for its sum, then
                 # dL/dx. sum(g * (x - mean)) = sum(g * (x - rounded mean)) - residual * sum(g).
-                _, scratch = _centre(x, mean)
-                g = _like(grad_out, scratch)
-                sum_dy = _channel_sum(_block(g), acc)
-                sum_dy_xmu = (_channel_sum(_block(scratch.mul_(g)), acc)
+                _, scratch = centre(x, mean)
+                g = like(grad_out, scratch)
+                sum_dy = channel_sum(channel_block(g), acc)
+                sum_dy_xmu = (channel_sum(channel_block(scratch.mul_(g)), acc)
                               - mean_residual * sum_dy)
             except RuntimeError as exc:  # e.g. out of memory: re-raised after the collective
                 failure = exc
@@ -331,9 +331,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 a = invstd if weight is None else invstd * weight.to(acc)
                 b = -a * invstd.square() * (sums[1 + channels:] / total).to(acc)
                 c = -a * (sums[1:1 + channels] / total).to(acc) - b * mean_residual
-                grad_x = torch.sub(x, _per_channel(mean, x), out=scratch)
-                grad_x.mul_(_per_channel(b, x)).addcmul_(g, _per_channel(a, x))
-                grad_x = grad_x.add_(_per_channel(c, x)).to(x.dtype)
+                grad_x = torch.sub(x, per_channel(mean, x), out=scratch)
+                grad_x.mul_(per_channel(b, x)).addcmul_(g, per_channel(a, x))
+                grad_x = grad_x.add_(per_channel(c, x)).to(x.dtype)
         elif failure is not None:
             raise failure
         if needs_w:

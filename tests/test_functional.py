@@ -329,3 +329,21 @@ def test_half_running_statistics_are_rounded_once_as_torch_does():
         F.batch_norm(x, torch_mean, torch_var, None, None, True, 0.1, 1e-5)
         torch.testing.assert_close(ours_mean, torch_mean, rtol=0, atol=0)
         torch.testing.assert_close(ours_var, torch_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (2, 3, 4, 5)], ids=str)
+def test_literal_batch_norm_is_torch_batch_norm(training, shape):
+    """The line-by-line transcription of the formulas matches torch, output and running stats."""
+    from bnsurgery.functional import literal_batch_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2
+    weight = torch.rand(3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    ours = (torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
+    theirs = tuple(t.clone() for t in ours)
+    got = literal_batch_norm(x, *ours, weight, bias, training, 0.3, 1e-5)
+    want = torch.nn.functional.batch_norm(x, *theirs, weight, bias, training, 0.3, 1e-5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours, theirs)

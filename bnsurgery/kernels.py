@@ -1,0 +1,167 @@
+"""Which BatchNorm kernel runs: the backends, how one is chosen, and why.
+
+Every backend computes the same maths (:mod:`bnsurgery.functional` has the formulas) through two
+functions with one contract, ``forward`` and ``backward`` (see :mod:`bnsurgery.kernel_tensor`):
+
+- ``reference``: :mod:`bnsurgery.kernel_tensor`, torch reductions and element-wise arithmetic.
+  Runs everywhere, and is the only backend used while a graph is being captured
+  (``torch.compile``, ``torch.fx``, ``torch.export``, ONNX export, TorchScript tracing), so that
+  captured graphs hold ordinary torch operators that every exporter and compiler understands.
+- further backends (compiled kernels) are listed in :data:`BACKENDS` with the module that
+  implements them. Each module has ``unavailable_reason(device) -> str | None`` (``None`` when it
+  can run on that device) besides ``forward`` and ``backward``, and is imported only when it
+  is first considered.
+
+The environment variable ``BNSURGERY_KERNEL`` forces one backend (``reference``, or another name
+in :data:`BACKENDS`), for debugging and tests; ``auto`` or unset picks the fastest available one
+for the input's device. A forced backend that cannot run raises, rather than quietly running
+another one: whoever forces a backend wants to know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from bnsurgery.errors import InvalidInputError, KernelUnavailableError, format_message
+
+__all__ = ["BACKENDS", "ENV_VAR", "KernelInfo", "kernel_info", "select_backend"]
+
+#: The environment variable that forces a backend.
+ENV_VAR = "BNSURGERY_KERNEL"
+
+#: Backend name -> the module implementing it, in order of preference per device type.
+BACKENDS: dict[str, str] = {
+    "reference": "bnsurgery.kernel_tensor",
+}
+
+#: For each device type, the backends tried in order by ``auto``; ``reference`` always last.
+_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference",),
+    "cuda": ("reference",),
+}
+
+_modules: dict[str, ModuleType] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInfo:
+    """The backend that runs for a device, and why each of the others does not.
+
+    Attributes:
+        device: The device type asked about (``"cpu"``, ``"cuda"``, ...).
+        backend: The backend that runs there now.
+        reason: Why that one: forced through :data:`ENV_VAR`, or the first available by
+            preference.
+        unavailable: For every other backend considered, why it does not run.
+    """
+
+    device: str
+    backend: str
+    reason: str
+    unavailable: dict[str, str]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def _module(name: str) -> ModuleType:
+    if name not in _modules:
+        _modules[name] = importlib.import_module(BACKENDS[name])
+    return _modules[name]
+
+
+def _unavailable(name: str, device: torch.device) -> str | None:
+    """Why ``name`` cannot run on ``device``, or ``None`` when it can."""
+    if name == "reference":
+        return None
+    try:
+        module = _module(name)
+    except ImportError as exc:  # an optional backend's own optional dependency is missing
+        return f"cannot be imported ({exc})"
+    return module.unavailable_reason(device)
+
+
+def _forced() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise InvalidInputError(format_message(
+            f"unknown BatchNorm kernel in {ENV_VAR}", where=ENV_VAR, got=repr(value),
+            expected=f"one of auto, {', '.join(BACKENDS)}",
+            hint=f"unset {ENV_VAR} to let bnsurgery choose"))
+    return value
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a graph is being captured, where only ordinary torch operators may appear.
+
+    Besides the compilers' own flags, an input that is not a plain tensor (a fake, functional or
+    proxy tensor of ``torch.export`` and ``make_fx``, or a tensor subclass such as ``DTensor``)
+    or an active dispatch mode means the operators are being recorded or reinterpreted.
+    """
+    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or torch.jit.is_scripting()):
+        return True
+    if type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return True
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    return is_fx_symbolic_tracing() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _choose(device: torch.device) -> tuple[str, str, dict[str, str]]:
+    """``(backend, reason, {other backend: why not})`` for ``device``."""
+    forced = _forced()
+    if forced is not None:
+        why_not = _unavailable(forced, device)
+        if why_not is not None:
+            raise KernelUnavailableError(format_message(
+                f"the BatchNorm kernel forced through {ENV_VAR} cannot run", where=ENV_VAR,
+                got=f"{forced!r} on {device.type}: {why_not}",
+                expected=f"one that can run there, e.g. {ENV_VAR}=reference",
+                hint=f"unset {ENV_VAR}, or fix what the reason names"))
+        return forced, f"forced by {ENV_VAR}={forced}", {}
+    unavailable: dict[str, str] = {}
+    for name in _PREFERENCE.get(device.type, ("reference",)):
+        why_not = _unavailable(name, device)
+        if why_not is None:
+            return name, "the first available by preference", unavailable
+        unavailable[name] = why_not
+    return "reference", "the fallback of last resort", unavailable  # pragma: no cover
+
+
+def select_backend(x: torch.Tensor) -> ModuleType:
+    """The backend module that computes BatchNorm for ``x`` now.
+
+    While a graph is being captured this is always the reference backend, whatever is forced:
+    a captured graph must hold only operators that exporters and compilers understand.
+    """
+    if _capturing(x):
+        return _module("reference")
+    return _module(_choose(x.device)[0])
+
+
+def kernel_info(device: str | torch.device = "cpu") -> KernelInfo:
+    """Which BatchNorm backend runs on ``device`` and why the others do not.
+
+    Args:
+        device: A device or device type, e.g. ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        A :class:`KernelInfo`.
+
+    Raises:
+        InvalidInputError: :data:`ENV_VAR` names no backend.
+        KernelUnavailableError: :data:`ENV_VAR` forces a backend that cannot run there.
+    """
+    device = torch.device(device)
+    backend, reason, unavailable = _choose(device)
+    return KernelInfo(device=device.type, backend=backend, reason=reason,
+                      unavailable=unavailable)
