@@ -8,10 +8,10 @@ mode they had), measures each layer's input per channel, and sets
 * ``running_mean`` to the mean over every value the layer saw, and
 * ``running_var`` to their unbiased variance (BatchNorm's convention for running statistics),
 
-computed in float64 by Chan's parallel merge of per-batch moments, so the result is the statistic
-of the whole dataset, not a momentum average. Under ``torch.distributed`` the per-rank moments
-are merged the same way, so every rank ends with identical buffers equal to a single process
-seeing all the data. Layers that should not change (frozen classes, layers without running
+computed to float64 accuracy by Chan's parallel merge of per-batch moments, so the result is the
+statistic of the whole dataset, not a momentum average. Under ``torch.distributed`` the per-rank
+moments are merged the same way, so every rank ends with identical buffers equal to a single
+process seeing all the data. Layers that should not change (frozen classes, layers without running
 statistics, layers the caller excludes) are left alone and listed in the report.
 """
 
@@ -29,8 +29,15 @@ from torch import Tensor, nn
 
 from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.kernel_tensor import channel_block
 
-__all__ = ["LayerRecalibration", "RecalibrationReport", "merge_moments", "recalibrate_batchnorm"]
+__all__ = [
+    "LayerRecalibration",
+    "RecalibrationReport",
+    "batch_moments",
+    "merge_moments",
+    "recalibrate_batchnorm",
+]
 
 _F64 = torch.float64
 
@@ -142,6 +149,45 @@ class RecalibrationReport:
         return "\n".join(lines)
 
 
+#: Values converted to float64 at a time: small enough (2 MiB) to stay in cache, large enough
+#: that the loop over chunks costs nothing next to the arithmetic.
+_CHUNK_VALUES = 1 << 18
+
+def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Per-channel count, mean and sum of squared deviations of ``x``, exact to float64.
+
+    The float64 copy of a large activation costs more than the arithmetic, so the values are
+    converted a cache-sized chunk at a time and reduced while they are hot. One pass gathers
+    ``sum(d)`` and ``sum(d^2)`` of ``d = x - K``, shifted by ``K``, the float64 mean of the first
+    chunk. ``sum(d^2) - sum(d)^2 / n`` cancels by the factor
+    ``sum(d^2) / sq_dev = 1 + n (mean - K)^2 / sq_dev``, and since the first chunk's own ``n0``
+    values contribute at least ``n0 (K - mean)^2`` to ``sq_dev``, that factor is at most
+    ``1 + n / n0``, about the number of chunks: the variance keeps all but a few of float64's 16
+    digits, however large the mean is next to the spread (the naive ``E[x^2] - E[x]^2`` loses
+    them all).
+
+    Args:
+        x: A BatchNorm input ``(N, C, ...)`` of any float dtype and layout.
+
+    Returns:
+        ``(count, mean, sq_dev)``: values per channel, and two float64 ``(C,)`` tensors.
+    """
+    block = channel_block(x.detach())
+    count = block.shape[0] * block.shape[2]
+    rows = max(1, _CHUNK_VALUES // max(1, block.shape[1] * block.shape[2]))
+    chunks = [block[i:i + rows] for i in range(0, block.shape[0], rows)]
+    shift = chunks[0].to(_F64).mean((0, 2)).view(1, -1, 1)
+    total = torch.zeros(block.shape[1], dtype=_F64, device=x.device)
+    squares = torch.zeros_like(total)
+    for chunk in chunks:
+        deviation = chunk.to(_F64) - shift
+        total += deviation.sum((0, 2))
+        squares += deviation.square_().sum((0, 2))
+    mean = shift.flatten() + total / count
+    sq_dev = squares - total.square() / count
+    return count, mean, sq_dev.clamp(min=0)
+
+
 class _Moments:
     """Float64 count, mean and sum of squared deviations of one layer's input, per channel."""
 
@@ -155,11 +201,9 @@ class _Moments:
             raise InvalidInputError(format_message(
                 "A BatchNorm input needs a batch and a channel axis", got=tuple(x.shape),
                 expected="(N, C, ...)"))
-        dims = [0, *range(2, x.dim())]
-        count = x.numel() // x.shape[1]
-        # One float64 pass (Welford inside var_mean) over the input in its own layout.
-        variance, mean = torch.var_mean(x.detach().to(_F64), dim=dims, correction=0)
-        sq_dev = variance * count
+        if x.numel() == 0:
+            return
+        count, mean, sq_dev = batch_moments(x)
         if self.mean is None:
             self.count = torch.tensor(float(count), dtype=_F64, device=x.device)
             self.mean, self.sq_dev = mean, sq_dev
