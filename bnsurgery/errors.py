@@ -10,6 +10,7 @@ builds that shape so every raise site reads the same.
 from __future__ import annotations
 
 __all__ = [
+    "BackendRunError",
     "BatchNormDtypeError",
     "BatchNormRuntimeError",
     "BatchNormTypeError",
@@ -102,6 +103,10 @@ class FusionError(BnSurgeryError, RuntimeError):
 
 class ExportError(BnSurgeryError, RuntimeError):
     """Exporting a model (ONNX, TensorRT, torch.export) failed."""
+
+
+class BackendRunError(BnSurgeryError, RuntimeError):
+    """A backend (onnxruntime) loaded a file but failed to run it on the inputs given."""
 
 
 class NumericMismatchError(BnSurgeryError, RuntimeError):

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.comparison import select_tolerance
+from bnsurgery.errors import InvalidInputError, RunTimeoutError, format_message
 from bnsurgery.finite import non_finite_outputs, require_finite_reference
-from bnsurgery.validate import flatten_outputs, resize_batch, select_tolerance
+from bnsurgery.tensors import flatten_outputs, resize_batch
 
 __all__ = ["FusionCheck", "ReferenceRuns", "bisect_failures", "inputs_fingerprint"]
 
@@ -259,6 +260,8 @@ class ReferenceRuns:
             shape = list(_shapes(args))
             try:
                 outputs = _run(candidate, args)
+            except RunTimeoutError:
+                raise  # a time limit the caller set is not a numeric mismatch
             except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a mismatch
                 return (f"the fused model raises {type(exc).__name__} on inputs of shape "
                         f"{shape}, where the original runs"), math.inf
