@@ -15,6 +15,7 @@ __all__ = [
     "BatchNormRuntimeError",
     "BatchNormTypeError",
     "BnSurgeryError",
+    "DistributedRunError",
     "ExportError",
     "FileWriteError",
     "FusionError",
@@ -107,6 +108,10 @@ class ExportError(BnSurgeryError, RuntimeError):
 
 class BackendRunError(BnSurgeryError, RuntimeError):
     """A backend (onnxruntime) loaded a file but failed to run it on the inputs given."""
+
+
+class DistributedRunError(BnSurgeryError, RuntimeError):
+    """Another process of a distributed run failed its part of a collective step."""
 
 
 class NumericMismatchError(BnSurgeryError, RuntimeError):

@@ -276,6 +276,16 @@ def _verify(staged: Path, model: nn.Module, original: nn.Module, example: tuple[
     _check_against_original(runner, original, example, dynamic_batch=dynamic_batch, shown=shown)
 
 
+def _put_in_place(staged: Path, destination: Path) -> None:
+    """Move the checked file (and any external-data sidecar) onto the destination."""
+    sidecars = [p for p in staged.parent.iterdir() if p != staged]
+    for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
+        logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
+                       sidecar.name, destination.name)
+        shutil.move(str(sidecar), str(destination.parent / sidecar.name))
+    os.replace(staged, destination)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
@@ -354,12 +364,7 @@ def export_onnx(
             _verify(staged, model, original, example, opset=opset,
                     dynamic_batch=dynamic_batch and export_batch is not None, leading=leading,
                     export_batch=export_batch, shown=destination, timeout=timeout)
-        sidecars = [p for p in Path(folder).iterdir() if p != staged]
-        for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
-            logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
-                           sidecar.name, destination.name)
-            shutil.move(str(sidecar), str(destination.parent / sidecar.name))
-        os.replace(staged, destination)
+        _put_in_place(staged, destination)
     logger.info("exported %s (opset %d, %s, fused=%s)", destination, opset, EXPORTERS[exporter],
                 fuse)
     return destination

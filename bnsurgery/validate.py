@@ -243,13 +243,15 @@ def _sweep(runner: OnnxRunner, reference: nn.Module, inputs: Sequence[Tensor],
 
 def _onnx_diagnosis(reference: nn.Module, runner: OnnxRunner, inputs: Sequence[Tensor], *,
                     providers: Sequence[str], tolerance: Tolerance, device: torch.device,
-                    output_failed: bool) -> tuple[LayerComparison, str]:
-    """The per-layer comparison, or none and why it was impossible.
+                    output_failed: bool, wanted: bool) -> tuple[LayerComparison, str | None]:
+    """The per-layer comparison (when ``wanted``) and a note on how it was made or why not.
 
     Only the failures a debug copy of a valid file can meet are recorded as a note (onnx
     cannot infer shapes or save it, onnxruntime cannot load or run it, the disk is full); a
     bug of bnsurgery's own propagates instead of becoming a note, and so does a time limit.
     """
+    if not wanted:
+        return _NO_COMPARISON, None
     onnx = require("onnx", purpose="Comparing ONNX module outputs")
     try:
         return onnx_layer_errors(reference, runner.path, inputs, providers=providers,
@@ -276,6 +278,8 @@ def _open_file(path: str | Path, providers: Sequence[str] | str | None, inputs: 
         InvalidInputError: The file is missing or cannot be loaded, or the number of inputs
             differs from the file's.
     """
+    require("onnx", purpose="Validating ONNX files")
+    require("onnxruntime", purpose="Validating ONNX files")
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(format_message(
@@ -340,14 +344,11 @@ def validate_onnx(
             available.
         RunTimeoutError: An onnxruntime run took longer than ``timeout``.
     """
-    require("onnx", purpose="Validating ONNX files")
-    require("onnxruntime", purpose="Validating ONNX files")
     check_eval_mode(reference, what="validate_onnx")
     inputs = as_input_tuple(inputs)
     runner, requested, details = _open_file(path, providers, inputs, timeout)
-    float_dtypes = [d for d in runner.input_dtypes if d is not None and d.is_floating_point]
-    tolerance = select_tolerance(float_dtypes[0] if float_dtypes else torch.float32,
-                                 backend="onnxruntime", rtol=rtol, atol=atol)
+    floats = [d for d in runner.input_dtypes if d is not None and d.is_floating_point]
+    tolerance = select_tolerance(*floats[:1], backend="onnxruntime", rtol=rtol, atol=atol)
     sizes, details["dynamic_batch_axis"], sweep_note = _batch_sizes(runner, inputs, batch_sizes)
     device = model_device(reference)
     ref_model = _float32_reference(reference, device)
@@ -357,13 +358,11 @@ def validate_onnx(
                                                model64=model64, seed=seed)
     failures = _provider_failures(requested, runner.providers_used) + failures
     notes = [n for n in (sweep_note, why) if n] + notes
-    comparison = _NO_COMPARISON
     failed = _failed(outputs, failures)
-    if per_layer or (per_layer is None and failed):
-        comparison, note = _onnx_diagnosis(ref_model, runner, inputs, providers=requested,
-                                           tolerance=tolerance, device=device,
-                                           output_failed=failed)
-        notes.append(note)
+    comparison, note = _onnx_diagnosis(ref_model, runner, inputs, providers=requested,
+                                       tolerance=tolerance, device=device, output_failed=failed,
+                                       wanted=per_layer or (per_layer is None and failed))
+    notes += [note] if note else []
     return EquivalenceReport(
         check="onnxruntime", reference="original PyTorch model (float32)",
         candidate=f"{runner.path.name} in onnxruntime",
