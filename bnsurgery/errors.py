@@ -17,6 +17,7 @@ __all__ = [
     "BnSurgeryError",
     "DistributedRunError",
     "ExportError",
+    "ExportMismatchError",
     "FileWriteError",
     "FusionError",
     "IncompatibleModuleError",
@@ -116,6 +117,14 @@ class DistributedRunError(BnSurgeryError, RuntimeError):
 
 class NumericMismatchError(BnSurgeryError, RuntimeError):
     """Two models that should compute the same numbers do not."""
+
+
+class ExportMismatchError(ExportError, NumericMismatchError):
+    """An exported file does not compute what the original model computes (it is not written).
+
+    Both an export failure and a numeric mismatch: ``except ExportError`` catches it, and the
+    command line exits with the mismatch code (1), not the bad-input code (2).
+    """
 
 
 class UnsafeFileError(BnSurgeryError, ValueError):

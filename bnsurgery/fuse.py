@@ -48,9 +48,11 @@ from bnsurgery.fold import (
 from bnsurgery.fusion_check import FusionCheck, ReferenceRuns, bisect_failures, inputs_fingerprint
 from bnsurgery.pairs import (
     DISCOVERY_METHODS,
+    TRANSPOSED_CONVS,
     DiscoveryAttempt,
     FoldPair,
     as_forward_args,
+    channels_out,
     find_fold_pairs,
 )
 
@@ -71,7 +73,6 @@ logger = logging.getLogger(__name__)
 PRECISION_POLICIES: tuple[str, ...] = ("skip", "skip_overflow", "fold")
 
 _HALF = (torch.float16, torch.bfloat16)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class FoldedBatchNormAct(nn.Module):
@@ -192,10 +193,6 @@ def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
                                  weight=getattr(bn, "weight", None), bias=getattr(bn, "bias", None))
 
 
-def _channels_out(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
                  ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Target layer name -> ``{"before": (scale, shift), "after": (scale, shift)}`` in float64."""
@@ -207,7 +204,7 @@ def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
             folds.setdefault(pair.targets[0], {})["before"] = (scale, shift)
             continue
         layers = [model.get_submodule(t) for t in pair.targets]
-        parts = split_scale_shift(scale, shift, [_channels_out(layer) for layer in layers])
+        parts = split_scale_shift(scale, shift, [channels_out(layer) for layer in layers])
         for name, part in zip(pair.targets, parts, strict=True):
             folds.setdefault(name, {})["after"] = part
     return folds
@@ -216,7 +213,8 @@ def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
 def _fold_layer(layer: nn.Module, sides: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
                 keep_float64: bool = False) -> FoldedWeights:
     return fold_layer_weights(layer.weight, layer.bias, before=sides.get("before"),
-                              after=sides.get("after"), transposed=isinstance(layer, _TRANSPOSED),
+                              after=sides.get("after"),
+                              transposed=isinstance(layer, TRANSPOSED_CONVS),
                               groups=getattr(layer, "groups", 1), keep_float64=keep_float64)
 
 

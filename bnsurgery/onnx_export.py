@@ -33,7 +33,13 @@ from torch import Tensor, nn
 
 from bnsurgery._lazy import require
 from bnsurgery._version import __version__
-from bnsurgery.errors import BackendRunError, ExportError, InvalidInputError, format_message
+from bnsurgery.errors import (
+    BackendRunError,
+    ExportError,
+    ExportMismatchError,
+    InvalidInputError,
+    format_message,
+)
 from bnsurgery.messages import first_line
 from bnsurgery.ort_session import DEFAULT_TIMEOUT_S, OnnxRunner, check_timeout
 from bnsurgery.tensors import (
@@ -182,7 +188,7 @@ def _check_against_original(runner: OnnxRunner, original: nn.Module, inputs: tup
     runs = ReferenceRuns(original, inputs, other_shapes=False, other_batch=dynamic_batch)
     reason, _ = runs.compare(runner)
     if reason is not None:
-        raise ExportError(format_message(
+        raise ExportMismatchError(format_message(
             "The exported file does not compute what the original model computes",
             where=str(shown), got=reason, expected="outputs within the onnxruntime tolerance",
             hint="export with fuse=False to see whether folding is the cause, and report it"))
@@ -326,6 +332,8 @@ def export_onnx(
             accepts, or an option is out of range.
         ExportError: The exporter failed, the file fails ``onnx.checker``, has another opset, or
             does not run at some batch size.
+        ExportMismatchError: The file does not compute what the original model computes (an
+            ``ExportError`` and a ``NumericMismatchError``).
         MissingDependencyError: onnx, onnxscript or onnxruntime is missing.
         RunTimeoutError: An onnxruntime run of the check took longer than ``timeout``.
     """

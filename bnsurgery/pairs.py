@@ -48,7 +48,9 @@ __all__ = [
     "DiscoveryAttempt",
     "FoldPair",
     "PairSearch",
+    "TRANSPOSED_CONVS",
     "as_forward_args",
+    "channels_out",
     "discover_dataflow",
     "find_fold_pairs",
     "global_hooks_reason",
@@ -61,8 +63,9 @@ logger = logging.getLogger(__name__)
 DISCOVERY_METHODS: tuple[str, ...] = ("fx", "export", "hooks")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_TARGETS = (*_CONVS, *_TRANSPOSED, nn.Linear)
+#: Transposed convolutions: their weights hold output channels on axis 1, not 0.
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TARGETS = (*_CONVS, *TRANSPOSED_CONVS, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ def global_hooks_reason() -> str | None:
     return None
 
 
-def _channels_out(module: nn.Module) -> int:
+def channels_out(module: nn.Module) -> int:
+    """Output channels of a convolution (plain or transposed) or features of a linear layer."""
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
@@ -408,8 +412,8 @@ class _Analysis:
         if reason:
             return reason
         layer = self.modules[name]
-        if _channels_out(layer) != channels:
-            return f"'{name}' has {_channels_out(layer)} output channels, the BatchNorm {channels}"
+        if channels_out(layer) != channels:
+            return f"'{name}' has {channels_out(layer)} output channels, the BatchNorm {channels}"
         if isinstance(layer, nn.Linear):
             _, out_rank = self.ranks(node)
             if out_rank is None:
@@ -445,11 +449,11 @@ class _Analysis:
             layer = self.modules.get(name)
             if layer is None or not isinstance(layer, _TARGETS):
                 return None, f"its input concatenates '{name}', not a convolution or Linear layer"
-            reason = self._producer_reason(part, cat.index, _channels_out(layer))
+            reason = self._producer_reason(part, cat.index, channels_out(layer))
             if reason:
                 return None, f"its input concatenates several layers and {reason}"
             targets.append(name)
-            total += _channels_out(layer)
+            total += channels_out(layer)
         if total != channels:
             return None, (f"the concatenated layers have {total} channels, the BatchNorm "
                           f"{channels}")
@@ -478,7 +482,7 @@ class _Analysis:
         if isinstance(layer, _CONVS) and _padded_with_zeros(layer):
             return None, (f"it feeds '{name}', which pads with zeros: the padded zeros never went "
                           "through the BatchNorm, so folding into it would not be exact")
-        if isinstance(layer, _TRANSPOSED) and (
+        if isinstance(layer, TRANSPOSED_CONVS) and (
                 any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride)
                 or any(p != 0 for p in layer.output_padding)):
             return None, (f"it feeds the transposed convolution '{name}', whose output borders "
