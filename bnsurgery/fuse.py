@@ -55,6 +55,7 @@ from bnsurgery.pairs import (
     channels_out,
     find_fold_pairs,
 )
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "PRECISION_POLICIES",
@@ -92,7 +93,7 @@ class FoldedBatchNormAct(nn.Module):
 
 
 @dataclass(frozen=True)
-class FoldRecord:
+class FoldRecord(JsonResult):
     """One folded BatchNorm.
 
     Attributes:
@@ -107,6 +108,8 @@ class FoldRecord:
             model or the requested dtype is float16/bfloat16; else ``None``.
     """
 
+    json_derived = ("target",)
+
     batchnorm: str
     batchnorm_type: str
     targets: tuple[str, ...]
@@ -120,17 +123,9 @@ class FoldRecord:
         """The absorbing layer's name (names joined with ``+`` for a concatenation)."""
         return "+".join(self.targets)
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"batchnorm": self.batchnorm, "batchnorm_type": self.batchnorm_type,
-                "target": self.target, "targets": list(self.targets),
-                "direction": self.direction, "method": self.method,
-                "replacement": self.replacement,
-                "precision": None if self.precision is None else self.precision.to_dict()}
-
 
 @dataclass(frozen=True)
-class FusionPlan:
+class FusionPlan(JsonResult):
     """What :func:`fuse_batchnorm` folds and why it leaves the rest.
 
     Attributes:
@@ -151,13 +146,6 @@ class FusionPlan:
     dtype: str | None = None
     precision_policy: str = "skip"
     check: FusionCheck | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"folded": [r.to_dict() for r in self.folded], "skipped": dict(self.skipped),
-                "attempts": [a.to_dict() for a in self.attempts], "method": self.method,
-                "dtype": self.dtype, "precision_policy": self.precision_policy,
-                "check": None if self.check is None else self.check.to_dict()}
 
     def __str__(self) -> str:
         total = len(self.folded) + len(self.skipped)

@@ -35,13 +35,14 @@ from torch import Tensor, nn
 from bnsurgery.comparison import select_tolerance
 from bnsurgery.errors import InvalidInputError, RunTimeoutError, format_message
 from bnsurgery.finite import non_finite_outputs, require_finite_reference
+from bnsurgery.results import JsonResult
 from bnsurgery.tensors import flatten_outputs, resize_batch
 
 __all__ = ["FusionCheck", "ReferenceRuns", "bisect_failures", "inputs_fingerprint"]
 
 
 @dataclass(frozen=True)
-class FusionCheck:
+class FusionCheck(JsonResult):
     """What the fused model was checked on, and how it did.
 
     Attributes:
@@ -53,6 +54,8 @@ class FusionCheck:
         notes: Checks that could not run, and why.
         fingerprint: Identifies the example inputs the check ran on.
     """
+
+    json_omitted = ("fingerprint",)
 
     status: str
     detail: str
@@ -66,12 +69,6 @@ class FusionCheck:
     def passed(self) -> bool:
         """True only when the check ran and passed."""
         return self.status == "passed"
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"status": self.status, "detail": self.detail,
-                "inputs": [list(s) for s in self.inputs], "tolerance": self.tolerance,
-                "max_error_ratio": self.max_error_ratio, "notes": list(self.notes)}
 
 
 def inputs_fingerprint(args: Sequence[object]) -> str:

@@ -42,6 +42,7 @@ from bnsurgery._bn_registry import (
 )
 from bnsurgery._dataflow import Dataflow, FlowNode, build_dataflow
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "DISCOVERY_METHODS",
@@ -69,7 +70,7 @@ _TARGETS = (*_CONVS, *TRANSPOSED_CONVS, nn.Linear)
 
 
 @dataclass(frozen=True)
-class FoldPair:
+class FoldPair(JsonResult):
     """A BatchNorm and the layer(s) it folds into.
 
     Attributes:
@@ -86,14 +87,9 @@ class FoldPair:
     direction: str
     method: str
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"batchnorm": self.batchnorm, "targets": list(self.targets),
-                "direction": self.direction, "method": self.method}
-
 
 @dataclass(frozen=True)
-class DiscoveryAttempt:
+class DiscoveryAttempt(JsonResult):
     """One try of one dataflow builder.
 
     Attributes:
@@ -106,13 +102,9 @@ class DiscoveryAttempt:
     status: str
     detail: str = ""
 
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready form."""
-        return {"method": self.method, "status": self.status, "detail": self.detail}
-
 
 @dataclass(frozen=True)
-class PairSearch:
+class PairSearch(JsonResult):
     """The outcome of :func:`find_fold_pairs`.
 
     Attributes:
@@ -126,11 +118,6 @@ class PairSearch:
     skipped: dict[str, str] = field(default_factory=dict)
     attempts: tuple[DiscoveryAttempt, ...] = ()
     method: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"pairs": [p.to_dict() for p in self.pairs], "skipped": dict(self.skipped),
-                "attempts": [a.to_dict() for a in self.attempts], "method": self.method}
 
 
 def as_forward_args(example_inputs: object) -> tuple[object, ...] | None:
