@@ -19,6 +19,7 @@ from bnsurgery.errors import (
     NonFiniteReferenceError,
     NumericMismatchError,
     ReplacementError,
+    RunTimeoutError,
     UnsafeFileError,
 )
 from bnsurgery.functional import batch_norm
@@ -82,6 +83,7 @@ __all__ = [
     "ReplacementHandle",
     "ReplacementPlan",
     "ReplacementRecord",
+    "RunTimeoutError",
     "SyncBatchNorm",
     "SyncBatchNormAct",
     "TOLERANCES",
