@@ -225,7 +225,9 @@ def run_with_limit(session: Any, feed: dict[str, Any], *, timeout: float, where:
         RunTimeoutError: The run did not finish within ``timeout`` seconds.
         BackendRunError: onnxruntime raised (its own exception types share no useful base; the
             original is the cause).
+        InvalidInputError: ``timeout`` is not a positive number.
     """
+    timeout = check_timeout(timeout)
     ort = require("onnxruntime", purpose="Running ONNX files")
     options = ort.RunOptions()
     options.log_severity_level = 4  # a terminated run logs an error; the exception says it all
