@@ -6,6 +6,7 @@ exporting with numeric-equivalence checks. ``import bnsurgery`` imports torch an
 heavy; onnx, onnxruntime, torch-tensorrt and matplotlib load when first needed.
 """
 
+from bnsurgery._version import __version__ as __version__
 from bnsurgery.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d
 from bnsurgery.calibrate import calibrate_batchnorm, randomize_batchnorm_affine
 from bnsurgery.errors import (
@@ -18,6 +19,7 @@ from bnsurgery.errors import (
     NonFiniteReferenceError,
     NumericMismatchError,
     ReplacementError,
+    RunTimeoutError,
     UnsafeFileError,
 )
 from bnsurgery.functional import batch_norm
@@ -54,8 +56,6 @@ from bnsurgery.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
 from bnsurgery.tensorrt import export_tensorrt, validate_tensorrt
 from bnsurgery.validate import TOLERANCES, compare_models, validate_onnx
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
@@ -83,6 +83,7 @@ __all__ = [
     "ReplacementHandle",
     "ReplacementPlan",
     "ReplacementRecord",
+    "RunTimeoutError",
     "SyncBatchNorm",
     "SyncBatchNormAct",
     "TOLERANCES",

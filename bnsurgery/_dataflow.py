@@ -28,8 +28,9 @@ import copy
 import dataclasses
 import io
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _cat_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Sequence[Any], Any]:
+    """The tensors and the dimension of a concatenation, however the call passed them."""
+    tensors = args[0] if args else kwargs.get("tensors", ())
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    return tensors, dim
 
 # Functions that read only a tensor's metadata. Reading a conv output's shape does not depend on
 # its values, so it is not a "user" that would stop the fold.
@@ -244,8 +252,7 @@ def _from_fx(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dat
             else:
                 new = flow.add("op", f"{type(module).__name__} '{node.target}'", inputs)
         elif node.op == "call_function" and node.target in _CAT_FUNCTIONS:
-            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            tensors, dim = _cat_arguments(node.args, node.kwargs)
             ordered = [index[n] for n in tensors if isinstance(n, torch.fx.Node) and n in index]
             if len(ordered) != len(tensors) or not isinstance(dim, int):
                 new = flow.add("op", "torch.cat", inputs)
@@ -350,8 +357,7 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
             index[node] = existing.index
             continue
         if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
-            tensors = node.args[0]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            tensors, dim = _cat_arguments(node.args, node.kwargs)
             ordered = [index[n] for n in tensors if isinstance(n, torch.fx.Node) and n in index]
             if len(ordered) == len(tensors) and isinstance(dim, int):
                 index[node] = flow.add("cat", "torch.cat", ordered, cat_dim=dim).index
@@ -509,8 +515,7 @@ class _Recorder(TorchFunctionMode):
         if not inputs and not outputs:
             return result
         if func in _CAT_FUNCTIONS:
-            tensors = args[0] if args else kwargs.get("tensors", ())
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            tensors, dim = _cat_arguments(args, kwargs)
             ordered = [self.producer.get(id(t)) for t in tensors]
             if isinstance(dim, int) and all(p is not None for p in ordered):
                 node = self.flow.add("cat", "torch.cat", ordered, cat_dim=dim)  # type: ignore[arg-type]

@@ -15,12 +15,14 @@ argument list and returns the exit code, so the CLI is testable in-process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import pickle
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,9 +35,11 @@ from bnsurgery.errors import (
     InvalidInputError,
     MissingDependencyError,
     NumericMismatchError,
+    RunTimeoutError,
     format_message,
 )
 from bnsurgery.messages import first_line
+from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
 
 __all__ = ["build_parser", "main"]
 
@@ -140,12 +144,12 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     import io
 
     from bnsurgery.files import write_bytes
-    from bnsurgery.onnx_export import _export_inputs
+    from bnsurgery.tensors import export_inputs
 
     _check_save_path(path)
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        example = _export_inputs((inputs,), True)
+        example = export_inputs((inputs,), True)
         batch = torch.export.Dim("batch", min=1)
         try:
             program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
@@ -340,9 +344,11 @@ def _cmd_export(ctx: _Context) -> int:
     ctx.progress(f"exporting to {out} (opset {args.opset}, "
                  f"{'legacy exporter' if args.legacy_exporter else 'dynamo=True'}"
                  f"{', folding BatchNorm' if not args.no_fuse else ''})")
-    export_onnx(model, inputs, out, fuse=not args.no_fuse, opset=args.opset,
-                dynamic_batch=not args.static_batch,
-                exporter="legacy" if args.legacy_exporter else "dynamo")
+    with _timeout_hint():
+        export_onnx(model, inputs, out, fuse=not args.no_fuse, opset=args.opset,
+                    dynamic_batch=not args.static_batch,
+                    exporter="legacy" if args.legacy_exporter else "dynamo",
+                    timeout=args.timeout)
     payload: dict[str, Any] = {"command": "export", "model": loaded.to_dict(), "onnx": str(out),
                                "size_bytes": out.stat().st_size, "fused": not args.no_fuse,
                                "opset": args.opset,
@@ -354,9 +360,11 @@ def _cmd_export(ctx: _Context) -> int:
     reports = []
     if args.validate:
         ctx.progress("validating in onnxruntime against the original model")
-        reports.append(validate_onnx(model, out, inputs, providers=args.providers,
-                                     rtol=args.rtol, atol=args.atol,
-                                     per_layer=True if args.plot else None))
+        with _timeout_hint():
+            reports.append(validate_onnx(model, out, inputs, providers=args.providers,
+                                         rtol=args.rtol, atol=args.atol,
+                                         per_layer=True if args.plot else None,
+                                         timeout=args.timeout))
         _plot(ctx, reports[-1])
     if args.tensorrt:
         trt_path = save_path_for(out, args.tensorrt)
@@ -387,9 +395,11 @@ def _cmd_validate(ctx: _Context) -> int:
     resolve_providers(args.providers)
     loaded, model, inputs = _load(ctx)
     ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
-    report = validate_onnx(model, args.file, inputs, providers=args.providers, rtol=args.rtol,
-                           atol=args.atol,
-                           per_layer=True if args.per_layer or args.plot else None)
+    with _timeout_hint():
+        report = validate_onnx(model, args.file, inputs, providers=args.providers,
+                               rtol=args.rtol, atol=args.atol,
+                               per_layer=True if args.per_layer or args.plot else None,
+                               timeout=args.timeout)
     _write_reports(ctx, [report], {"command": "validate"})
     _plot(ctx, report)
     ctx.emit(str(report), {"command": "validate", "model": loaded.to_dict(),
@@ -495,6 +505,31 @@ def _tolerances(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, help="override the documented absolute tolerance")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="time limit of each onnxruntime run (default "
+                             f"{DEFAULT_TIMEOUT_S:g}); Ctrl-C stops a run too")
+
+
+@contextlib.contextmanager
+def _timeout_hint() -> Iterator[None]:
+    """Name the flag in a time-limit error: the library's message names its keyword."""
+    try:
+        yield
+    except RunTimeoutError as exc:
+        raise RunTimeoutError(str(exc).replace("pass timeout=", "pass --timeout ")) from exc
+
+
 def _report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="PATH", help="also write report.json there")
     parser.add_argument("--plot", metavar="PATH.png",
@@ -503,7 +538,7 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bnsurgery`` command."""
-    from bnsurgery import __version__
+    from bnsurgery._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="bnsurgery",
@@ -577,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--static-batch", action="store_true",
                         help="export a fixed batch size instead of a dynamic batch axis")
     _tolerances(export)
+    _timeout_option(export)
     _report_options(export)
     _common(export, top=False)
     export.set_defaults(handler=_cmd_export)
@@ -590,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--per-layer", action="store_true",
                           help="compare module boundaries even when the outputs agree")
     _tolerances(validate)
+    _timeout_option(validate)
     _report_options(validate)
     _common(validate, top=False)
     validate.set_defaults(handler=_cmd_validate)

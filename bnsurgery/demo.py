@@ -163,7 +163,7 @@ def run_demo(
     from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.models import load_model
     from bnsurgery.onnx_export import export_onnx
-    from bnsurgery.ort_session import _session
+    from bnsurgery.ort_session import OnnxRunner
     from bnsurgery.replace import replace_batchnorm
     from bnsurgery.tensorrt import validate_tensorrt
     from bnsurgery.validate import compare_models, validate_onnx
@@ -236,11 +236,11 @@ def run_demo(
     reports.append(report)
     ort_ms = None
     if report.details.get("providers_used"):
-        session = _session(onnx_path, report.details["providers_requested"])
-        feed = {session.get_inputs()[0].name: inputs.numpy()}
+        runner = OnnxRunner(onnx_path, report.details["providers_requested"])
+        feed = runner.feed((inputs,))
         with torch.no_grad():
             timed = _latencies({"original": lambda: model(inputs),
-                                "onnxruntime": lambda: session.run(None, feed)}, repeats)
+                                "onnxruntime": lambda: runner.run(feed)}, repeats)
         ort_ms = 1e3 * timed["onnxruntime"]
         original_s = timed["original"]
     sizes = ", ".join(str(s) for s in report.details.get("batch_sizes", []))

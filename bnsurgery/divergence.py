@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import math
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnsurgery._bn_registry import looks_like_batchnorm
 from bnsurgery._lazy import require
-from bnsurgery.ort_session import _session
-from bnsurgery.report import LayerError, Tolerance
+from bnsurgery.comparison import Tolerance, output_scale, select_tolerance
+from bnsurgery.ort_session import DEFAULT_TIMEOUT_S, OnnxRunner
+from bnsurgery.report import LayerError
+from bnsurgery.results import JsonResult
+from bnsurgery.tensors import as_input_tuple, cast_inputs, model_device, model_dtype
 
-__all__ = ["LayerComparison", "layer_errors", "onnx_module_outputs"]
+__all__ = ["LayerComparison", "layer_errors", "onnx_layer_errors", "onnx_module_outputs"]
 
 # Modules whose own output is not compared at module boundaries: folding legitimately changes
 # what a convolution or linear layer returns (it now includes the BatchNorm) and turns the
@@ -57,7 +61,7 @@ def _record_calls(model: nn.Module, inputs: Sequence[Tensor]) -> list[_Event]:
     handles = []
 
     def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
-        foldable = isinstance(module, _NOT_COMPARED) or _bn_like(module)
+        foldable = isinstance(module, _NOT_COMPARED) or looks_like_batchnorm(module)
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             counts[name] = counts.get(name, 0) + 1
@@ -81,13 +85,8 @@ def _record_calls(model: nn.Module, inputs: Sequence[Tensor]) -> list[_Event]:
     return events
 
 
-def _bn_like(module: nn.Module) -> bool:
-    from bnsurgery._bn_registry import looks_like_batchnorm
-    return looks_like_batchnorm(module)
-
-
 @dataclass(frozen=True)
-class LayerComparison:
+class LayerComparison(JsonResult):
     """Module-boundary errors between a reference and a candidate, in execution order.
 
     Attributes:
@@ -102,17 +101,10 @@ class LayerComparison:
     first_divergence: str | None
     suspects: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"layers": [layer.to_dict() for layer in self.layers],
-                "first_divergence": self.first_divergence, "suspects": list(self.suspects)}
-
 
 def _walk_layers(events: Sequence[_Event], candidate: Mapping[str, Tensor], tolerance: Tolerance,
                  *, output_failed: bool) -> LayerComparison:
     """Compare recorded boundaries in order; see :class:`LayerComparison`."""
-    from bnsurgery.validate import _scale
-
     layers: list[LayerError] = []
     first: str | None = None
     suspects: tuple[str, ...] = ()
@@ -130,7 +122,7 @@ def _walk_layers(events: Sequence[_Event], candidate: Mapping[str, Tensor], tole
         max_abs = float(diff.max()) if diff.numel() else 0.0
         if math.isnan(max_abs):
             max_abs = math.inf
-        scale = _scale(ref)
+        scale = output_scale(ref)
         diverged = not max_abs <= tolerance.allowed(scale)
         layers.append(LayerError(event.key, max_abs, max_abs / scale if scale > 0 else max_abs,
                                  diverged))
@@ -167,20 +159,12 @@ def layer_errors(reference: nn.Module, candidate: nn.Module, inputs: Tensor | Se
     Returns:
         The per-boundary comparison.
     """
-    from bnsurgery.validate import (
-        _cast_inputs,
-        _model_device,
-        _model_dtype,
-        as_input_tuple,
-        select_tolerance,
-    )
-
     inputs = as_input_tuple(inputs)
-    dtype = _model_dtype(candidate)
+    dtype = model_dtype(candidate)
     tolerance = tolerance or select_tolerance(dtype)
-    ref_events = _record_calls(reference, _cast_inputs(inputs, _model_device(reference),
-                                                       torch.float32))
-    cand_events = _record_calls(candidate, _cast_inputs(inputs, _model_device(candidate), dtype))
+    ref_events = _record_calls(reference, cast_inputs(inputs, model_device(reference),
+                                                      torch.float32))
+    cand_events = _record_calls(candidate, cast_inputs(inputs, model_device(candidate), dtype))
     cand = {e.key: e.output for e in cand_events if e.output is not None}
     return _walk_layers(ref_events, cand, tolerance, output_failed=output_failed)
 
@@ -238,13 +222,29 @@ def onnx_module_outputs(proto: Any) -> dict[str, list[str]]:
     return {scope: [value for _, value in sorted(values)] for scope, values in exits.items()}
 
 
-def _onnx_layer_errors(reference: nn.Module, path: Path, inputs: Sequence[Tensor],
-                       providers: Sequence[str], tolerance: Tolerance, names: Sequence[str],
-                       file_dtypes: Sequence[torch.dtype | None], device: torch.device, *,
-                       output_failed: bool) -> tuple[LayerComparison, str]:
-    """Module-boundary errors of an ONNX file, through a debug copy exposing module outputs."""
-    from bnsurgery.validate import _cast_inputs
+def onnx_layer_errors(reference: nn.Module, path: Path, inputs: Sequence[Tensor], *,
+                      providers: Sequence[str], tolerance: Tolerance, device: torch.device,
+                      output_failed: bool, timeout: float = DEFAULT_TIMEOUT_S
+                      ) -> tuple[LayerComparison, str]:
+    """Module-boundary errors of an ONNX file, through a debug copy exposing module outputs.
 
+    Args:
+        reference: The original model, on ``device``, in float32.
+        path: The ONNX file under test; it is read, never changed.
+        inputs: The positional inputs.
+        providers: Resolved onnxruntime execution providers.
+        tolerance: What decides divergence.
+        device: Where the reference runs.
+        output_failed: The final outputs are known to differ (see :func:`layer_errors`).
+        timeout: Seconds the debug copy may run.
+
+    Returns:
+        The comparison, and a note saying how it was made (or why it could not be).
+
+    Raises:
+        InvalidInputError: onnxruntime cannot load the debug copy.
+        RunTimeoutError: The debug copy did not finish within ``timeout``.
+    """
     onnx = require("onnx", purpose="Comparing ONNX module outputs")
     proto = onnx.load(str(path))
     module_outputs = onnx_module_outputs(proto)
@@ -252,7 +252,24 @@ def _onnx_layer_errors(reference: nn.Module, path: Path, inputs: Sequence[Tensor
         return LayerComparison((), None, ()), (
             "first diverging module unknown: the file carries no module-scope metadata (the "
             "legacy exporter writes none)")
-    events = _record_calls(reference, _cast_inputs(inputs, device, torch.float32))
+    events = _record_calls(reference, cast_inputs(inputs, device, torch.float32))
+    wanted = _wanted_values(events, module_outputs)
+    _expose_outputs(onnx, proto, wanted.values())
+    with tempfile.TemporaryDirectory(prefix="bnsurgery-debug-") as folder:
+        debug_path = Path(folder) / f"{path.stem}.debug.onnx"
+        onnx.save(proto, str(debug_path))
+        runner = OnnxRunner(debug_path, providers, timeout=timeout)
+        values = dict(zip(runner.output_names, runner(*inputs), strict=True))
+    candidate = {key: values[value] for key, value in wanted.items() if value in values}
+    comparison = _walk_layers(events, candidate, tolerance, output_failed=output_failed)
+    note = (f"per-layer errors from a debug copy of {path.name} exposing {len(candidate)} module "
+            "boundaries as outputs; the file under test was not changed")
+    return comparison, note
+
+
+def _wanted_values(events: Sequence[_Event], module_outputs: Mapping[str, list[str]]
+                   ) -> dict[str, str]:
+    """Event key -> graph value holding that call's output, where the file says which it is."""
     calls: dict[str, int] = {}
     for event in events:
         calls[event.name] = max(calls.get(event.name, 0), event.call)
@@ -261,12 +278,19 @@ def _onnx_layer_errors(reference: nn.Module, path: Path, inputs: Sequence[Tensor
         values = module_outputs.get(event.name, [])
         if event.compared and len(values) == calls[event.name]:
             wanted[event.key] = values[event.call - 1]
+    return wanted
+
+
+def _expose_outputs(onnx: Any, proto: Any, values: Iterable[str]) -> None:
+    """Add ``values`` to the graph outputs of ``proto`` (typed where shape inference knows)."""
+    values = list(dict.fromkeys(values))
     known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.output)}
-    if not all(value in known for value in wanted.values()):
-        proto = onnx.shape_inference.infer_shapes(proto)
-        known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.output)}
+    if not all(value in known for value in values):
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        known = {v.name: v for v in list(inferred.graph.value_info)
+                 + list(inferred.graph.output)}
     present = {o.name for o in proto.graph.output}
-    for value in dict.fromkeys(wanted.values()):
+    for value in values:
         if value in present:
             continue
         info = known.get(value)
@@ -274,17 +298,3 @@ def _onnx_layer_errors(reference: nn.Module, path: Path, inputs: Sequence[Tensor
             info = onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None)
         proto.graph.output.append(info)
         present.add(value)
-    with tempfile.TemporaryDirectory(prefix="bnsurgery-debug-") as folder:
-        debug_path = Path(folder) / f"{path.stem}.debug.onnx"
-        onnx.save(proto, str(debug_path))
-        session = _session(debug_path, providers)
-        feed = {name: tensor.detach().to("cpu", dtype=dtype or tensor.dtype).numpy()
-                for name, tensor, dtype in zip(names, inputs, file_dtypes, strict=True)}
-        output_names = [o.name for o in session.get_outputs()]
-        values = dict(zip(output_names, session.run(None, feed), strict=True))
-    candidate = {key: torch.from_numpy(values[value]) for key, value in wanted.items()
-                 if value in values}
-    comparison = _walk_layers(events, candidate, tolerance, output_failed=output_failed)
-    note = (f"per-layer errors from a debug copy of {path.name} exposing {len(candidate)} module "
-            "boundaries as outputs; the file under test was not changed")
-    return comparison, note

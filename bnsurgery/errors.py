@@ -10,11 +10,14 @@ builds that shape so every raise site reads the same.
 from __future__ import annotations
 
 __all__ = [
+    "BackendRunError",
     "BatchNormDtypeError",
     "BatchNormRuntimeError",
     "BatchNormTypeError",
     "BnSurgeryError",
+    "DistributedRunError",
     "ExportError",
+    "ExportMismatchError",
     "FileWriteError",
     "FusionError",
     "IncompatibleModuleError",
@@ -109,8 +112,24 @@ class ExportError(BnSurgeryError, RuntimeError):
     """Exporting a model (ONNX, TensorRT, torch.export) failed."""
 
 
+class BackendRunError(BnSurgeryError, RuntimeError):
+    """A backend (onnxruntime) loaded a file but failed to run it on the inputs given."""
+
+
+class DistributedRunError(BnSurgeryError, RuntimeError):
+    """Another process of a distributed run failed its part of a collective step."""
+
+
 class NumericMismatchError(BnSurgeryError, RuntimeError):
     """Two models that should compute the same numbers do not."""
+
+
+class ExportMismatchError(ExportError, NumericMismatchError):
+    """An exported file does not compute what the original model computes (it is not written).
+
+    Both an export failure and a numeric mismatch: ``except ExportError`` catches it, and the
+    command line exits with the mismatch code (1), not the bad-input code (2).
+    """
 
 
 class UnsafeFileError(BnSurgeryError, ValueError):

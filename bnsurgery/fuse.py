@@ -48,11 +48,14 @@ from bnsurgery.fold import (
 from bnsurgery.fusion_check import FusionCheck, ReferenceRuns, bisect_failures, inputs_fingerprint
 from bnsurgery.pairs import (
     DISCOVERY_METHODS,
+    TRANSPOSED_CONVS,
     DiscoveryAttempt,
     FoldPair,
     as_forward_args,
+    channels_out,
     find_fold_pairs,
 )
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "PRECISION_POLICIES",
@@ -71,7 +74,6 @@ logger = logging.getLogger(__name__)
 PRECISION_POLICIES: tuple[str, ...] = ("skip", "skip_overflow", "fold")
 
 _HALF = (torch.float16, torch.bfloat16)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class FoldedBatchNormAct(nn.Module):
@@ -91,7 +93,7 @@ class FoldedBatchNormAct(nn.Module):
 
 
 @dataclass(frozen=True)
-class FoldRecord:
+class FoldRecord(JsonResult):
     """One folded BatchNorm.
 
     Attributes:
@@ -106,6 +108,8 @@ class FoldRecord:
             model or the requested dtype is float16/bfloat16; else ``None``.
     """
 
+    json_derived = ("target",)
+
     batchnorm: str
     batchnorm_type: str
     targets: tuple[str, ...]
@@ -119,17 +123,9 @@ class FoldRecord:
         """The absorbing layer's name (names joined with ``+`` for a concatenation)."""
         return "+".join(self.targets)
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"batchnorm": self.batchnorm, "batchnorm_type": self.batchnorm_type,
-                "target": self.target, "targets": list(self.targets),
-                "direction": self.direction, "method": self.method,
-                "replacement": self.replacement,
-                "precision": None if self.precision is None else self.precision.to_dict()}
-
 
 @dataclass(frozen=True)
-class FusionPlan:
+class FusionPlan(JsonResult):
     """What :func:`fuse_batchnorm` folds and why it leaves the rest.
 
     Attributes:
@@ -150,13 +146,6 @@ class FusionPlan:
     dtype: str | None = None
     precision_policy: str = "skip"
     check: FusionCheck | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"folded": [r.to_dict() for r in self.folded], "skipped": dict(self.skipped),
-                "attempts": [a.to_dict() for a in self.attempts], "method": self.method,
-                "dtype": self.dtype, "precision_policy": self.precision_policy,
-                "check": None if self.check is None else self.check.to_dict()}
 
     def __str__(self) -> str:
         total = len(self.folded) + len(self.skipped)
@@ -192,10 +181,6 @@ def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
                                  weight=getattr(bn, "weight", None), bias=getattr(bn, "bias", None))
 
 
-def _channels_out(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
                  ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Target layer name -> ``{"before": (scale, shift), "after": (scale, shift)}`` in float64."""
@@ -207,7 +192,7 @@ def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
             folds.setdefault(pair.targets[0], {})["before"] = (scale, shift)
             continue
         layers = [model.get_submodule(t) for t in pair.targets]
-        parts = split_scale_shift(scale, shift, [_channels_out(layer) for layer in layers])
+        parts = split_scale_shift(scale, shift, [channels_out(layer) for layer in layers])
         for name, part in zip(pair.targets, parts, strict=True):
             folds.setdefault(name, {})["after"] = part
     return folds
@@ -216,7 +201,8 @@ def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
 def _fold_layer(layer: nn.Module, sides: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
                 keep_float64: bool = False) -> FoldedWeights:
     return fold_layer_weights(layer.weight, layer.bias, before=sides.get("before"),
-                              after=sides.get("after"), transposed=isinstance(layer, _TRANSPOSED),
+                              after=sides.get("after"),
+                              transposed=isinstance(layer, TRANSPOSED_CONVS),
                               groups=getattr(layer, "groups", 1), keep_float64=keep_float64)
 
 

@@ -32,15 +32,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.comparison import select_tolerance
+from bnsurgery.errors import InvalidInputError, RunTimeoutError, format_message
 from bnsurgery.finite import non_finite_outputs, require_finite_reference
-from bnsurgery.validate import flatten_outputs, resize_batch, select_tolerance
+from bnsurgery.results import JsonResult
+from bnsurgery.tensors import flatten_outputs, resize_batch
 
 __all__ = ["FusionCheck", "ReferenceRuns", "bisect_failures", "inputs_fingerprint"]
 
 
 @dataclass(frozen=True)
-class FusionCheck:
+class FusionCheck(JsonResult):
     """What the fused model was checked on, and how it did.
 
     Attributes:
@@ -52,6 +54,8 @@ class FusionCheck:
         notes: Checks that could not run, and why.
         fingerprint: Identifies the example inputs the check ran on.
     """
+
+    json_omitted = ("fingerprint",)
 
     status: str
     detail: str
@@ -65,12 +69,6 @@ class FusionCheck:
     def passed(self) -> bool:
         """True only when the check ran and passed."""
         return self.status == "passed"
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"status": self.status, "detail": self.detail,
-                "inputs": [list(s) for s in self.inputs], "tolerance": self.tolerance,
-                "max_error_ratio": self.max_error_ratio, "notes": list(self.notes)}
 
 
 def inputs_fingerprint(args: Sequence[object]) -> str:
@@ -259,6 +257,8 @@ class ReferenceRuns:
             shape = list(_shapes(args))
             try:
                 outputs = _run(candidate, args)
+            except RunTimeoutError:
+                raise  # a time limit the caller set is not a numeric mismatch
             except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a mismatch
                 return (f"the fused model raises {type(exc).__name__} on inputs of shape "
                         f"{shape}, where the original runs"), math.inf

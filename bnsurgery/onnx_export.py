@@ -32,9 +32,23 @@ import torch
 from torch import Tensor, nn
 
 from bnsurgery._lazy import require
-from bnsurgery.errors import ExportError, InvalidInputError, format_message
-from bnsurgery.ort_session import _session
-from bnsurgery.validate import as_input_tuple, check_eval_mode, flatten_outputs, resize_batch
+from bnsurgery._version import __version__
+from bnsurgery.errors import (
+    BackendRunError,
+    ExportError,
+    ExportMismatchError,
+    InvalidInputError,
+    format_message,
+)
+from bnsurgery.messages import first_line
+from bnsurgery.ort_session import DEFAULT_TIMEOUT_S, OnnxRunner, check_timeout
+from bnsurgery.tensors import (
+    as_input_tuple,
+    check_eval_mode,
+    export_inputs,
+    flatten_outputs,
+    resize_batch,
+)
 
 __all__ = ["EXPORTERS", "MIN_DYNAMO_OPSET", "export_onnx"]
 
@@ -49,13 +63,6 @@ EXPORTERS: dict[str, str] = {
 #: The torch.export-based exporter has no implementations below this opset; asked for less, it
 #: silently keeps 18 when its version converter fails, so lower opsets are refused up front.
 MIN_DYNAMO_OPSET = 18
-
-
-def _export_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor, ...]:
-    """Inputs with a batch of at least two, so the batch axis is not specialised to 1."""
-    if not dynamic_batch or inputs[0].dim() == 0 or inputs[0].shape[0] >= 2:
-        return inputs
-    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
 
 
 def _names(count: int, stem: str) -> list[str]:
@@ -106,8 +113,6 @@ def _check_options(opset: object, exporter: object) -> None:
 
 def _metadata(*, exporter: str, fuse: bool, opset: int, dynamic_batch: bool,
               export_batch: int | None) -> dict[str, str]:
-    from bnsurgery import __version__
-
     return {
         "bnsurgery.exporter": EXPORTERS[exporter],
         "bnsurgery.fused": "true" if fuse else "false",
@@ -175,28 +180,15 @@ def _cached_shapes(model: nn.Module) -> list[str]:
     return found
 
 
-class _OnnxCallable:
-    """Calls an onnxruntime session like a model: tensors in, tensors out."""
-
-    def __init__(self, session: object) -> None:
-        self.session = session
-        self.names = [i.name for i in session.get_inputs()]  # type: ignore[attr-defined]
-
-    def __call__(self, *inputs: Tensor) -> list[Tensor]:
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs, strict=True)}
-        return [torch.from_numpy(r) for r in self.session.run(None, feed)]  # type: ignore[attr-defined]
-
-
-def _check_against_original(destination: Path, original: nn.Module, inputs: tuple[Tensor, ...],
+def _check_against_original(runner: OnnxRunner, original: nn.Module, inputs: tuple[Tensor, ...],
                             *, dynamic_batch: bool, shown: Path) -> None:
     """Refuse a file whose outputs disagree with the original (unfused) model."""
     from bnsurgery.fusion_check import ReferenceRuns
 
     runs = ReferenceRuns(original, inputs, other_shapes=False, other_batch=dynamic_batch)
-    session = _session(destination, ["CPUExecutionProvider"])
-    reason, _ = runs.compare(_OnnxCallable(session))
+    reason, _ = runs.compare(runner)
     if reason is not None:
-        raise ExportError(format_message(
+        raise ExportMismatchError(format_message(
             "The exported file does not compute what the original model computes",
             where=str(shown), got=reason, expected="outputs within the onnxruntime tolerance",
             hint="export with fuse=False to see whether folding is the cause, and report it"))
@@ -246,33 +238,58 @@ def _check_file(destination: Path, opset: int, *, shown: Path) -> None:
         )) from exc
 
 
-def _check_runs(destination: Path, inputs: tuple[Tensor, ...], sizes: Sequence[int | None],
+def _load_runner(destination: Path, *, shown: Path, timeout: float) -> OnnxRunner:
+    try:
+        return OnnxRunner(destination, ["CPUExecutionProvider"], timeout=timeout)
+    except InvalidInputError as exc:
+        raise ExportError(format_message(
+            "onnxruntime cannot load the exported file", where=str(shown),
+            got=first_line(exc), hint="try another opset, or fuse=False")) from exc
+
+
+def _check_runs(runner: OnnxRunner, inputs: tuple[Tensor, ...], sizes: Sequence[int | None],
                 leading: int | None, export_batch: int | None, *, shown: Path,
                 batch_hint: str = "the model fixes its batch size somewhere; pass "
                                   "dynamic_batch=False") -> None:
     """Run the file in onnxruntime (CPU) at each batch size; a dynamic axis must really be one."""
-    try:
-        session = _session(destination, ["CPUExecutionProvider"])
-    except InvalidInputError as exc:
-        raise ExportError(format_message(
-            "onnxruntime cannot load the exported file", where=str(shown),
-            got=str(exc).splitlines()[0], hint="try another opset, or fuse=False")) from exc
-    names = [i.name for i in session.get_inputs()]
     for size in sizes:
         batch_inputs = inputs if size is None else resize_batch(inputs, size, seed=0)
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, batch_inputs, strict=True)}
         try:
-            result = session.run(None, feed)
-        except Exception as exc:  # onnxruntime's exception types share no useful base
+            result = runner(*batch_inputs)
+        except BackendRunError as exc:
+            cause = exc.__cause__ or exc
             raise ExportError(format_message(
                 f"The exported file does not run at batch size {size}", where=str(shown),
-                got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                got=f"{type(cause).__name__}: {first_line(cause)}",
                 hint=batch_hint)) from exc
         if size is not None and leading == export_batch and result[0].shape[:1] != (size,):
             raise ExportError(format_message(
                 "The exported file ignores the batch size", where=str(shown),
                 got=f"output shape {tuple(result[0].shape)} for batch {size}",
                 expected=f"a leading dimension of {size}", hint=batch_hint))
+
+
+def _verify(staged: Path, model: nn.Module, original: nn.Module, example: tuple[Tensor, ...], *,
+            opset: int, dynamic_batch: bool, leading: int | None, export_batch: int | None,
+            shown: Path, timeout: float) -> None:
+    """Check the staged file: onnx.checker, runs at each batch size, agrees with the original."""
+    _check_file(staged, opset, shown=shown)
+    sizes: list[int | None] = sorted({1, max(5, 2 * export_batch)}) \
+        if dynamic_batch and export_batch is not None else [None]
+    runner = _load_runner(staged, shown=shown, timeout=timeout)
+    _check_runs(runner, example, sizes, leading, export_batch, shown=shown,
+                batch_hint=_batch_hint(model))
+    _check_against_original(runner, original, example, dynamic_batch=dynamic_batch, shown=shown)
+
+
+def _put_in_place(staged: Path, destination: Path) -> None:
+    """Move the checked file (and any external-data sidecar) onto the destination."""
+    sidecars = [p for p in staged.parent.iterdir() if p != staged]
+    for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
+        logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
+                       sidecar.name, destination.name)
+        shutil.move(str(sidecar), str(destination.parent / sidecar.name))
+    os.replace(staged, destination)
 
 
 def export_onnx(
@@ -285,6 +302,7 @@ def export_onnx(
     opset: int = 18,
     exporter: str = "dynamo",
     verify: bool = True,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """Export ``model`` to one ONNX file, check it, prove it runs, then put it at ``path``.
 
@@ -303,6 +321,7 @@ def export_onnx(
             ``"legacy"`` (the TorchScript exporter, only when asked for). Recorded in the file's
             metadata and in validation reports.
         verify: Check with ``onnx.checker`` and run the file in onnxruntime before accepting it.
+        timeout: Seconds each onnxruntime run of the check may take.
 
     Returns:
         The path of the written file. Below 2 GB of weights it is self-contained (no ``.data``
@@ -313,9 +332,13 @@ def export_onnx(
             accepts, or an option is out of range.
         ExportError: The exporter failed, the file fails ``onnx.checker``, has another opset, or
             does not run at some batch size.
+        ExportMismatchError: The file does not compute what the original model computes (an
+            ``ExportError`` and a ``NumericMismatchError``).
         MissingDependencyError: onnx, onnxscript or onnxruntime is missing.
+        RunTimeoutError: An onnxruntime run of the check took longer than ``timeout``.
     """
     _check_options(opset, exporter)
+    check_timeout(timeout)
     check_eval_mode(model, what="export_onnx")
     inputs = as_input_tuple(example_inputs, where="example_inputs")
     require("onnx", purpose="ONNX export")
@@ -329,11 +352,11 @@ def export_onnx(
         from bnsurgery.fuse import fuse_batchnorm
 
         model = fuse_batchnorm(model, inputs, inplace=False)
-    export_inputs = _export_inputs(inputs, dynamic_batch)
+    example = export_inputs(inputs, dynamic_batch)
     # On a copy: a forward may cache state (ultralytics' Detect caches the input shape, which
     # then fixes the exported batch size), and the caller's model must not run at all.
-    count, leading = _output_count(copy.deepcopy(model), export_inputs)
-    export_batch = int(export_inputs[0].shape[0]) if export_inputs[0].dim() > 0 else None
+    count, leading = _output_count(copy.deepcopy(model), example)
+    export_batch = int(example[0].shape[0]) if example[0].dim() > 0 else None
     input_names = _names(len(inputs), "input")
     output_names = _names(count, "output")
     metadata = _metadata(exporter=exporter, fuse=fuse, opset=opset, dynamic_batch=dynamic_batch,
@@ -343,25 +366,13 @@ def export_onnx(
                                      ) as folder:
         staged = Path(folder) / destination.name
         export = _export_dynamo if exporter == "dynamo" else _export_legacy
-        export(model, export_inputs, staged, opset=opset, dynamic_batch=dynamic_batch,
+        export(model, example, staged, opset=opset, dynamic_batch=dynamic_batch,
                input_names=input_names, output_names=output_names, metadata=metadata)
         if verify:
-            _check_file(staged, opset, shown=destination)
-            if dynamic_batch and export_batch is not None:
-                sizes: list[int | None] = sorted({1, max(5, 2 * export_batch)})
-            else:
-                sizes = [None]
-            _check_runs(staged, export_inputs, sizes, leading, export_batch,
-                        shown=destination, batch_hint=_batch_hint(model))
-            _check_against_original(staged, original, export_inputs,
-                                    dynamic_batch=dynamic_batch and export_batch is not None,
-                                    shown=destination)
-        sidecars = [p for p in Path(folder).iterdir() if p != staged]
-        for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
-            logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
-                           sidecar.name, destination.name)
-            shutil.move(str(sidecar), str(destination.parent / sidecar.name))
-        os.replace(staged, destination)
+            _verify(staged, model, original, example, opset=opset,
+                    dynamic_batch=dynamic_batch and export_batch is not None, leading=leading,
+                    export_batch=export_batch, shown=destination, timeout=timeout)
+        _put_in_place(staged, destination)
     logger.info("exported %s (opset %d, %s, fused=%s)", destination, opset, EXPORTERS[exporter],
                 fuse)
     return destination

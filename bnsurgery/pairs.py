@@ -42,13 +42,16 @@ from bnsurgery._bn_registry import (
 )
 from bnsurgery._dataflow import Dataflow, FlowNode, build_dataflow
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "DISCOVERY_METHODS",
     "DiscoveryAttempt",
     "FoldPair",
     "PairSearch",
+    "TRANSPOSED_CONVS",
     "as_forward_args",
+    "channels_out",
     "discover_dataflow",
     "find_fold_pairs",
     "global_hooks_reason",
@@ -61,12 +64,13 @@ logger = logging.getLogger(__name__)
 DISCOVERY_METHODS: tuple[str, ...] = ("fx", "export", "hooks")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_TARGETS = (*_CONVS, *_TRANSPOSED, nn.Linear)
+#: Transposed convolutions: their weights hold output channels on axis 1, not 0.
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TARGETS = (*_CONVS, *TRANSPOSED_CONVS, nn.Linear)
 
 
 @dataclass(frozen=True)
-class FoldPair:
+class FoldPair(JsonResult):
     """A BatchNorm and the layer(s) it folds into.
 
     Attributes:
@@ -83,14 +87,9 @@ class FoldPair:
     direction: str
     method: str
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"batchnorm": self.batchnorm, "targets": list(self.targets),
-                "direction": self.direction, "method": self.method}
-
 
 @dataclass(frozen=True)
-class DiscoveryAttempt:
+class DiscoveryAttempt(JsonResult):
     """One try of one dataflow builder.
 
     Attributes:
@@ -103,13 +102,9 @@ class DiscoveryAttempt:
     status: str
     detail: str = ""
 
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready form."""
-        return {"method": self.method, "status": self.status, "detail": self.detail}
-
 
 @dataclass(frozen=True)
-class PairSearch:
+class PairSearch(JsonResult):
     """The outcome of :func:`find_fold_pairs`.
 
     Attributes:
@@ -123,11 +118,6 @@ class PairSearch:
     skipped: dict[str, str] = field(default_factory=dict)
     attempts: tuple[DiscoveryAttempt, ...] = ()
     method: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"pairs": [p.to_dict() for p in self.pairs], "skipped": dict(self.skipped),
-                "attempts": [a.to_dict() for a in self.attempts], "method": self.method}
 
 
 def as_forward_args(example_inputs: object) -> tuple[object, ...] | None:
@@ -261,7 +251,8 @@ def global_hooks_reason() -> str | None:
     return None
 
 
-def _channels_out(module: nn.Module) -> int:
+def channels_out(module: nn.Module) -> int:
+    """Output channels of a convolution (plain or transposed) or features of a linear layer."""
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
@@ -408,8 +399,8 @@ class _Analysis:
         if reason:
             return reason
         layer = self.modules[name]
-        if _channels_out(layer) != channels:
-            return f"'{name}' has {_channels_out(layer)} output channels, the BatchNorm {channels}"
+        if channels_out(layer) != channels:
+            return f"'{name}' has {channels_out(layer)} output channels, the BatchNorm {channels}"
         if isinstance(layer, nn.Linear):
             _, out_rank = self.ranks(node)
             if out_rank is None:
@@ -445,11 +436,11 @@ class _Analysis:
             layer = self.modules.get(name)
             if layer is None or not isinstance(layer, _TARGETS):
                 return None, f"its input concatenates '{name}', not a convolution or Linear layer"
-            reason = self._producer_reason(part, cat.index, _channels_out(layer))
+            reason = self._producer_reason(part, cat.index, channels_out(layer))
             if reason:
                 return None, f"its input concatenates several layers and {reason}"
             targets.append(name)
-            total += _channels_out(layer)
+            total += channels_out(layer)
         if total != channels:
             return None, (f"the concatenated layers have {total} channels, the BatchNorm "
                           f"{channels}")
@@ -478,7 +469,7 @@ class _Analysis:
         if isinstance(layer, _CONVS) and _padded_with_zeros(layer):
             return None, (f"it feeds '{name}', which pads with zeros: the padded zeros never went "
                           "through the BatchNorm, so folding into it would not be exact")
-        if isinstance(layer, _TRANSPOSED) and (
+        if isinstance(layer, TRANSPOSED_CONVS) and (
                 any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride)
                 or any(p != 0 for p in layer.output_padding)):
             return None, (f"it feeds the transposed convolution '{name}', whose output borders "

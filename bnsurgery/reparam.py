@@ -43,6 +43,7 @@ from bnsurgery.pairs import (
     as_forward_args,
     discover_dataflow,
 )
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "BranchRecord",
@@ -72,7 +73,7 @@ _FX_MULS = (operator.mul, operator.imul, torch.mul)
 
 
 @dataclass(frozen=True)
-class BranchRecord:
+class BranchRecord(JsonResult):
     """One branch of a merged sum.
 
     Attributes:
@@ -89,14 +90,9 @@ class BranchRecord:
     kernel_size: tuple[int, ...]
     scale: float = 1.0
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"kind": self.kind, "conv": self.conv, "batchnorm": self.batchnorm,
-                "kernel_size": list(self.kernel_size), "scale": self.scale}
-
 
 @dataclass(frozen=True)
-class MergedBlock:
+class MergedBlock(JsonResult):
     """A sum of branches that becomes one convolution.
 
     Attributes:
@@ -113,15 +109,9 @@ class MergedBlock:
     constant: float = 0.0
     method: str = "fx"
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"block": self.block, "conv": self.conv,
-                "branches": [b.to_dict() for b in self.branches], "constant": self.constant,
-                "method": self.method}
-
 
 @dataclass(frozen=True)
-class UnmergedSum:
+class UnmergedSum(JsonResult):
     """A sum of tensors that is not merged, and why.
 
     Attributes:
@@ -132,13 +122,9 @@ class UnmergedSum:
     terms: tuple[str, ...]
     reason: str
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"terms": list(self.terms), "reason": self.reason}
-
 
 @dataclass(frozen=True)
-class ReparamPlan:
+class ReparamPlan(JsonResult):
     """What :func:`reparameterize_branches` merges and why it leaves the other sums.
 
     Attributes:
@@ -152,12 +138,6 @@ class ReparamPlan:
     not_merged: tuple[UnmergedSum, ...] = ()
     attempts: tuple[DiscoveryAttempt, ...] = ()
     method: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"merged": [m.to_dict() for m in self.merged],
-                "not_merged": [u.to_dict() for u in self.not_merged],
-                "attempts": [a.to_dict() for a in self.attempts], "method": self.method}
 
     def __str__(self) -> str:
         total = len(self.merged) + len(self.not_merged)

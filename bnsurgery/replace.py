@@ -37,6 +37,7 @@ from bnsurgery._bn_registry import (
     swap_class,
 )
 from bnsurgery.errors import InvalidInputError, ReplacementError, format_message
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "ReplacementHandle",
@@ -56,7 +57,7 @@ _ORIGIN = "_bnsurgery_origin"
 
 
 @dataclass(frozen=True)
-class ReplacementRecord:
+class ReplacementRecord(JsonResult):
     """One layer that is (or would be) swapped.
 
     Attributes:
@@ -69,13 +70,9 @@ class ReplacementRecord:
     source: str
     target: str
 
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready form."""
-        return {"name": self.name, "source": self.source, "target": self.target}
-
 
 @dataclass(frozen=True)
-class ReplacementPlan:
+class ReplacementPlan(JsonResult):
     """What a replacement (or restoration) does to a model.
 
     Attributes:
@@ -85,10 +82,6 @@ class ReplacementPlan:
 
     replaced: tuple[ReplacementRecord, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        return {"replaced": [r.to_dict() for r in self.replaced], "skipped": dict(self.skipped)}
 
     def __str__(self) -> str:
         lines = [f"{len(self.replaced)} layer(s) swapped, {len(self.skipped)} left alone"]

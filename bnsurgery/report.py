@@ -5,7 +5,8 @@ An :class:`EquivalenceReport` is what every check in :mod:`bnsurgery.validate` a
 a dynamic-batch sweep), the :class:`Tolerance` the numbers were judged against, the first module
 whose output diverged when a check failed, and the environment (library versions, opset, exporter,
 execution providers, GPU, TF32 state) needed to reproduce it. A check that could not run is a
-*skipped* report, which never counts as passed.
+*skipped* report, which never counts as passed. (:class:`OutputComparison` and
+:class:`Tolerance` are defined in :mod:`bnsurgery.comparison` and re-exported here.)
 
 This module also writes reports to disk (through :mod:`bnsurgery.files`, atomically):
 ``report.json`` and an optional PNG of the error per layer, with
@@ -23,14 +24,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from bnsurgery._lazy import require
+from bnsurgery.comparison import OutputComparison, Tolerance
 from bnsurgery.errors import InvalidInputError, format_message
 from bnsurgery.files import atomic_output, write_text
 from bnsurgery.messages import first_line, printable
+from bnsurgery.results import JsonResult, jsonable
 
 __all__ = [
     "EquivalenceReport",
@@ -57,96 +60,7 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """How far a candidate's output may be from the reference's and still pass.
-
-    The allowed maximum absolute error of an output is ``atol + rtol * scale`` where ``scale`` is
-    the largest absolute value of the reference output. Measuring against the output's scale,
-    not element by element, keeps near-zero logits from failing on rounding noise while a real
-    error (a layer off by a few percent) still shows at the scale of the whole output.
-
-    Attributes:
-        label: Name of the regime, e.g. ``"fp32"``, ``"tf32"``, ``"fp16"``.
-        rtol: Allowed error relative to the output scale.
-        atol: Allowed absolute error on top of that.
-        why: One line saying where the numbers come from.
-    """
-
-    label: str
-    rtol: float
-    atol: float
-    why: str = ""
-
-    def allowed(self, scale: float) -> float:
-        """The largest absolute error accepted for an output whose magnitude is ``scale``."""
-        return self.atol + self.rtol * scale
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"label": self.label, "rtol": self.rtol, "atol": self.atol, "why": self.why}
-
-    def __str__(self) -> str:
-        return f"{self.label}: |error| <= {self.atol:.0e} + {self.rtol:.0e} x scale"
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """Numbers for one output of one run (one batch size).
-
-    Attributes:
-        name: Output name, e.g. ``"output"`` or ``"output[1]"``.
-        batch: Batch size of the run, or ``None`` when the inputs have no batch axis.
-        shape: Shape of the reference output.
-        max_abs_error: Largest absolute difference between candidate and reference.
-        scale: Largest absolute value of the reference output.
-        max_rel_error: ``max_abs_error / scale``: the error relative to the output scale.
-        mean_abs_error: Mean absolute difference.
-        cosine_similarity: Cosine of the angle between the flattened outputs.
-        top1_agreement: Fraction of rows whose arg-max agrees, for outputs that look like logits
-            (two dimensions, more than one class); ``None`` otherwise.
-        allowed_error: The tolerance's allowed absolute error at this scale.
-        passed: ``max_abs_error <= allowed_error`` and both outputs are finite.
-        float64_error: Largest absolute difference between the candidate and a float64 run of
-            the reference model, when one was made.
-        reference_float64_error: Same for the reference's own float32 run: the error the
-            candidate should not exceed by much.
-    """
-
-    name: str
-    batch: int | None
-    shape: tuple[int, ...]
-    max_abs_error: float
-    scale: float
-    max_rel_error: float
-    mean_abs_error: float
-    cosine_similarity: float
-    top1_agreement: float | None
-    allowed_error: float
-    passed: bool
-    float64_error: float | None = None
-    reference_float64_error: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (non-finite numbers become strings, which JSON can hold)."""
-        return {
-            "name": self.name,
-            "batch": self.batch,
-            "shape": list(self.shape),
-            "max_abs_error": _json_float(self.max_abs_error),
-            "scale": _json_float(self.scale),
-            "max_rel_error": _json_float(self.max_rel_error),
-            "mean_abs_error": _json_float(self.mean_abs_error),
-            "cosine_similarity": _json_float(self.cosine_similarity),
-            "top1_agreement": _json_float(self.top1_agreement),
-            "allowed_error": _json_float(self.allowed_error),
-            "passed": self.passed,
-            "float64_error": _json_float(self.float64_error),
-            "reference_float64_error": _json_float(self.reference_float64_error),
-        }
-
-
-@dataclass(frozen=True)
-class LayerError:
+class LayerError(JsonResult):
     """Error at one module boundary, in the reference model's execution order.
 
     Attributes:
@@ -161,14 +75,9 @@ class LayerError:
     max_rel_error: float
     diverged: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"name": self.name, "max_abs_error": _json_float(self.max_abs_error),
-                "max_rel_error": _json_float(self.max_rel_error), "diverged": self.diverged}
-
 
 @dataclass(frozen=True)
-class EquivalenceReport:
+class EquivalenceReport(JsonResult):
     """What comparing a candidate (fused model, ONNX file, TensorRT engine) with a reference found.
 
     Attributes:
@@ -192,6 +101,8 @@ class EquivalenceReport:
         timings: Seconds per measured step, e.g. ``{"reference_forward": 0.01}``.
         environment: Library versions, device, GPU name and TF32 state when the check ran.
     """
+
+    json_derived: ClassVar[tuple[str, ...]] = ("status", "passed")
 
     check: str
     reference: str
@@ -230,28 +141,6 @@ class EquivalenceReport:
             return math.nan
         return max(o.max_rel_error for o in self.outputs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form holding everything needed to reproduce and judge the check."""
-        return {
-            "check": self.check,
-            "status": self.status,
-            "passed": self.passed,
-            "reference": self.reference,
-            "candidate": self.candidate,
-            "backend": self.backend,
-            "tolerance": self.tolerance.to_dict(),
-            "outputs": [o.to_dict() for o in self.outputs],
-            "skipped": self.skipped,
-            "failures": list(self.failures),
-            "first_divergence": self.first_divergence,
-            "divergence_suspects": list(self.divergence_suspects),
-            "layers": [layer.to_dict() for layer in self.layers],
-            "notes": list(self.notes),
-            "details": _jsonable(dict(self.details)),
-            "timings": {k: _json_float(v) for k, v in self.timings.items()},
-            "environment": _jsonable(dict(self.environment)),
-        }
-
     def __str__(self) -> str:
         # Values can come from the checked file (metadata, error texts quoting node names):
         # escaped, so none of them can start a forged line or move the terminal's cursor.
@@ -285,28 +174,6 @@ class EquivalenceReport:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
-
-
-def _json_float(value: float | None) -> float | str | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
-
-
-def _jsonable(value: Any) -> Any:
-    """Turn nested containers of paths, tuples and numbers into JSON-ready values."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return _json_float(value)
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if hasattr(value, "to_dict"):
-        return _jsonable(value.to_dict())
-    return str(value)
 
 
 def _version(component: str) -> str | None:
@@ -384,7 +251,7 @@ def write_report_json(reports: EquivalenceReport | Sequence[EquivalenceReport],
         "reports": [r.to_dict() for r in reports],
     }
     if extra:
-        document.update(_jsonable(dict(extra)))
+        document.update(jsonable(dict(extra)))
     return write_text(path, json.dumps(document, indent=2, sort_keys=False) + "\n",
                       what="report")
 

@@ -61,7 +61,7 @@ from torch.autograd.function import once_differentiable
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.errors import DistributedRunError, InvalidInputError, format_message
 from bnsurgery.functional import batch_norm
 
 # The building blocks of the pure-tensor kernel: the same memory-layout tricks and arithmetic,
@@ -348,7 +348,7 @@ def _raise_for_failed_ranks(failed: int, failure: RuntimeError | None, layer: st
     if failure is not None:
         raise failure
     if failed:
-        raise RuntimeError(format_message(
+        raise DistributedRunError(format_message(
             f"{layer}: {failed} other rank(s) failed to compute their share of the batch",
             where=layer, hint="the error is in the other processes' logs"))
 

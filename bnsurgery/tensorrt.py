@@ -22,16 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from bnsurgery._lazy import is_available, require
+from bnsurgery.comparison import float64_copy, run_and_compare, select_tolerance
 from bnsurgery.errors import ExportError, InvalidInputError, MissingDependencyError, format_message
 from bnsurgery.files import atomic_output
 from bnsurgery.report import EquivalenceReport, collect_environment
-from bnsurgery.validate import (
-    _tf32,
-    as_input_tuple,
-    check_eval_mode,
-    run_and_compare,
-    select_tolerance,
-)
+from bnsurgery.tensors import as_input_tuple, batch_size_of, check_eval_mode, tf32_allowed
 
 __all__ = [
     "PRECISIONS",
@@ -116,7 +111,7 @@ def export_tensorrt(
     cuda_inputs = [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
                    for t in inputs]
     try:
-        with _tf32(False):
+        with tf32_allowed(False):
             compiled = torch_tensorrt.compile(
                 model, ir="dynamo", inputs=cuda_inputs, enabled_precisions={dtype},
                 require_full_compilation=True, disable_tf32=True, min_block_size=1)
@@ -156,7 +151,7 @@ def validate_tensorrt(
         reference: The original model, in eval mode.
         inputs: One tensor or a sequence of positional inputs.
         precision: ``"fp32"`` or ``"fp16"``; selects the tolerance (see
-            :data:`bnsurgery.validate.TOLERANCES`).
+            :data:`bnsurgery.comparison.TOLERANCES`).
         compiled: An already compiled module to judge; compiled here when ``None``.
         fuse: Fold BatchNorm before compiling (when ``compiled`` is ``None``).
         rtol: Override the documented relative tolerance.
@@ -190,20 +185,18 @@ def validate_tensorrt(
     ref_inputs = tuple(t.to(device=device, dtype=torch.float32) if t.is_floating_point()
                        else t.to(device) for t in inputs)
     cand_inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in ref_inputs)
-    notes = ["TensorRT engines are opaque: no per-layer comparison"]
-    batch = int(inputs[0].shape[0]) if inputs[0].dim() > 0 else None
-    with _tf32(False), torch.no_grad():
-        run = run_and_compare(ref_model, compiled, ref_inputs, cand_inputs, batch=batch,
-                              tolerance=tolerance, device=device, repeats=repeats,
-                              float64_baseline=float64_baseline)
-    notes += run.notes
-    outputs, failures = run.outputs, run.failures
+    model64, why = float64_copy(ref_model, device) if float64_baseline else (None, None)
+    with tf32_allowed(False):
+        run = run_and_compare(ref_model, compiled, ref_inputs, cand_inputs,
+                              batch=batch_size_of(inputs), tolerance=tolerance, device=device,
+                              repeats=repeats, model64=model64)
+    notes = ("TensorRT engines are opaque: no per-layer comparison",
+             *(n for n in (why, *run.notes) if n))
     ref_time, cand_time = run.reference_seconds, run.candidate_seconds
     return EquivalenceReport(
         check="tensorrt", reference="original PyTorch model (float32, CUDA, TF32 off)",
         candidate=candidate_name, backend=f"tensorrt:{torch.cuda.get_device_name(0)}",
-        tolerance=tolerance, outputs=tuple(outputs), failures=tuple(failures),
-        notes=tuple(notes),
+        tolerance=tolerance, outputs=run.outputs, failures=run.failures, notes=notes,
         details={"precision": precision, "require_full_compilation": True,
                  "inputs": [list(t.shape) for t in inputs], "tf32": False},
         timings={"reference_forward_s": ref_time, "tensorrt_forward_s": cand_time},

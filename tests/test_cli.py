@@ -318,3 +318,17 @@ def test_output_in_a_file_is_refused_before_any_work(capsys, tmp_path, factories
     (tmp_path / "f").write_text("")
     code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f" / "x.pt"))
     assert code == 2 and "a file is in the way" in err and "building" not in err
+
+
+def test_validate_stops_a_never_ending_file_at_its_time_limit(capsys, tmp_path):
+    from test_ort_session import _hostile_loop
+
+    path = _hostile_loop(tmp_path / "loop.onnx")
+    code, _, err = _run(capsys, "validate", "torch.nn:Identity", str(path), "--input-shape", "1",
+                        "--providers", "cpu", "--timeout", "0.3")
+    assert code == 2
+    assert len(_error_lines(err)) == 1 and "Traceback" not in err
+    assert "did not finish within the time limit of 0.3 s" in err
+    assert "pass --timeout " in err and "timeout=" not in err  # the flag, not the keyword
+    code, _, err = _run(capsys, "validate", "torch.nn:Identity", str(path), "--timeout", "-1")
+    assert code == 2 and "positive number of seconds" in err

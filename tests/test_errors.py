@@ -12,6 +12,9 @@ from bnsurgery import errors
     (errors.ReplacementError, RuntimeError), (errors.FusionError, RuntimeError),
     (errors.ExportError, RuntimeError), (errors.NumericMismatchError, RuntimeError),
     (errors.UnsafeFileError, ValueError), (errors.MissingDependencyError, ImportError),
+    (errors.BackendRunError, RuntimeError), (errors.DistributedRunError, RuntimeError),
+    (errors.RunTimeoutError, TimeoutError), (errors.ExportMismatchError, errors.ExportError),
+    (errors.ExportMismatchError, errors.NumericMismatchError),
 ])
 def test_every_error_is_also_its_builtin(cls, builtin):
     assert issubclass(cls, errors.BnSurgeryError) and issubclass(cls, builtin)

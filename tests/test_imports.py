@@ -1,13 +1,19 @@
-"""Import every module and run ``bnsurgery --help`` with the optional packages blocked.
+"""Import every module and run ``bnsurgery --help`` with the optional packages blocked; check
+the package's import graph.
 
 ``import bnsurgery`` must import torch and nothing else heavy, and the command line must start
 (and fail clearly, naming the extra to install) where onnx, onnxruntime and torch-tensorrt are
 missing. Each check runs in a fresh interpreter so that nothing already imported by the test
 session hides a module-level import.
+
+The import graph is read from the source (every ``import`` statement, including the lazy ones
+inside functions): dependencies must run one way (no cycle), and no module may import another
+module's private (underscore) name.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
@@ -120,3 +126,116 @@ def test_python_dash_m_help():
     assert result.returncode == 0, result.stderr
     for command in ("demo", "inspect", "replace", "fuse", "export", "validate"):
         assert command in result.stdout
+
+
+# ------------------------------------------------------------------------------- import graph
+
+def import_graph(folder: Path, package: str) -> tuple[dict[str, set[str]],
+                                                     list[tuple[str, str, str]]]:
+    """Module -> the package's modules it imports, and every private name imported across.
+
+    Every import statement counts, at module level or inside a function (a lazy import is still
+    a dependency). ``from package import name`` is an edge to the submodule ``name`` when there
+    is one, else to the package's ``__init__``.
+    """
+    modules = {f"{package}.{p.stem}" if p.stem != "__init__" else package: p
+               for p in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    private: list[tuple[str, str, str]] = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                source = node.module or ""
+                if node.level:  # relative: resolved against the package
+                    source = f"{package}.{source}".rstrip(".") if source else package
+                if source not in modules:
+                    continue
+                for alias in node.names:
+                    target = f"{source}.{alias.name}"
+                    if source == package and target in modules:
+                        graph[name].add(target)
+                        continue
+                    graph[name].add(source)
+                    if alias.name.startswith("_") and not alias.name.startswith("__") \
+                            and source != name:
+                        private.append((name, source, alias.name))
+    return graph, private
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path ``[a, b, ..., a]``, or ``None`` when the graph has none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return None
+
+
+# The BatchNorm kernels in functional.py are being given public names; until then
+# sync_batchnorm.py reuses them. No other private import is accepted.
+KNOWN_PRIVATE_IMPORTS = {("bnsurgery.sync_batchnorm", "bnsurgery.functional")}
+
+
+def test_the_graph_checks_can_fail(tmp_path):
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "a.py").write_text("from pkg.b import helper\n")
+    (folder / "b.py").write_text("def helper():\n    from pkg import a\n    return a\n")
+    (folder / "c.py").write_text("from . import a\nfrom .b import _hidden, __doc__\n")
+    graph, private = import_graph(folder, "pkg")
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"},
+                     "pkg.c": {"pkg.a", "pkg.b"}}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]  # found through the lazy import
+    assert private == [("pkg.c", "pkg.b", "_hidden")]
+    del graph["pkg.b"]
+    assert find_cycle(graph) is None
+
+
+def test_bnsurgery_imports_run_one_way():
+    graph, _ = import_graph(ROOT / "bnsurgery", "bnsurgery")
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_export_and_tensorrt_do_not_depend_on_validation():
+    graph, _ = import_graph(ROOT / "bnsurgery", "bnsurgery")
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for target in graph[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        return seen
+
+    for stage in ("bnsurgery.onnx_export", "bnsurgery.tensorrt", "bnsurgery.fusion_check"):
+        assert "bnsurgery.validate" not in reachable(stage), stage
+    assert reachable("bnsurgery.tensors") <= {"bnsurgery.errors", "bnsurgery._bn_registry",
+                                              "bnsurgery.batchnorm", "bnsurgery.sync_batchnorm",
+                                              "bnsurgery.functional"}
+
+
+def test_no_private_name_is_imported_across_modules():
+    _, private = import_graph(ROOT / "bnsurgery", "bnsurgery")
+    unexpected = [p for p in private if p[:2] not in KNOWN_PRIVATE_IMPORTS]
+    assert unexpected == [], unexpected

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
-from bnsurgery.errors import ExportError, InvalidInputError
+from bnsurgery.errors import ExportError, InvalidInputError, NumericMismatchError
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.validate import validate_onnx
 
@@ -217,9 +217,12 @@ def test_a_file_that_disagrees_with_the_original_is_never_written(tmp_path, monk
 
     monkeypatch.setattr(fuse_module, "fuse_batchnorm", off_by_ten_percent)
     path = tmp_path / "m.onnx"
-    with pytest.raises(ExportError, match=r"does not compute what the original model computes"):
+    with pytest.raises(ExportError, match=r"does not compute what the original model computes"
+                       ) as caught:
         export_onnx(model, x, path)
     assert list(tmp_path.iterdir()) == []
+    # A numeric mismatch, so the command line exits 1, not 2.
+    assert isinstance(caught.value, NumericMismatchError)
 
 
 class _CachesShape(nn.Module):

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
+from bnsurgery.comparison import TOLERANCES
 from bnsurgery.errors import IncompatibleModuleError, InvalidInputError
-from bnsurgery.validate import (
-    TOLERANCES,
-    _compare,
-    compare_models,
-    resize_batch,
-    select_tolerance,
-    validate_onnx,
-)
+from bnsurgery.validate import compare_models, validate_onnx
 
 torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
@@ -33,68 +26,6 @@ def _scale_one_conv(model: nn.Module, name: str = "layer2.0.conv1", factor: floa
     with torch.no_grad():
         changed.get_submodule(name).weight.mul_(factor)
     return changed
-
-
-# ------------------------------------------------------------------------ metrics and tolerances
-
-def test_metrics_on_known_tensors():
-    reference = torch.tensor([[1.0, 2.0, 4.0], [0.5, -1.0, 0.0]])
-    candidate = reference.clone()
-    candidate[0, 2] = 3.5  # changes the row's arg-max? no: 3.5 > 2.0 still wins
-    candidate[1, 0] = -2.0  # row 2's arg-max moves from column 0 to column 2
-    result = _compare("logits", 2, reference, candidate, TOLERANCES["fp32"])
-    assert result.max_abs_error == pytest.approx(2.5)
-    assert result.scale == pytest.approx(4.0)
-    assert result.max_rel_error == pytest.approx(2.5 / 4.0)
-    assert result.mean_abs_error == pytest.approx(3.0 / 6)
-    expected_cos = float(torch.nn.functional.cosine_similarity(
-        reference.flatten(), candidate.flatten(), dim=0))
-    assert result.cosine_similarity == pytest.approx(expected_cos)
-    assert result.top1_agreement == pytest.approx(0.5)
-    assert not result.passed
-
-
-def test_metrics_flag_non_finite_and_shape_mismatch():
-    reference = torch.ones(2, 3)
-    candidate = reference.clone()
-    candidate[0, 0] = math.nan
-    assert not _compare("o", 2, reference, candidate, TOLERANCES["fp32"]).passed
-    mismatch = _compare("o", 2, reference, torch.ones(2, 4), TOLERANCES["fp32"])
-    assert not mismatch.passed and math.isinf(mismatch.max_abs_error)
-
-
-@pytest.mark.parametrize(
-    ("dtype", "tf32", "backend", "label"),
-    [
-        pytest.param(torch.float32, False, "pytorch", "fp32", id="fp32"),
-        pytest.param(torch.float32, True, "pytorch", "tf32", id="tf32"),
-        pytest.param(torch.float16, False, "pytorch", "fp16", id="fp16"),
-        pytest.param(torch.bfloat16, False, "pytorch", "bf16", id="bf16"),
-        pytest.param(torch.float32, False, "tensorrt", "tensorrt-fp32", id="tensorrt-fp32"),
-        pytest.param(torch.float16, False, "tensorrt", "fp16", id="tensorrt-fp16"),
-    ],
-)
-def test_select_tolerance(dtype, tf32, backend, label):
-    tolerance = select_tolerance(dtype, backend=backend, tf32=tf32)
-    assert tolerance.label == label
-    assert tolerance.why  # every tolerance says where its numbers come from
-
-
-def test_select_tolerance_override_and_bad_values():
-    custom = select_tolerance(torch.float32, rtol=1e-3)
-    assert custom.rtol == 1e-3 and custom.atol == TOLERANCES["fp32"].atol
-    assert "custom" in custom.label
-    with pytest.raises(InvalidInputError, match="non-negative"):
-        select_tolerance(torch.float32, atol=-1.0)
-
-
-def test_resize_batch_keeps_rows_and_draws_new_ones():
-    x = torch.randn(2, 3)
-    assert torch.equal(resize_batch((x,), 1, seed=0)[0], x[:1])
-    grown = resize_batch((x,), 5, seed=0)[0]
-    assert grown.shape == (5, 3) and torch.equal(grown[:2], x)
-    ids = torch.tensor([[1], [2]])
-    assert set(resize_batch((ids,), 4, seed=0)[0].flatten().tolist()) <= {1, 2}
 
 
 # ------------------------------------------------------------------------ PyTorch vs PyTorch
@@ -201,9 +132,9 @@ def test_validate_onnx_fails_when_one_conv_is_scaled_by_5_percent(resnet18, resn
 
 def test_validate_onnx_detects_a_silent_provider_fallback(resnet18, resnet18_onnx, inputs,
                                                          monkeypatch):
-    import bnsurgery.validate as validate
+    import bnsurgery.ort_session as ort_session
 
-    real_session = validate._session
+    real_session = ort_session.create_session
 
     class FellBack:
         """A session that, like onnxruntime without working CUDA libraries, used the CPU."""
@@ -219,7 +150,7 @@ def test_validate_onnx_detects_a_silent_provider_fallback(resnet18, resnet18_onn
 
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(validate, "_session", FellBack)
+    monkeypatch.setattr(ort_session, "create_session", FellBack)
     report = validate_onnx(resnet18, resnet18_onnx, inputs, providers="cuda,cpu",
                            per_layer=False, float64_baseline=False, batch_sizes=[2])
     assert not report.passed
