@@ -20,6 +20,7 @@ import pickle
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -85,15 +86,19 @@ class _Context:
 def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     """Build the MODEL (seeded), load or calibrate its weights, and draw example inputs."""
     from bnsurgery.calibrate import calibrate_batchnorm
-    from bnsurgery.models import load_model, parse_input_shape
+    from bnsurgery.models import WeightsCastWarning, load_model, parse_input_shape
 
     args = ctx.args
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     ctx.progress(f"building {args.model}"
                  + (f" with weights {args.weights}" if args.weights else f" (seed {args.seed})"))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", WeightsCastWarning)  # listed below instead
         torch.manual_seed(args.seed)
         loaded = load_model(args.model, weights=args.weights)
+    if loaded.cast:
+        ctx.progress(f"note: {len(loaded.cast)} tensors of {args.weights} were cast to the "
+                     f"model's dtype: {', '.join(loaded.cast)}")
     shape = shape or loaded.input_shape
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     model = loaded.model

@@ -318,3 +318,46 @@ def test_output_in_a_file_is_refused_before_any_work(capsys, tmp_path, factories
     (tmp_path / "f").write_text("")
     code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f" / "x.pt"))
     assert code == 2 and "a file is in the way" in err and "building" not in err
+
+
+def _small_state(dtype=None):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    return {k: v.to(dtype) if dtype is not None and k.startswith("0.") else v.contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def test_zip_bomb_weights_exit_2_in_one_line(capsys, tmp_path, factories):
+    from hostile_files import zip_bomb_pt
+
+    path = tmp_path / "bomb.pt"
+    zip_bomb_pt(path, 1 << 28, name="0.weight")
+    code, out, err = _run(capsys, "inspect", f"{factories}:small", "--weights", str(path),
+                          "--input-shape", "2,3,8,8")
+    assert code == 2, err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "declares more data than the model could use" in lines[0]
+    assert "Hint: save only the model's state_dict" in lines[0]
+    assert "Traceback" not in err and out == ""
+
+
+def test_integer_weights_are_refused_and_float_casts_are_listed(capsys, tmp_path, factories):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "int.safetensors"
+    save_file(_small_state(torch.int64), str(path))
+    code, _, err = _run(capsys, "inspect", f"{factories}:small", "--weights", str(path),
+                        "--input-shape", "2,3,8,8")
+    assert code == 2
+    assert "non-float tensors for float parameters" in err and "0.weight: torch.int64" in err
+
+    path = tmp_path / "half.safetensors"
+    save_file(_small_state(torch.float16), str(path))
+    code, out, err = _run(capsys, "--json", "inspect", f"{factories}:small", "--weights",
+                          str(path), "--input-shape", "2,3,8,8")
+    assert code == 0, err
+    assert "note: 2 tensors of" in err and "0.weight: torch.float16 -> torch.float32" in err
+    assert "Warning" not in err  # listed once, as a note, not also as a Python warning
+    assert sorted(json.loads(out)["model"]["cast"]) == [
+        "0.bias: torch.float16 -> torch.float32", "0.weight: torch.float16 -> torch.float32"]
