@@ -16,6 +16,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from bnsurgery.errors import InvalidInputError, format_message
 
@@ -53,8 +54,11 @@ class ArchiveEntry:
                 "compressed": self.compressed}
 
 
-def read_zip_entries(path: str | os.PathLike[str]) -> tuple[ArchiveEntry, ...]:
+def read_zip_entries(path: str | os.PathLike[str] | BinaryIO) -> tuple[ArchiveEntry, ...]:
     """The members of a zip archive, from its central directory only (nothing is inflated).
+
+    Args:
+        path: The archive, or an open binary file holding one (an archive nested in another).
 
     Raises:
         InvalidInputError: The file is not a zip archive or its directory is damaged.
@@ -64,7 +68,8 @@ def read_zip_entries(path: str | os.PathLike[str]) -> tuple[ArchiveEntry, ...]:
             infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
         raise InvalidInputError(format_message(
-            "The archive's directory cannot be read", where=str(path),
+            "The archive's directory cannot be read",
+            where=str(path) if isinstance(path, (str, os.PathLike)) else "a nested archive",
             got=f"{type(exc).__name__}: {exc}", expected="a zip archive (torch.save, "
             "torch.export.save)", hint="check that the file is complete and not damaged")) from exc
     return tuple(ArchiveEntry(info.filename, int(info.file_size), int(info.compress_size),

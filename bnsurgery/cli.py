@@ -164,7 +164,7 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         write_bytes(path, buffer.getbuffer())
-        return "torch.export program; load it with torch.export.load"
+        return "torch.export program; load it with bnsurgery.pt2.load_exported_program"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if suffix == ".safetensors":
         from bnsurgery._lazy import require
@@ -555,9 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save")
     _model_options(fuse)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT",
-                      help="output: .pt2 (torch.export program; torch.export.load can run pickled "
-                           "code from a tampered archive: load only your own), "
-                           ".safetensors or .pt (state_dict of the fused model)")
+                      help="output: .pt2 (torch.export program; load it with "
+                           "bnsurgery.pt2.load_exported_program, which refuses archives that "
+                           "would run code), .safetensors or .pt (state_dict of the fused model)")
     fuse.add_argument("--strict", action="store_true",
                       help="fail if any BatchNorm cannot be folded")
     _tolerances(fuse)

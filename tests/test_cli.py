@@ -168,8 +168,19 @@ def test_fuse_saves_a_torch_export_program(capsys, tmp_path):
     assert document["passed"] is True and document["output"] == str(out_path)
     assert len(document["plan"]["folded"]) == 20
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
-    program = torch.export.load(out_path)  # no unpickling of user code involved
-    assert program.module()(torch.randn(3, 3, 32, 32)).shape == (3, 1000)  # dynamic batch
+    from bnsurgery.calibrate import calibrate_batchnorm
+    from bnsurgery.models import load_model
+    from bnsurgery.pt2 import load_exported_program
+
+    program = load_exported_program(out_path)  # vetted first: nothing in it can run code
+    with torch.random.fork_rng():  # the original, built as the command builds it (seed 0)
+        torch.manual_seed(0)
+        original = load_model(MODEL).model
+    inputs = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    original = calibrate_batchnorm(original, torch.cat([inputs, inputs]), seed=0).eval()
+    x = torch.randn(3, 3, 32, 32)  # dynamic batch
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), original(x), rtol=1e-4, atol=1e-4)
     assert not any("batch_norm" in str(node.target) for node in program.graph.nodes)
 
 
