@@ -140,6 +140,26 @@ def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
                  ".safetensors/.pt for a state_dict"))
 
 
+def _check_side_outputs(ctx: _Context) -> None:
+    """Refuse an unwritable ``--report``/``--plot`` before any work, so no success is undone."""
+    from bnsurgery.files import check_output_path, same_file
+
+    args = ctx.args
+    others = [(flag, getattr(args, name, None)) for flag, name in
+              (("-o", "output"), ("--weights", "weights"), ("FILE", "file"))]
+    for flag, name in (("--report", "report"), ("--plot", "plot")):
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        check_output_path(path, what=flag[2:], hint=f"pass another path to {flag}")
+        for other_flag, other in others:
+            if other and other != "DEFAULT" and same_file(path, other):
+                raise InvalidInputError(format_message(
+                    f"{flag} would overwrite another file of this command", where=str(path),
+                    got=f"{flag} {path} is the same file as {other_flag} {other}",
+                    expected="a different file", hint=f"pass another path to {flag}"))
+
+
 def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
     import io
@@ -270,6 +290,7 @@ def _cmd_replace(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
     replaced = replace_batchnorm(model, inplace=False).eval()
@@ -286,6 +307,7 @@ def _cmd_fuse(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("folding BatchNorm")
     plan = plan_fusion(model, inputs)
@@ -340,6 +362,7 @@ def _cmd_export(ctx: _Context) -> int:
                 hint="pip install 'bnsurgery[gpu]' on a machine with an NVIDIA GPU and CUDA"))
     if args.validate and args.providers:
         resolve_providers(args.providers)  # an unavailable provider fails before the export
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     out = Path(args.output)
     ctx.progress(f"exporting to {out} (opset {args.opset}, "
@@ -390,6 +413,7 @@ def _cmd_validate(ctx: _Context) -> int:
             "The ONNX file does not exist", where=args.file, got="no such file",
             expected="a file written by bnsurgery export", hint="check the path"))
     resolve_providers(args.providers)
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
     report = validate_onnx(model, args.file, inputs, providers=args.providers, rtol=args.rtol,
@@ -413,6 +437,7 @@ def _cmd_recalibrate(ctx: _Context) -> int:
 
     args = ctx.args
     _check_save_path(Path(args.output))
+    _check_side_outputs(ctx)
     if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
         raise InvalidInputError(format_message(
             "--batch-size and --num-batches must be positive", where="--batch-size",

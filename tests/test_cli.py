@@ -372,3 +372,27 @@ def test_integer_weights_are_refused_and_float_casts_are_listed(capsys, tmp_path
     assert "Warning" not in err  # listed once, as a note, not also as a Python warning
     assert sorted(json.loads(out)["model"]["cast"]) == [
         "0.bias: torch.float16 -> torch.float32", "0.weight: torch.float16 -> torch.float32"]
+
+
+@pytest.mark.parametrize("command", ["fuse", "replace", "export"])
+def test_report_to_a_folder_is_refused_before_the_model_is_saved(capsys, tmp_path, factories,
+                                                                 command):
+    out = tmp_path / ("m.onnx" if command == "export" else "m.safetensors")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    code, out_text, err = _run(capsys, command, f"{factories}:small", "--input-shape", "2,3,8,8",
+                               "-o", str(out), "--report", str(folder))
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "The report destination is a folder" in lines[0]
+    assert "Hint: append a file name, or pass another path to --report" in lines[0]
+    assert "building" not in err  # refused before any work
+    assert not out.exists() and list(folder.iterdir()) == []
+
+
+def test_report_that_is_the_output_is_refused(capsys, tmp_path, factories):
+    out = tmp_path / "m.safetensors"
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "--input-shape", "2,3,8,8",
+                        "-o", str(out), "--report", str(out))
+    assert code == 2 and "--report would overwrite another file" in err
+    assert "same file as -o" in err and not out.exists()
