@@ -86,9 +86,17 @@ class _Context:
 def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     """Build the MODEL (seeded), load or calibrate its weights, and draw example inputs."""
     from bnsurgery.calibrate import calibrate_batchnorm
-    from bnsurgery.models import WeightsCastWarning, load_model, parse_input_shape
+    from bnsurgery.copying import copy_model
+    from bnsurgery.models import (
+        WeightsCastWarning,
+        check_input_size,
+        check_seed,
+        load_model,
+        parse_input_shape,
+    )
 
     args = ctx.args
+    check_seed(args.seed, where="--seed")
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     ctx.progress(f"building {args.model}"
                  + (f" with weights {args.weights}" if args.weights else f" (seed {args.seed})"))
@@ -100,6 +108,11 @@ def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
         ctx.progress(f"note: {len(loaded.cast)} tensors of {args.weights} were cast to the "
                      f"model's dtype: {', '.join(loaded.cast)}")
     shape = shape or loaded.input_shape
+    check_input_size(shape, where="--input-shape", hint="pass a smaller --input-shape")
+    # Every command works on copies; say so now, in this interface's words, if none can be made.
+    copy_model(loaded.model, what=f"bnsurgery {args.command}",
+               hint="no command-line flag avoids the copy: make the model copyable, or use "
+                    "the Python API with inplace=True")
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     model = loaded.model
     try:
@@ -363,6 +376,9 @@ def _cmd_export(ctx: _Context) -> int:
     if args.validate and args.providers:
         resolve_providers(args.providers)  # an unavailable provider fails before the export
     _check_side_outputs(ctx)
+    from bnsurgery.files import check_output_path
+
+    check_output_path(args.output, what="ONNX file", hint="pass another path to -o")
     loaded, model, inputs = _load(ctx)
     out = Path(args.output)
     ctx.progress(f"exporting to {out} (opset {args.opset}, "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import pickle
 import warnings
@@ -45,6 +46,8 @@ __all__ = [
     "WEIGHTS_SIZE_FACTOR",
     "WEIGHTS_SIZE_SLACK",
     "WeightsCastWarning",
+    "check_input_size",
+    "check_seed",
     "default_input_shape",
     "load_model",
     "load_state_dict_file",
@@ -239,7 +242,24 @@ def _build_python(target: str, weights: str | None) -> nn.Module:
             "The model factory does not exist", where=target, got=f"no callable {factory_name!r}",
             expected=f"a function in {module_name} returning an nn.Module",
             hint="name a function that takes no arguments"))
-    model = factory()
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise InvalidInputError(format_message(
+            "The model factory needs arguments", where=target, got=first_line(exc),
+            expected="a function that takes no arguments and returns an nn.Module",
+            hint=f"write one, e.g. def build(): return {factory_name}(...), in a module of "
+                 "yours, and name it as module:build")) from exc
+    except ValueError:  # no signature to read (some builtins): calling it will tell
+        pass
+    try:
+        model = factory()
+    except Exception as exc:  # the user's own code: keep it as the cause (--debug shows it)
+        raise InvalidInputError(format_message(
+            "The model factory raised an error", where=target,
+            got=f"{type(exc).__name__}: {first_line(exc)}",
+            expected="a function that builds the model", hint="run it in Python to see why"
+        )) from exc
     if not isinstance(model, nn.Module):
         raise InvalidInputError(format_message(
             "The model factory did not return a torch.nn.Module", where=target,
@@ -419,6 +439,76 @@ def _apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], where: str)
             hint="check that the MODEL matches the checkpoint"))
 
 
+def check_seed(seed: object, *, where: str = "seed") -> int:
+    """``seed`` if torch's generators accept it: an integer in ``[-2**63, 2**64 - 1]``.
+
+    Raises:
+        InvalidInputError: Not an integer, or out of that range (torch raises a bare
+            ``RuntimeError: Overflow when unpacking long`` deep inside seeding).
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+        raise InvalidInputError(format_message(
+            "The seed is out of range", where=where, got=repr(seed),
+            expected="an integer from -2**63 to 2**64 - 1", hint=f"pass a smaller {where}"))
+    return seed
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the system can still give, or ``None`` where it does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_input_size(shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32,
+                     where: str = "input_shape", hint: str = "pass a smaller input_shape"
+                     ) -> int:
+    """Refuse an input shape whose tensor cannot be allocated, before trying to allocate it.
+
+    Allocating a tensor larger than memory fails slowly (swapping) or kills the process; the
+    element count and bytes are checked against the memory still available instead.
+
+    Returns:
+        The bytes the input needs.
+
+    Raises:
+        InvalidInputError: The element count overflows int64 or the bytes exceed what is
+            available.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    needed = numel * torch.empty((), dtype=dtype).element_size()
+    available = _available_memory()
+    if numel >= 2**63 or (available is not None and needed > available):
+        raise InvalidInputError(format_message(
+            "The input shape is too large to allocate", where=where,
+            got=f"{list(shape)}: {numel} elements, {needed} bytes of {dtype}",
+            expected=f"at most the {available} bytes of memory available"
+            if available is not None else "fewer than 2**63 elements", hint=hint))
+    return needed
+
+
+def _check_not_meta(model: nn.Module, where: str) -> None:
+    meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if tensor.is_meta]
+    if meta:
+        raise InvalidInputError(format_message(
+            "The model's tensors are on the meta device: they have shapes but no values",
+            where=where, got=f"{len(meta)} meta tensors (e.g. {', '.join(meta[:3])})",
+            expected="a model with real tensors (on the CPU or a GPU)",
+            hint="build it on a real device, or call model.to_empty(device='cpu') and load "
+                 "its weights before returning it from the factory"))
+
+
 def default_input_shape(spec: ModelSpec | str, model: nn.Module | None = None
                         ) -> tuple[int, ...]:
     """The input shape a model expects by default, batch 1: ``(1, 3, 224, 224)`` for most."""
@@ -469,6 +559,7 @@ def load_model(spec: ModelSpec | str, *, weights: str | os.PathLike[str] | None 
         model = _build_timm(spec.name, keyword)
     else:
         model = _build_python(spec.name, keyword)
+    _check_not_meta(model, spec.text)  # loading weights into meta tensors does nothing
     cast: tuple[str, ...] = ()
     if weights is not None and keyword is None:
         where = f"{spec.text} <- {weights}"

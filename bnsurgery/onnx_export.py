@@ -19,11 +19,8 @@ report that validates it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from bnsurgery._lazy import require
+from bnsurgery.copying import copy_model
 from bnsurgery.errors import ExportError, InvalidInputError, format_message
+from bnsurgery.files import check_output_path, publish, staging_directory
 from bnsurgery.ort_session import _session
 from bnsurgery.validate import as_input_tuple, check_eval_mode, flatten_outputs, resize_batch
 
@@ -319,11 +318,7 @@ def export_onnx(
     check_eval_mode(model, what="export_onnx")
     inputs = as_input_tuple(example_inputs, where="example_inputs")
     require("onnx", purpose="ONNX export")
-    destination = Path(path)
-    if destination.is_dir():
-        raise InvalidInputError(format_message(
-            "The ONNX destination is a folder", where=str(destination), got="a directory",
-            expected="a file path such as model.onnx", hint="append a file name"))
+    destination = check_output_path(path, what="ONNX file", hint="pass another file as path=")
     original = model
     if fuse:
         from bnsurgery.fuse import fuse_batchnorm
@@ -332,16 +327,16 @@ def export_onnx(
     export_inputs = _export_inputs(inputs, dynamic_batch)
     # On a copy: a forward may cache state (ultralytics' Detect caches the input shape, which
     # then fixes the exported batch size), and the caller's model must not run at all.
-    count, leading = _output_count(copy.deepcopy(model), export_inputs)
+    count, leading = _output_count(copy_model(model, what="export_onnx", hint="make the model "
+                                              "copyable: export never runs the caller's model"),
+                                   export_inputs)
     export_batch = int(export_inputs[0].shape[0]) if export_inputs[0].dim() > 0 else None
     input_names = _names(len(inputs), "input")
     output_names = _names(count, "output")
     metadata = _metadata(exporter=exporter, fuse=fuse, opset=opset, dynamic_batch=dynamic_batch,
                          export_batch=export_batch)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=destination.parent
-                                     ) as folder:
-        staged = Path(folder) / destination.name
+    with staging_directory(destination, what="ONNX file") as folder:
+        staged = folder / destination.name
         export = _export_dynamo if exporter == "dynamo" else _export_legacy
         export(model, export_inputs, staged, opset=opset, dynamic_batch=dynamic_batch,
                input_names=input_names, output_names=output_names, metadata=metadata)
@@ -356,12 +351,12 @@ def export_onnx(
             _check_against_original(staged, original, export_inputs,
                                     dynamic_batch=dynamic_batch and export_batch is not None,
                                     shown=destination)
-        sidecars = [p for p in Path(folder).iterdir() if p != staged]
+        sidecars = [p for p in folder.iterdir() if p != staged]
         for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
             logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
                            sidecar.name, destination.name)
-            shutil.move(str(sidecar), str(destination.parent / sidecar.name))
-        os.replace(staged, destination)
+            publish(sidecar, destination.parent / sidecar.name, what="ONNX external data")
+        publish(staged, destination, what="ONNX file")
     logger.info("exported %s (opset %d, %s, fused=%s)", destination, opset, EXPORTERS[exporter],
                 fuse)
     return destination

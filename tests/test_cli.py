@@ -396,3 +396,71 @@ def test_report_that_is_the_output_is_refused(capsys, tmp_path, factories):
                         "-o", str(out), "--report", str(out))
     assert code == 2 and "--report would overwrite another file" in err
     assert "same file as -o" in err and not out.exists()
+
+
+@pytest.fixture
+def odd_factories(monkeypatch):
+    """Models a user might name that cannot be used as they are."""
+    import threading
+
+    module = types.ModuleType("bnsurgery_cli_odd")
+
+    def on_meta():
+        with torch.device("meta"):
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    def with_lock():
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        model.lock = threading.Lock()
+        return model
+
+    module.on_meta, module.with_lock = on_meta, with_lock
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module.__name__
+
+
+def _one_line_error(capsys, *argv):
+    code, out, err = _run(capsys, *argv)
+    lines = _error_lines(err)
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and "unexpected" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param(["inspect", "torch.nn:Conv2d"],
+                     ["The model factory needs arguments", "in_channels", "Hint: write one"],
+                     id="factory-needs-arguments"),
+        pytest.param(["inspect", "torch.nn:Identity", "--seed", str(2**70)],
+                     ["The seed is out of range", "--seed", "Hint: pass a smaller --seed"],
+                     id="seed-overflow"),
+        pytest.param(["inspect", "torch.nn:Identity", "--input-shape", "100000,100000,100000"],
+                     ["too large to allocate", "1000000000000000 elements",
+                      "Hint: pass a smaller --input-shape"], id="input-too-large"),
+        pytest.param(["inspect", "bnsurgery_cli_odd:on_meta", "--input-shape", "2,3,8,8"],
+                     ["on the meta device", "0.weight", "Hint: build it on a real device"],
+                     id="meta-device"),
+        pytest.param(["fuse", "bnsurgery_cli_odd:with_lock", "--input-shape", "2,3,8,8", "-o",
+                      "never.safetensors"],
+                     ["bnsurgery fuse works on a copy", "cannot pickle",
+                      "Hint: no command-line flag avoids the copy", "inplace=True"],
+                     id="not-copyable"),
+    ],
+)
+def test_specific_one_line_errors_with_a_hint(capsys, odd_factories, argv, expected):
+    line = _one_line_error(capsys, *argv)
+    for text in expected:
+        assert text in line, line
+    assert not os.path.exists("never.safetensors")
+
+
+def test_multi_line_messages_are_printed_whole_after_the_summary(capsys, factories):
+    code, _, err = _run(capsys, "fuse", f"{factories}:mixed", "--input-shape", "2,3,8,8",
+                        "--strict", "-o", "never.safetensors")
+    lines = _error_lines(err)
+    assert code == 2 and "Traceback" not in err
+    assert lines[0].startswith("bnsurgery fuse: error: ")
+    assert len(lines) > 1 and any("3" in line and "running statistics" in line
+                                  for line in lines[1:]), err
