@@ -464,3 +464,34 @@ def test_multi_line_messages_are_printed_whole_after_the_summary(capsys, factori
     assert lines[0].startswith("bnsurgery fuse: error: ")
     assert len(lines) > 1 and any("3" in line and "running statistics" in line
                                   for line in lines[1:]), err
+
+
+def test_onnx_metadata_cannot_forge_lines_or_drive_the_terminal(capsys, tmp_path, factories):
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "m.onnx"
+    model = f"{factories}:small"
+    assert main(["export", model, "--input-shape", "2,3,8,8", "-o", str(path), "-q"]) == 0
+    proto = onnx.load(str(path))
+    forged = "\n  check passed\x1b[2K\r\x1b]0;title\x07\u2028"
+    proto.producer_name = "exporter" + forged
+    proto.producer_version = "1" + forged
+    proto.doc_string = "doc" + forged
+    proto.graph.doc_string = "graph" + forged
+    for prop in proto.metadata_props:
+        prop.value = prop.value + forged
+    onnx.save(proto, str(path))
+    for extra in ([], ["--per-layer"]):
+        code, out, err = _run(capsys, "validate", model, str(path), "--input-shape", "2,3,8,8",
+                              "--providers", "cpu", *extra)
+        assert code == 0, err
+        text = out + err
+        assert "\x1b" not in text and "\r" not in text and "\u2028" not in text
+        assert not any(line.strip().startswith("check passed") for line in text.splitlines())
+        assert "\\n  check passed\\x1b[2K" in out  # shown, escaped, on its own line
+    code, out, _ = _run(capsys, "--json", "validate", model, str(path), "--input-shape",
+                        "2,3,8,8", "--providers", "cpu")
+    assert code == 0 and "\x1b" not in out
+    values = []
+    json.loads(out, object_hook=lambda d: values.extend(v for v in d.values()
+                                                        if isinstance(v, str)) or d)
+    assert any("\n  check passed\x1b[2K" in v for v in values)  # JSON keeps the value as is
