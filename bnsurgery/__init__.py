@@ -27,6 +27,7 @@ from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batc
 from bnsurgery.models import load_model, load_state_dict_file
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.pairs import FoldPair, find_fold_pairs
+from bnsurgery.pt2 import load_exported_program
 from bnsurgery.recalibrate import RecalibrationReport, recalibrate_batchnorm
 from bnsurgery.reparam import (
     MergedBlock,
@@ -97,6 +98,7 @@ __all__ = [
     "export_tensorrt",
     "find_fold_pairs",
     "fuse_batchnorm",
+    "load_exported_program",
     "load_model",
     "load_state_dict_file",
     "plan_fusion",

@@ -11,13 +11,13 @@ benchmarks all use it; nothing here downloads weights.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bnsurgery._bn_registry import looks_like_batchnorm
+from bnsurgery.copying import copy_model
 from bnsurgery.errors import InvalidInputError, format_message
 
 __all__ = ["calibrate_batchnorm", "randomize_batchnorm_affine"]
@@ -38,7 +38,7 @@ def randomize_batchnorm_affine(model: nn.Module, *, seed: int = 0, inplace: bool
     Returns:
         The model with randomised BatchNorm parameters.
     """
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else copy_model(model, what="BatchNorm calibration")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():

@@ -22,6 +22,7 @@ import pickle
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -89,16 +90,33 @@ class _Context:
 def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     """Build the MODEL (seeded), load or calibrate its weights, and draw example inputs."""
     from bnsurgery.calibrate import calibrate_batchnorm
-    from bnsurgery.models import load_model, parse_input_shape
+    from bnsurgery.copying import copy_model
+    from bnsurgery.models import (
+        WeightsCastWarning,
+        check_input_size,
+        check_seed,
+        load_model,
+        parse_input_shape,
+    )
 
     args = ctx.args
+    check_seed(args.seed, where="--seed")
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     ctx.progress(f"building {args.model}"
                  + (f" with weights {args.weights}" if args.weights else f" (seed {args.seed})"))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", WeightsCastWarning)  # listed below instead
         torch.manual_seed(args.seed)
         loaded = load_model(args.model, weights=args.weights)
+    if loaded.cast:
+        ctx.progress(f"note: {len(loaded.cast)} tensors of {args.weights} were cast to the "
+                     f"model's dtype: {', '.join(loaded.cast)}")
     shape = shape or loaded.input_shape
+    check_input_size(shape, where="--input-shape", hint="pass a smaller --input-shape")
+    # Every command works on copies; say so now, in this interface's words, if none can be made.
+    copy_model(loaded.model, what=f"bnsurgery {args.command}",
+               hint="no command-line flag avoids the copy: make the model copyable, or use "
+                    "the Python API with inplace=True")
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     model = loaded.model
     try:
@@ -139,6 +157,26 @@ def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
                  ".safetensors/.pt for a state_dict"))
 
 
+def _check_side_outputs(ctx: _Context) -> None:
+    """Refuse an unwritable ``--report``/``--plot`` before any work, so no success is undone."""
+    from bnsurgery.files import check_output_path, same_file
+
+    args = ctx.args
+    others = [(flag, getattr(args, name, None)) for flag, name in
+              (("-o", "output"), ("--weights", "weights"), ("FILE", "file"))]
+    for flag, name in (("--report", "report"), ("--plot", "plot")):
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        check_output_path(path, what=flag[2:], hint=f"pass another path to {flag}")
+        for other_flag, other in others:
+            if other and other != "DEFAULT" and same_file(path, other):
+                raise InvalidInputError(format_message(
+                    f"{flag} would overwrite another file of this command", where=str(path),
+                    got=f"{flag} {path} is the same file as {other_flag} {other}",
+                    expected="a different file", hint=f"pass another path to {flag}"))
+
+
 def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
     import io
@@ -163,7 +201,7 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         write_bytes(path, buffer.getbuffer())
-        return "torch.export program; load it with torch.export.load"
+        return "torch.export program; load it with bnsurgery.pt2.load_exported_program"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if suffix == ".safetensors":
         from bnsurgery._lazy import require
@@ -269,6 +307,7 @@ def _cmd_replace(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
     replaced = replace_batchnorm(model, inplace=False).eval()
@@ -285,6 +324,7 @@ def _cmd_fuse(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("folding BatchNorm")
     plan = plan_fusion(model, inputs)
@@ -339,6 +379,10 @@ def _cmd_export(ctx: _Context) -> int:
                 hint="pip install 'bnsurgery[gpu]' on a machine with an NVIDIA GPU and CUDA"))
     if args.validate and args.providers:
         resolve_providers(args.providers)  # an unavailable provider fails before the export
+    _check_side_outputs(ctx)
+    from bnsurgery.files import check_output_path
+
+    check_output_path(args.output, what="ONNX file", hint="pass another path to -o")
     loaded, model, inputs = _load(ctx)
     out = Path(args.output)
     ctx.progress(f"exporting to {out} (opset {args.opset}, "
@@ -393,6 +437,7 @@ def _cmd_validate(ctx: _Context) -> int:
             "The ONNX file does not exist", where=args.file, got="no such file",
             expected="a file written by bnsurgery export", hint="check the path"))
     resolve_providers(args.providers)
+    _check_side_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
     with _timeout_hint():
@@ -418,6 +463,7 @@ def _cmd_recalibrate(ctx: _Context) -> int:
 
     args = ctx.args
     _check_save_path(Path(args.output))
+    _check_side_outputs(ctx)
     if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
         raise InvalidInputError(format_message(
             "--batch-size and --num-batches must be positive", where="--batch-size",
@@ -585,9 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save")
     _model_options(fuse)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT",
-                      help="output: .pt2 (torch.export program; torch.export.load can run pickled "
-                           "code from a tampered archive: load only your own), "
-                           ".safetensors or .pt (state_dict of the fused model)")
+                      help="output: .pt2 (torch.export program; load it with "
+                           "bnsurgery.pt2.load_exported_program, which refuses archives that "
+                           "would run code), .safetensors or .pt (state_dict of the fused model)")
     fuse.add_argument("--strict", action="store_true",
                       help="fail if any BatchNorm cannot be folded")
     _tolerances(fuse)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from bnsurgery._bn_registry import batchnorm_kind
+from bnsurgery.copying import copy_model
 from bnsurgery.errors import FusionError, InvalidInputError, format_message
 from bnsurgery.fold import (
     FoldedWeights,
@@ -472,7 +473,7 @@ def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool,
             seeded[name] = (weight, bias)
         replacements = {key: _replacement(bn, memo) for key, bn in batchnorms.items()}
         memo.update(replacements)
-        work = copy.deepcopy(model, memo)
+        work = copy_model(model, what="fuse_batchnorm", memo=memo)
     for name, (_, weights) in folded.items():
         layer = work.get_submodule(name)
         weight, bias = seeded.get(name, (None, None))

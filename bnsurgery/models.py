@@ -11,14 +11,22 @@ Weight files are loaded without unpickling code: ``.pt``/``.pth``/``.bin``/``.ck
 ``.safetensors`` through safetensors, which has no code path at all. A pickle that would need to
 import or call anything is refused with :class:`~bnsurgery.errors.UnsafeFileError` before any of
 it runs.
+
+A weights file may not allocate more than the model it is loaded into could use: the sizes its
+zip directory or safetensors header declares are compared with :func:`weights_budget` before
+anything is inflated, so a small file that inflates to gigabytes is refused at once. A tensor
+whose dtype cannot carry a parameter's values (integers or booleans into a float parameter) is
+refused, and float tensors of another float dtype are reported as cast.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +35,36 @@ import torch
 from torch import Tensor, nn
 
 from bnsurgery._lazy import require
+from bnsurgery.archive import declared_bytes
 from bnsurgery.errors import BnSurgeryError, InvalidInputError, UnsafeFileError, format_message
+from bnsurgery.messages import first_line
 
 __all__ = [
     "DEFAULT_WEIGHTS",
     "LoadedModel",
     "ModelSpec",
+    "WEIGHTS_SIZE_FACTOR",
+    "WEIGHTS_SIZE_SLACK",
+    "WeightsCastWarning",
+    "check_input_size",
+    "check_seed",
     "default_input_shape",
     "load_model",
     "load_state_dict_file",
     "parse_input_shape",
     "parse_model_spec",
+    "weights_budget",
 ]
 
 #: The ``weights`` value that asks for the library's pretrained weights.
 DEFAULT_WEIGHTS = "DEFAULT"
+
+#: A weights file may declare this many times the model's own parameter and buffer bytes: a
+#: training checkpoint holds the weights plus optimiser moments (two more copies for Adam) and
+#: often an EMA copy, possibly in float64. A zip bomb inflates a thousandfold and more.
+WEIGHTS_SIZE_FACTOR = 8
+#: ...plus this many bytes, for the pickle, metadata and small models.
+WEIGHTS_SIZE_SLACK = 64 * 1024 * 1024
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -78,17 +101,29 @@ class LoadedModel:
         spec: What it was built from.
         input_shape: The input shape it expects by default, batch first (batch 1).
         weights: Where its weights came from: ``"random"``, ``"DEFAULT"`` or a file path.
+        cast: The weights file's tensors that were converted to the parameter's float dtype,
+            as ``"name: float16 -> float32"`` (empty when every dtype matched).
     """
 
     model: nn.Module
     spec: ModelSpec
     input_shape: tuple[int, ...]
     weights: str
+    cast: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (without the model itself)."""
         return {"spec": self.spec.to_dict(), "input_shape": list(self.input_shape),
-                "weights": self.weights, "class": type(self.model).__qualname__}
+                "weights": self.weights, "class": type(self.model).__qualname__,
+                "cast": list(self.cast)}
+
+
+class WeightsCastWarning(UserWarning):
+    """Tensors of a weights file were converted to the float dtype of the model's parameters.
+
+    float16 into float32 is exact; float64 into float32 rounds. Either way the model does not
+    hold the numbers of the file bit for bit, which the user should know.
+    """
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -207,7 +242,24 @@ def _build_python(target: str, weights: str | None) -> nn.Module:
             "The model factory does not exist", where=target, got=f"no callable {factory_name!r}",
             expected=f"a function in {module_name} returning an nn.Module",
             hint="name a function that takes no arguments"))
-    model = factory()
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise InvalidInputError(format_message(
+            "The model factory needs arguments", where=target, got=first_line(exc),
+            expected="a function that takes no arguments and returns an nn.Module",
+            hint=f"write one, e.g. def build(): return {factory_name}(...), in a module of "
+                 "yours, and name it as module:build")) from exc
+    except ValueError:  # no signature to read (some builtins): calling it will tell
+        pass
+    try:
+        model = factory()
+    except Exception as exc:  # the user's own code: keep it as the cause (--debug shows it)
+        raise InvalidInputError(format_message(
+            "The model factory raised an error", where=target,
+            got=f"{type(exc).__name__}: {first_line(exc)}",
+            expected="a function that builds the model", hint="run it in Python to see why"
+        )) from exc
     if not isinstance(model, nn.Module):
         raise InvalidInputError(format_message(
             "The model factory did not return a torch.nn.Module", where=target,
@@ -234,26 +286,60 @@ def _unwrap(obj: object) -> object:
     return obj
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+def weights_budget(model: nn.Module) -> int:
+    """The most bytes a weights file loaded into ``model`` may declare.
+
+    :data:`WEIGHTS_SIZE_FACTOR` times the bytes of the model's parameters and buffers (each
+    storage counted once), plus :data:`WEIGHTS_SIZE_SLACK`.
+    """
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "meta":
+            total += tensor.numel() * tensor.element_size()
+            continue
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return WEIGHTS_SIZE_FACTOR * total + WEIGHTS_SIZE_SLACK
+
+
+def _check_declared_size(path: Path, max_bytes: int | None) -> None:
+    """Refuse a file that declares more than ``max_bytes``, from its directory or header only."""
+    declared = declared_bytes(path)
+    if max_bytes is not None and declared > max_bytes:
+        raise InvalidInputError(format_message(
+            "Refused to load the weights file: it declares more data than the model could use "
+            "(a compressed archive that inflates far beyond its size); nothing was inflated",
+            where=str(path), got=f"{declared} bytes declared in a file of "
+            f"{path.stat().st_size} bytes", expected=f"at most {max_bytes} bytes",
+            hint="save only the model's state_dict (torch.save(model.state_dict(), path)) or "
+                 "convert it to .safetensors"))
+
+
+def load_state_dict_file(path: str | os.PathLike[str], *, max_bytes: int | None = None
+                         ) -> dict[str, Tensor]:
     """Load a state_dict without running any code stored in the file.
 
     Args:
         path: A ``.pt``/``.pth``/``.bin``/``.ckpt`` file (``torch.save`` of a state_dict,
             possibly nested under ``"state_dict"`` or ``"model"``) or a ``.safetensors`` file.
+        max_bytes: Refuse a file whose zip directory or safetensors header declares more bytes
+            than this, before anything is inflated (``None``: no bound; :func:`load_model`
+            passes :func:`weights_budget` of the model).
 
     Returns:
         The state_dict on the CPU, with a ``module.`` prefix (``DataParallel``) removed.
 
     Raises:
         UnsafeFileError: The pickle needs to import or call something to load; nothing of it ran.
-        InvalidInputError: The file is missing, unreadable, of an unknown kind, or holds
-            something other than tensors.
+        InvalidInputError: The file is missing, unreadable, of an unknown kind, declares more
+            than ``max_bytes``, or holds something other than tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(format_message(
-            "The weights file does not exist", where=str(path), got="no such file",
-            expected="a .pt, .pth or .safetensors file", hint="check the path"))
+    path = _existing_weights_file(path)
+    _check_declared_size(path, max_bytes)
     suffix = path.suffix.lower()
     if suffix in _SAFETENSORS_SUFFIXES:
         safetensors_torch = require("safetensors.torch", purpose="Loading .safetensors weights")
@@ -278,14 +364,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         except Exception as exc:  # a damaged file can make the unpickler raise anything
             raise InvalidInputError(format_message(
                 "The weights file cannot be read", where=str(path),
-                got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                got=f"{type(exc).__name__}: {first_line(exc)}",
                 expected="a file written by torch.save", hint="check that it is not truncated"
             )) from exc
-    else:
-        raise InvalidInputError(format_message(
-            "Unknown weights file type", where=str(path), got=repr(path.suffix),
-            expected=f"one of {', '.join(_PICKLE_SUFFIXES + _SAFETENSORS_SUFFIXES)}",
-            hint="save a state_dict with torch.save or safetensors"))
     state = _unwrap(state)
     if not isinstance(state, Mapping) or not state or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
@@ -296,6 +377,46 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
+
+
+def _existing_weights_file(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(format_message(
+            "The weights file does not exist", where=str(path), got="no such file",
+            expected="a .pt, .pth or .safetensors file", hint="check the path"))
+    if path.suffix.lower() not in _PICKLE_SUFFIXES + _SAFETENSORS_SUFFIXES:
+        raise InvalidInputError(format_message(
+            "Unknown weights file type", where=str(path), got=repr(path.suffix),
+            expected=f"one of {', '.join(_PICKLE_SUFFIXES + _SAFETENSORS_SUFFIXES)}",
+            hint="save a state_dict with torch.save or safetensors"))
+    return path
+
+
+def _check_dtypes(model: nn.Module, state: Mapping[str, Tensor], where: str) -> tuple[str, ...]:
+    """Refuse tensors that cannot carry a float parameter's values; list the float casts.
+
+    ``load_state_dict`` copies with ``copy_``, which converts any dtype silently: int64 weights
+    become whole numbers (mostly 0.0 for real weights), booleans 0.0 and 1.0.
+    """
+    targets = model.state_dict(keep_vars=True)
+    refused, cast = [], []
+    for name, value in state.items():
+        target = targets.get(name)
+        if not isinstance(target, Tensor) or target.dtype == value.dtype:
+            continue
+        if target.is_floating_point() and not value.is_floating_point():
+            refused.append(f"{name}: {value.dtype} into {target.dtype}")
+        elif target.is_floating_point():
+            cast.append(f"{name}: {value.dtype} -> {target.dtype}")
+    if refused:
+        raise InvalidInputError(format_message(
+            "The weights file holds non-float tensors for float parameters", where=where,
+            got=f"{len(refused)} such tensors ({', '.join(refused[:4])}"
+                f"{', ...' if len(refused) > 4 else ''})",
+            expected="float tensors (float16, bfloat16, float32 or float64)",
+            hint="save the model's own state_dict; integer tensors would become whole numbers"))
+    return tuple(cast)
 
 
 def _apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
@@ -316,6 +437,76 @@ def _apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], where: str)
             got=f"{len(result_missing)} missing and {len(result_unexpected)} unexpected keys "
                 f"(e.g. {shown})", expected="the same parameter names",
             hint="check that the MODEL matches the checkpoint"))
+
+
+def check_seed(seed: object, *, where: str = "seed") -> int:
+    """``seed`` if torch's generators accept it: an integer in ``[-2**63, 2**64 - 1]``.
+
+    Raises:
+        InvalidInputError: Not an integer, or out of that range (torch raises a bare
+            ``RuntimeError: Overflow when unpacking long`` deep inside seeding).
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+        raise InvalidInputError(format_message(
+            "The seed is out of range", where=where, got=repr(seed),
+            expected="an integer from -2**63 to 2**64 - 1", hint=f"pass a smaller {where}"))
+    return seed
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the system can still give, or ``None`` where it does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_input_size(shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32,
+                     where: str = "input_shape", hint: str = "pass a smaller input_shape"
+                     ) -> int:
+    """Refuse an input shape whose tensor cannot be allocated, before trying to allocate it.
+
+    Allocating a tensor larger than memory fails slowly (swapping) or kills the process; the
+    element count and bytes are checked against the memory still available instead.
+
+    Returns:
+        The bytes the input needs.
+
+    Raises:
+        InvalidInputError: The element count overflows int64 or the bytes exceed what is
+            available.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    needed = numel * torch.empty((), dtype=dtype).element_size()
+    available = _available_memory()
+    if numel >= 2**63 or (available is not None and needed > available):
+        raise InvalidInputError(format_message(
+            "The input shape is too large to allocate", where=where,
+            got=f"{list(shape)}: {numel} elements, {needed} bytes of {dtype}",
+            expected=f"at most the {available} bytes of memory available"
+            if available is not None else "fewer than 2**63 elements", hint=hint))
+    return needed
+
+
+def _check_not_meta(model: nn.Module, where: str) -> None:
+    meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if tensor.is_meta]
+    if meta:
+        raise InvalidInputError(format_message(
+            "The model's tensors are on the meta device: they have shapes but no values",
+            where=where, got=f"{len(meta)} meta tensors (e.g. {', '.join(meta[:3])})",
+            expected="a model with real tensors (on the CPU or a GPU)",
+            hint="build it on a real device, or call model.to_empty(device='cpu') and load "
+                 "its weights before returning it from the factory"))
 
 
 def default_input_shape(spec: ModelSpec | str, model: nn.Module | None = None
@@ -346,25 +537,38 @@ def load_model(spec: ModelSpec | str, *, weights: str | os.PathLike[str] | None 
         The loaded model and its default input shape.
 
     Raises:
-        InvalidInputError: Unknown model, unreadable or mismatching weights.
+        InvalidInputError: Unknown model; unreadable or mismatching weights; a weights file
+            that declares more than :func:`weights_budget` of the model, or non-float tensors
+            for float parameters.
         UnsafeFileError: The weights file would run code to unpickle.
+
+    Warns:
+        WeightsCastWarning: Float tensors of another float dtype were cast (also listed in
+            :attr:`LoadedModel.cast`).
         MissingDependencyError: torchvision/timm is not installed.
         BnSurgeryError: Pretrained weights could not be downloaded.
     """
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     keyword = str(weights) if weights is not None and str(weights) == DEFAULT_WEIGHTS else None
-    state = None
     if weights is not None and keyword is None:
-        # Read (and vet) the file before building anything: a refused file must cost nothing.
-        state = load_state_dict_file(weights)
+        # Vet what can be vetted from the directory or header alone before building anything.
+        declared_bytes(_existing_weights_file(weights))
     if spec.source == "torchvision":
         model = _build_torchvision(spec.name, keyword)
     elif spec.source == "timm":
         model = _build_timm(spec.name, keyword)
     else:
         model = _build_python(spec.name, keyword)
-    if state is not None:
-        _apply_state_dict(model, state, f"{spec.text} <- {weights}")
+    _check_not_meta(model, spec.text)  # loading weights into meta tensors does nothing
+    cast: tuple[str, ...] = ()
+    if weights is not None and keyword is None:
+        where = f"{spec.text} <- {weights}"
+        state = load_state_dict_file(weights, max_bytes=weights_budget(model))
+        cast = _check_dtypes(model, state, where)
+        _apply_state_dict(model, state, where)
+        if cast:
+            warnings.warn(f"{len(cast)} tensors of {weights} were cast to the model's dtype: "
+                          f"{', '.join(cast)}", WeightsCastWarning, stacklevel=2)
     model.eval()
     source = "random" if weights is None else (keyword or str(weights))
-    return LoadedModel(model, spec, default_input_shape(spec, model), source)
+    return LoadedModel(model, spec, default_input_shape(spec, model), source, cast)

@@ -19,11 +19,8 @@ report that validates it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +30,7 @@ from torch import Tensor, nn
 
 from bnsurgery._lazy import require
 from bnsurgery._version import __version__
+from bnsurgery.copying import copy_model
 from bnsurgery.errors import (
     BackendRunError,
     ExportError,
@@ -40,6 +38,7 @@ from bnsurgery.errors import (
     InvalidInputError,
     format_message,
 )
+from bnsurgery.files import check_output_path, publish, staging_directory
 from bnsurgery.messages import first_line
 from bnsurgery.ort_session import DEFAULT_TIMEOUT_S, OnnxRunner, check_timeout
 from bnsurgery.tensors import (
@@ -288,8 +287,8 @@ def _put_in_place(staged: Path, destination: Path) -> None:
     for sidecar in sidecars:  # external data first: the .onnx must never point at nothing
         logger.warning("weights above 2 GB: ONNX keeps them in %s beside %s",
                        sidecar.name, destination.name)
-        shutil.move(str(sidecar), str(destination.parent / sidecar.name))
-    os.replace(staged, destination)
+        publish(sidecar, destination.parent / sidecar.name, what="ONNX external data")
+    publish(staged, destination, what="ONNX file")
 
 
 def export_onnx(
@@ -342,11 +341,7 @@ def export_onnx(
     check_eval_mode(model, what="export_onnx")
     inputs = as_input_tuple(example_inputs, where="example_inputs")
     require("onnx", purpose="ONNX export")
-    destination = Path(path)
-    if destination.is_dir():
-        raise InvalidInputError(format_message(
-            "The ONNX destination is a folder", where=str(destination), got="a directory",
-            expected="a file path such as model.onnx", hint="append a file name"))
+    destination = check_output_path(path, what="ONNX file", hint="pass another file as path=")
     original = model
     if fuse:
         from bnsurgery.fuse import fuse_batchnorm
@@ -355,16 +350,16 @@ def export_onnx(
     example = export_inputs(inputs, dynamic_batch)
     # On a copy: a forward may cache state (ultralytics' Detect caches the input shape, which
     # then fixes the exported batch size), and the caller's model must not run at all.
-    count, leading = _output_count(copy.deepcopy(model), example)
+    count, leading = _output_count(copy_model(model, what="export_onnx", hint="make the model "
+                                              "copyable: export never runs the caller's model"),
+                                   example)
     export_batch = int(example[0].shape[0]) if example[0].dim() > 0 else None
     input_names = _names(len(inputs), "input")
     output_names = _names(count, "output")
     metadata = _metadata(exporter=exporter, fuse=fuse, opset=opset, dynamic_batch=dynamic_batch,
                          export_batch=export_batch)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=destination.parent
-                                     ) as folder:
-        staged = Path(folder) / destination.name
+    with staging_directory(destination, what="ONNX file") as folder:
+        staged = folder / destination.name
         export = _export_dynamo if exporter == "dynamo" else _export_legacy
         export(model, example, staged, opset=opset, dynamic_batch=dynamic_batch,
                input_names=input_names, output_names=output_names, metadata=metadata)

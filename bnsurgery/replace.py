@@ -16,7 +16,6 @@ Layers that are left alone are reported with the reason.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import warnings
@@ -36,6 +35,7 @@ from bnsurgery._bn_registry import (
     looks_like_batchnorm,
     swap_class,
 )
+from bnsurgery.copying import copy_model
 from bnsurgery.errors import InvalidInputError, ReplacementError, format_message
 from bnsurgery.results import JsonResult
 
@@ -316,7 +316,7 @@ def replace_batchnorm(model: nn.Module, *, inplace: bool = False, sync: bool = F
     plan = _walk(model, decide, apply=False, restoring=False)[1]
     _report_skipped(plan, strict, "replaced")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, what="replace_batchnorm")
     extra = {"process_group": process_group} if sync else {}
     model, plan = _walk(model, decide, apply=True, restoring=False, extra=extra)
     logger.info("replace_batchnorm: %d layer(s) swapped", len(plan.replaced))
@@ -365,7 +365,7 @@ def restore_batchnorm(model: nn.Module, *, inplace: bool = False, strict: bool =
     plan = _walk(model, _decide_restore, apply=False, restoring=True)[1]
     _report_skipped(plan, strict, "restored")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, what="restore_batchnorm")
     return _walk(model, _decide_restore, apply=True, restoring=True)[0]
 
 

@@ -168,8 +168,19 @@ def test_fuse_saves_a_torch_export_program(capsys, tmp_path):
     assert document["passed"] is True and document["output"] == str(out_path)
     assert len(document["plan"]["folded"]) == 20
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
-    program = torch.export.load(out_path)  # no unpickling of user code involved
-    assert program.module()(torch.randn(3, 3, 32, 32)).shape == (3, 1000)  # dynamic batch
+    from bnsurgery.calibrate import calibrate_batchnorm
+    from bnsurgery.models import load_model
+    from bnsurgery.pt2 import load_exported_program
+
+    program = load_exported_program(out_path)  # vetted first: nothing in it can run code
+    with torch.random.fork_rng():  # the original, built as the command builds it (seed 0)
+        torch.manual_seed(0)
+        original = load_model(MODEL).model
+    inputs = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    original = calibrate_batchnorm(original, torch.cat([inputs, inputs]), seed=0).eval()
+    x = torch.randn(3, 3, 32, 32)  # dynamic batch
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), original(x), rtol=1e-4, atol=1e-4)
     assert not any("batch_norm" in str(node.target) for node in program.graph.nodes)
 
 
@@ -332,3 +343,169 @@ def test_validate_stops_a_never_ending_file_at_its_time_limit(capsys, tmp_path):
     assert "pass --timeout " in err and "timeout=" not in err  # the flag, not the keyword
     code, _, err = _run(capsys, "validate", "torch.nn:Identity", str(path), "--timeout", "-1")
     assert code == 2 and "positive number of seconds" in err
+
+
+def _small_state(dtype=None):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    return {k: v.to(dtype) if dtype is not None and k.startswith("0.") else v.contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def test_zip_bomb_weights_exit_2_in_one_line(capsys, tmp_path, factories):
+    from hostile_files import zip_bomb_pt
+
+    path = tmp_path / "bomb.pt"
+    zip_bomb_pt(path, 1 << 28, name="0.weight")
+    code, out, err = _run(capsys, "inspect", f"{factories}:small", "--weights", str(path),
+                          "--input-shape", "2,3,8,8")
+    assert code == 2, err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "declares more data than the model could use" in lines[0]
+    assert "Hint: save only the model's state_dict" in lines[0]
+    assert "Traceback" not in err and out == ""
+
+
+def test_integer_weights_are_refused_and_float_casts_are_listed(capsys, tmp_path, factories):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "int.safetensors"
+    save_file(_small_state(torch.int64), str(path))
+    code, _, err = _run(capsys, "inspect", f"{factories}:small", "--weights", str(path),
+                        "--input-shape", "2,3,8,8")
+    assert code == 2
+    assert "non-float tensors for float parameters" in err and "0.weight: torch.int64" in err
+
+    path = tmp_path / "half.safetensors"
+    save_file(_small_state(torch.float16), str(path))
+    code, out, err = _run(capsys, "--json", "inspect", f"{factories}:small", "--weights",
+                          str(path), "--input-shape", "2,3,8,8")
+    assert code == 0, err
+    assert "note: 2 tensors of" in err and "0.weight: torch.float16 -> torch.float32" in err
+    assert "Warning" not in err  # listed once, as a note, not also as a Python warning
+    assert sorted(json.loads(out)["model"]["cast"]) == [
+        "0.bias: torch.float16 -> torch.float32", "0.weight: torch.float16 -> torch.float32"]
+
+
+@pytest.mark.parametrize("command", ["fuse", "replace", "export"])
+def test_report_to_a_folder_is_refused_before_the_model_is_saved(capsys, tmp_path, factories,
+                                                                 command):
+    out = tmp_path / ("m.onnx" if command == "export" else "m.safetensors")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    code, out_text, err = _run(capsys, command, f"{factories}:small", "--input-shape", "2,3,8,8",
+                               "-o", str(out), "--report", str(folder))
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "The report destination is a folder" in lines[0]
+    assert "Hint: append a file name, or pass another path to --report" in lines[0]
+    assert "building" not in err  # refused before any work
+    assert not out.exists() and list(folder.iterdir()) == []
+
+
+def test_report_that_is_the_output_is_refused(capsys, tmp_path, factories):
+    out = tmp_path / "m.safetensors"
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "--input-shape", "2,3,8,8",
+                        "-o", str(out), "--report", str(out))
+    assert code == 2 and "--report would overwrite another file" in err
+    assert "same file as -o" in err and not out.exists()
+
+
+@pytest.fixture
+def odd_factories(monkeypatch):
+    """Models a user might name that cannot be used as they are."""
+    import threading
+
+    module = types.ModuleType("bnsurgery_cli_odd")
+
+    def on_meta():
+        with torch.device("meta"):
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    def with_lock():
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        model.lock = threading.Lock()
+        return model
+
+    module.on_meta, module.with_lock = on_meta, with_lock
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module.__name__
+
+
+def _one_line_error(capsys, *argv):
+    code, out, err = _run(capsys, *argv)
+    lines = _error_lines(err)
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and "unexpected" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param(["inspect", "torch.nn:Conv2d"],
+                     ["The model factory needs arguments", "in_channels", "Hint: write one"],
+                     id="factory-needs-arguments"),
+        pytest.param(["inspect", "torch.nn:Identity", "--seed", str(2**70)],
+                     ["The seed is out of range", "--seed", "Hint: pass a smaller --seed"],
+                     id="seed-overflow"),
+        pytest.param(["inspect", "torch.nn:Identity", "--input-shape", "100000,100000,100000"],
+                     ["too large to allocate", "1000000000000000 elements",
+                      "Hint: pass a smaller --input-shape"], id="input-too-large"),
+        pytest.param(["inspect", "bnsurgery_cli_odd:on_meta", "--input-shape", "2,3,8,8"],
+                     ["on the meta device", "0.weight", "Hint: build it on a real device"],
+                     id="meta-device"),
+        pytest.param(["fuse", "bnsurgery_cli_odd:with_lock", "--input-shape", "2,3,8,8", "-o",
+                      "never.safetensors"],
+                     ["bnsurgery fuse works on a copy", "cannot pickle",
+                      "Hint: no command-line flag avoids the copy", "inplace=True"],
+                     id="not-copyable"),
+    ],
+)
+def test_specific_one_line_errors_with_a_hint(capsys, odd_factories, argv, expected):
+    line = _one_line_error(capsys, *argv)
+    for text in expected:
+        assert text in line, line
+    assert not os.path.exists("never.safetensors")
+
+
+def test_multi_line_messages_are_printed_whole_after_the_summary(capsys, factories):
+    code, _, err = _run(capsys, "fuse", f"{factories}:mixed", "--input-shape", "2,3,8,8",
+                        "--strict", "-o", "never.safetensors")
+    lines = _error_lines(err)
+    assert code == 2 and "Traceback" not in err
+    assert lines[0].startswith("bnsurgery fuse: error: ")
+    assert len(lines) > 1 and any("3" in line and "running statistics" in line
+                                  for line in lines[1:]), err
+
+
+def test_onnx_metadata_cannot_forge_lines_or_drive_the_terminal(capsys, tmp_path, factories):
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "m.onnx"
+    model = f"{factories}:small"
+    assert main(["export", model, "--input-shape", "2,3,8,8", "-o", str(path), "-q"]) == 0
+    proto = onnx.load(str(path))
+    forged = "\n  check passed\x1b[2K\r\x1b]0;title\x07\u2028"
+    proto.producer_name = "exporter" + forged
+    proto.producer_version = "1" + forged
+    proto.doc_string = "doc" + forged
+    proto.graph.doc_string = "graph" + forged
+    for prop in proto.metadata_props:
+        prop.value = prop.value + forged
+    onnx.save(proto, str(path))
+    for extra in ([], ["--per-layer"]):
+        code, out, err = _run(capsys, "validate", model, str(path), "--input-shape", "2,3,8,8",
+                              "--providers", "cpu", *extra)
+        assert code == 0, err
+        text = out + err
+        assert "\x1b" not in text and "\r" not in text and "\u2028" not in text
+        assert not any(line.strip().startswith("check passed") for line in text.splitlines())
+        assert "\\n  check passed\\x1b[2K" in out  # shown, escaped, on its own line
+    code, out, _ = _run(capsys, "--json", "validate", model, str(path), "--input-shape",
+                        "2,3,8,8", "--providers", "cpu")
+    assert code == 0 and "\x1b" not in out
+    values = []
+    json.loads(out, object_hook=lambda d: values.extend(v for v in d.values()
+                                                        if isinstance(v, str)) or d)
+    assert any("\n  check passed\x1b[2K" in v for v in values)  # JSON keeps the value as is

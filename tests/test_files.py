@@ -93,3 +93,55 @@ def test_same_file_sees_through_links(tmp_path):
     (tmp_path / "link").symlink_to(target)
     assert files.same_file(tmp_path / "link", tmp_path / "." / "w.safetensors")
     assert not files.same_file(target, tmp_path / "other.safetensors")
+
+
+_BIG_FACTORY = '''
+from torch import nn
+
+def big():  # about 9 MB of weights: more than the small file system below holds
+    return nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64 * 6 * 6, 1024))
+'''
+
+
+def _mount_namespace_available(folder) -> str | None:
+    """Why a private tmpfs cannot be mounted without root here, or ``None`` when it can."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
+                            f"mount -t tmpfs -o size=64k tmpfs {folder}"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        return f"unshare -rm cannot mount a tmpfs here: {probe.stderr.strip()[:200]}"
+    return None
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".pt2"])
+def test_a_really_full_disk_exits_2_in_one_line_and_leaves_nothing(tmp_path, suffix):
+    """A 1 MiB tmpfs in a private mount namespace (no root needed): a real ENOSPC, no mock."""
+    import subprocess
+    import sys
+
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    reason = _mount_namespace_available(small)
+    if reason is not None:
+        pytest.skip(reason)
+    (tmp_path / "bnsurgery_big_factory.py").write_text(_BIG_FACTORY)
+    tree = os.path.dirname(os.path.dirname(files.__file__))
+    output = small / f"fused{suffix}"
+    script = (f"mount -t tmpfs -o size=1m tmpfs {small} && "
+              f"{sys.executable} -m bnsurgery fuse bnsurgery_big_factory:big --input-shape "
+              f"2,3,8,8 -q -o {output}; code=$?; echo left: $(ls -A {small}); exit $code")
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tmp_path}"}
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=900, env=env)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "No space left on device" in errors[0] and str(output) in errors[0]
+    assert ".bns-" not in errors[0]  # the destination is named, not the temporary
+    assert result.stdout.strip() == "left:"  # no partial or temporary file on the full disk

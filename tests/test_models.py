@@ -225,3 +225,118 @@ def test_default_weights_download_failure_is_a_clear_error(monkeypatch):
 def test_default_weights_only_for_libraries():
     with pytest.raises(InvalidInputError, match="only works for torchvision and timm"):
         load_model("torch.nn:Identity", weights="DEFAULT")
+
+
+# --- What a weights file may allocate, and which dtypes it may bring -------------------------
+
+@pytest.fixture
+def small_factory(monkeypatch):
+    """A small model reachable as ``bnsurgery_models_factories:small``."""
+    import sys
+    import types
+
+    module = types.ModuleType("bnsurgery_models_factories")
+    module.small = lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return f"{module.__name__}:small"
+
+
+def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path, small_factory, monkeypatch):
+    from hostile_files import zip_bomb_pt
+
+    path = tmp_path / "bomb.pt"
+    zip_bomb_pt(path, 1 << 28, name="0.weight")  # inflates to 1 GiB
+    assert path.stat().st_size < 2_000_000
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    with pytest.raises(InvalidInputError, match=r"(?s)declares more data than the model could "
+                       r"use.*Got 10737\d{5} bytes declared.*Hint: save only the model's "
+                       r"state_dict"):
+        load_model(small_factory, weights=path)
+    with pytest.raises(InvalidInputError, match="nothing was inflated"):
+        load_state_dict_file(path, max_bytes=10_000_000)
+    assert loads == []  # refused from the zip directory: torch.load never saw the file
+
+
+def test_small_zip_bomb_really_inflates(tmp_path):
+    """The bomb is genuine: torch.load inflates its entry (shown at 16 MiB, not 1 GiB)."""
+    from hostile_files import zip_bomb_pt
+
+    path = tmp_path / "small-bomb.pt"
+    zip_bomb_pt(path, 1 << 22, name="0.weight")
+    assert path.stat().st_size < 100_000
+    state = load_state_dict_file(path)  # no bound asked for: loaded, and it is all zeros
+    torch.testing.assert_close(state["0.weight"], torch.zeros(1 << 22), rtol=0, atol=0)
+
+
+def test_weights_budget_counts_shared_storage_once():
+    from bnsurgery.models import WEIGHTS_SIZE_FACTOR, WEIGHTS_SIZE_SLACK, weights_budget
+
+    linear = nn.Linear(10, 10)
+    shared = nn.Sequential(linear, linear)
+    expected = (100 + 10) * 4
+    assert weights_budget(linear) == WEIGHTS_SIZE_FACTOR * expected + WEIGHTS_SIZE_SLACK
+    assert weights_budget(shared) == weights_budget(linear)
+
+
+def test_genuine_checkpoint_with_optimizer_state_fits_the_budget(tmp_path):
+    model = torchvision.models.mobilenet_v3_small()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": model.state_dict()}, path)
+    loaded = load_model("torchvision:mobilenet_v3_small", weights=path)
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+def _save_safetensors(path, state):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool],
+                         ids=["int64", "int32", "bool"])
+def test_non_float_tensors_for_float_parameters_are_refused(tmp_path, small_factory, suffix,
+                                                            dtype):
+    state = {k: (torch.ones_like(v) if v.is_floating_point() else v).to(dtype)
+             if k == "0.weight" else v for k, v in nn.Sequential(
+                 nn.Linear(4, 4), nn.BatchNorm1d(4)).state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        _save_safetensors(path, state)
+    with pytest.raises(InvalidInputError, match=rf"(?s)non-float tensors for float parameters"
+                       rf".*0\.weight: {dtype} into torch\.float32.*Hint:"):
+        load_model(small_factory, weights=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16],
+                         ids=["float16", "float64", "bfloat16"])
+def test_float_casts_are_reported(tmp_path, small_factory, dtype):
+    reference = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    state = {k: v.to(dtype) if k.startswith("0.") else v
+             for k, v in reference.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    _save_safetensors(path, state)
+    from bnsurgery.models import WeightsCastWarning
+
+    with pytest.warns(WeightsCastWarning, match=rf"2 tensors .* cast.*0\.weight: {dtype}"):
+        loaded = load_model(small_factory, weights=path)
+    assert sorted(loaded.cast) == [f"0.bias: {dtype} -> torch.float32",
+                                   f"0.weight: {dtype} -> torch.float32"]
+    assert loaded.to_dict()["cast"] == list(loaded.cast)
+    # The values are the file's, converted as torch converts them.
+    torch.testing.assert_close(loaded.model[0].weight, state["0.weight"].float(), rtol=0, atol=0)
+
+
+def test_matching_dtypes_are_not_reported(tmp_path, small_factory, recwarn):
+    path = tmp_path / "w.pt"
+    torch.save(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).state_dict(), path)
+    assert load_model(small_factory, weights=path).cast == ()
+    assert not [w for w in recwarn if "cast" in str(w.message)]

@@ -249,3 +249,32 @@ def test_cached_input_shape_is_named_in_the_batch_hint(tmp_path):
                                           r"cached by an earlier forward"):
         export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_destination_is_checked_before_any_work(tmp_path, monkeypatch):
+    import bnsurgery.fuse as fuse_module
+
+    calls = []
+    monkeypatch.setattr(fuse_module, "fuse_batchnorm", lambda *a, **k: calls.append(a))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(InvalidInputError, match=r"(?s)a file is in the way.*Hint: pass another "
+                       r"file as path="):
+        export_onnx(TinyNet().eval(), torch.randn(2, 3, 8, 8), tmp_path / "f" / "x.onnx")
+    assert calls == []  # refused before folding, let alone exporting
+
+
+def test_overwrite_keeps_the_mode_and_long_names_work(tmp_path):
+    model = TinyNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    destination = tmp_path / ("n" * 244 + ".onnx")  # 249 bytes: the file system allows 255
+    destination.write_bytes(b"old")
+    destination.chmod(0o600)
+    export_onnx(model, x, destination, fuse=False)
+    assert destination.stat().st_mode & 0o777 == 0o600
+    assert destination.read_bytes() != b"old"
+    assert [p.name for p in tmp_path.iterdir()] == [destination.name]  # no staging left
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(destination), providers=["CPUExecutionProvider"])
+    (result,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(result), model(x), rtol=1e-4, atol=1e-5)
