@@ -10,10 +10,10 @@ sample, dtype and training mode, so one failure does not hide the rest.
 
 The checks are re-written here, not copied: torch's ``TestCase`` machinery (device-type
 instantiation, ``assertEqual``) is replaced by pytest and ``torch.testing.assert_close``, whose
-default tolerances are the per-dtype ones torch's ``assertEqual`` uses. Two checks are added to
-torch's: ``test_grad_unbatched`` and ``test_gradgrad_unbatched`` run the same gradient checks
-without the batched-gradient (vmap) part, so gradients are verified while that part is listed in
-``NEEDS_FUNC_TRANSFORMS``.
+default tolerances are the per-dtype ones torch's ``assertEqual`` uses. One check is added to
+torch's: ``test_grad_unbatched`` runs test_grad without its batched-gradient (vmap) part, so
+first derivatives are verified while that part is listed in ``NEEDS_FUNC_TRANSFORMS``. Samples
+are looped inside each test, as torch does; a failure names the sample.
 """
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
-
 from peer_suites import (
     BNSURGERY_CLASSES,
-    import_torch_testing,
     assert_equal,
+    import_torch_testing,
     one_thread,
     randomize_state,
     run_on_both,
 )
+from torch import nn
 
 import_torch_testing()
 
@@ -330,8 +329,7 @@ def _gradients_check(impl, info, index, training, check_fn, **check_kwargs):
 
 def _gradient_cases():
     cases = []
-    for check_name in ("test_grad", "test_gradgrad", "test_grad_unbatched",
-                       "test_gradgrad_unbatched"):
+    for check_name in ("test_grad", "test_gradgrad", "test_grad_unbatched"):
         marks = []
         if check_name in NEEDS_FUNC_TRANSFORMS:
             marks = [pytest.mark.xfail(strict=True, reason="needs vmap support of the autograd "
@@ -407,7 +405,7 @@ def test_to(info, dtype, training, swap, set_grad):
                 assert [id(p) for p in module.parameters()] == ids_before
                 cdatas_after = [p._cdata for p in module.parameters()]
                 if swap and changes:
-                    assert all(a != b for a, b in zip(cdatas_before, cdatas_after))
+                    assert all(a != b for a, b in zip(cdatas_before, cdatas_after, strict=True))
                 elif not swap:
                     assert cdatas_after == cdatas_before
                 with torch.no_grad():
@@ -438,7 +436,7 @@ def test_cpu_gpu_parity(info, dtype, training):
             cpu_out.backward(grad, retain_graph=True)
             gpu_out.backward(grad.cuda(), retain_graph=True)
             torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, **tolerance)
-            for p_cpu, p_gpu in zip(cpu_module.parameters(), gpu_module.parameters()):
+            for p_cpu, p_gpu in zip(cpu_module.parameters(), gpu_module.parameters(), strict=True):
                 torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, **tolerance)
         return cpu_out
 
@@ -470,7 +468,7 @@ def test_multiple_device_transfer(info, dtype, training):
 
 @pytest.mark.parametrize("info, dtype, training", _cases())
 def test_train_eval(info, dtype, training):
-    """``train()``/``eval()`` return the module and set the flag; the flag selects the statistics."""
+    """``train()``/``eval()`` return the module and set the flag, which selects the statistics."""
     def check(impl, index):
         sample = _samples(info, dtype, training)[index]
         module = _build(impl, info, sample, dtype, training)
@@ -511,8 +509,10 @@ def test_device_ctx_init(info, dtype, training):
         with torch.device("meta"):
             meta_module = cls(*args, **kwargs)
         metadata = []
-        for meta, cpu in itertools.chain(zip(meta_module.parameters(), cpu_module.parameters()),
-                                         zip(meta_module.buffers(), cpu_module.buffers())):
+        pairs = itertools.chain(
+            zip(meta_module.parameters(), cpu_module.parameters(), strict=True),
+            zip(meta_module.buffers(), cpu_module.buffers(), strict=True))
+        for meta, cpu in pairs:
             assert meta.is_meta
             assert (meta.shape, meta.dtype, meta.stride()) == (cpu.shape, cpu.dtype, cpu.stride())
             metadata.append((tuple(meta.shape), meta.dtype, meta.requires_grad))
