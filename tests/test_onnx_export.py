@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import TinyNet
 from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
@@ -13,23 +14,8 @@ from bnsurgery.errors import ExportError, InvalidInputError
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.validate import validate_onnx
 
-torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-
-class TinyNet(nn.Module):
-    """conv -> BN -> ReLU -> global pool -> linear: small enough to export in a second."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(self.act(self.bn(self.conv(x))).mean((2, 3)))
 
 
 class TwoInTwoOut(nn.Module):
@@ -73,7 +59,7 @@ ZOO = [
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_export_and_validate_zoo(name, tmp_path):
+def test_export_and_validate_zoo(torchvision, name, tmp_path):
     """The acceptance check: one checked file, batches 1 and 5, float32-grade accuracy."""
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     model = _calibrated(model, torch.randn(4, 3, 64, 64))
