@@ -322,8 +322,12 @@ def _densenet_skips(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_modules() if pattern.search(n)}
 
 
-_SLOW_ZOO = {"resnet152", "wide_resnet50_2", "efficientnet_b4", "efficientnet_v2_s",
-             "regnet_y_3_2gf", "vgg16_bn", "densenet161", "inception_v3"}
+# One net per block family runs by default; the others (the same blocks, deeper, wider or
+# grouped) and the largest inputs are marked slow.
+_SLOW_ZOO = {"resnet152", "wide_resnet50_2", "resnext50_32x4d", "mobilenet_v2",
+             "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b4", "efficientnet_v2_s", "regnet_x_400mf",
+             "regnet_y_3_2gf", "mnasnet1_0", "shufflenet_v2_x1_0", "vgg16_bn", "densenet161",
+             "inception_v3"}
 _ZOO = ["resnet18", "resnet50", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
         "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
         "efficientnet_b4", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf",
