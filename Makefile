@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The inner loop: one model per structural family, stop at the first failure.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -x
 
 lint: $(STAMP)
 	$(PY) -m ruff check bnsurgery tests examples benchmarks

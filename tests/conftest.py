@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 
 import pytest
 import torch
@@ -36,6 +38,51 @@ try:  # CI replays a fixed set of property-test examples; local runs keep explor
         _hypothesis_settings.load_profile("ci")
 except ImportError:  # hypothesis is a dev extra; only the property tests need it
     pass
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--block-import", action="append", default=[], metavar="PACKAGE",
+        help="make importing PACKAGE (and its submodules) fail as if it were not installed; "
+             "repeatable. Shows which tests need an optional package: those skip, the rest run.")
+
+
+class ImportBlocker(importlib.abc.MetaPathFinder):
+    """A meta-path finder that refuses the named top-level packages, as if never installed."""
+
+    def __init__(self, blocked: set[str]) -> None:
+        self.blocked = blocked
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by --block-import)",
+                                      name=name)
+        return None
+
+
+def pytest_configure(config):
+    blocked = {name for option in config.getoption("block_import") for name in option.split(",")
+               if name}
+    if not blocked:
+        return
+    # A package imported before this point (by a plugin) would stay importable: refuse to run
+    # rather than report a check that did not happen.
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in blocked)
+    if loaded:
+        raise pytest.UsageError(f"--block-import: already imported before the tests: {loaded}")
+    sys.meta_path.insert(0, ImportBlocker(blocked))
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """torchvision, or a skip of the test that needs it."""
+    return pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="session")
+def timm():
+    """timm, or a skip of the test that needs it."""
+    return pytest.importorskip("timm")
 
 
 @pytest.fixture(autouse=True)

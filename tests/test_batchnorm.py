@@ -207,12 +207,36 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _Shift(nn.Module):
+    """Subtracts one: ``relu(y - 1)`` and ``relu(y) - 1`` differ, so the order shows."""
+
+    def forward(self, x):
+        return x - 1.0
+
+
 def test_batchnorm_act_applies_drop_then_act():
-    bn = bnsurgery.BatchNormAct2d(3, act=nn.ReLU(), drop=nn.Dropout(0.0))
+    bn = bnsurgery.BatchNormAct2d(3, act=nn.ReLU(), drop=_Shift())
     ref = nn.BatchNorm2d(3)
     x = torch.randn(4, 3, 2, 2)
-    torch.testing.assert_close(bn(x), torch.relu(ref(x)))
+    out = bn(x)
+    torch.testing.assert_close(out, torch.relu(ref(x) - 1.0))
+    assert out.min() == 0  # act last: the shifted values were clipped, not shifted after
     assert set(bn.state_dict()) == set(ref.state_dict())
+
+
+def test_batchnorm_act_real_dropout_runs_before_the_activation():
+    # sigmoid(0) = 0.5: an element dropped before the activation reads 0.5, one dropped after
+    # it reads 0. Every other element is sigmoid of the normalised value scaled by 1 / (1 - p).
+    bn = bnsurgery.BatchNormAct2d(3, act=nn.Sigmoid(), drop=nn.Dropout(0.5))
+    ref = nn.BatchNorm2d(3)
+    x = torch.randn(16, 3, 4, 4)
+    out, kept = bn(x), torch.sigmoid(2 * ref(x))
+    dropped = out == 0.5
+    assert 0.3 < dropped.float().mean() < 0.7  # dropout really ran, at about p
+    torch.testing.assert_close(out[~dropped], kept[~dropped])
+    assert not (out == 0).any()
+    bn.eval(), ref.eval()  # no dropout in eval mode
+    torch.testing.assert_close(bn(x), torch.sigmoid(ref(x)))
 
 
 @requires_cuda

@@ -17,19 +17,28 @@ def _net():
 
 def test_running_stats_are_measured_in_train_mode():
     x = torch.randn(8, 3, 10, 10)
-    model = bnsurgery.calibrate_batchnorm(_net(), x, steps=3, nudge=0.0).eval()
-    # With no nudge, the first layer's running mean is the mean of its inputs over the random
-    # batches: check against a direct float64 computation of the same batches.
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randn(x.shape, generator=gen) for _ in range(3)]
-    with torch.no_grad():
-        feats = torch.cat([model[0](b) for b in batches]).double()
-    expected_mean = feats.mean((0, 2, 3))
+    model = _net()
+    # Record what the first BatchNorm really saw, whatever data calibration chose to feed it.
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].double()))
+    bnsurgery.calibrate_batchnorm(model, x, steps=3, nudge=0.0, inplace=True)
+    model.eval()
+    assert len(seen) == 3 and all(batch.shape == (8, 6, 8, 8) for batch in seen)
+    assert not torch.equal(seen[0], seen[1])  # fresh batches, not one batch three times
+    # With no nudge, the running mean is the mean over the batches it saw and the running
+    # variance the average of their unbiased per-batch variances (momentum=None is a
+    # cumulative average): computed here in float64.
+    expected_mean = torch.cat(seen).mean((0, 2, 3))
     torch.testing.assert_close(model[1].running_mean.double(), expected_mean, rtol=1e-5,
                                atol=1e-6)
-    per_batch_var = torch.stack([model[0](b).double().var((0, 2, 3)) for b in batches])
+    per_batch_var = torch.stack([batch.var((0, 2, 3)) for batch in seen])
     torch.testing.assert_close(model[1].running_var.double(), per_batch_var.mean(0), rtol=1e-4,
                                atol=1e-6)
+    # The batches are standard normal like the example inputs: their conv outputs have the
+    # spread a standard-normal input gives, not that of x itself scaled or shifted.
+    with torch.no_grad():
+        spread = model[0](torch.randn(64, 3, 10, 10)).double().std((0, 2, 3))
+    torch.testing.assert_close(per_batch_var.mean(0).sqrt(), spread, rtol=0.1, atol=0.0)
 
 
 def test_nudge_moves_statistics_and_affine_is_random():

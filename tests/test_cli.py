@@ -15,11 +15,12 @@ from bnsurgery._lazy import is_available
 from bnsurgery.cli import main
 from bnsurgery.models import load_state_dict_file
 
-pytest.importorskip("torchvision")
 pytest.importorskip("onnxruntime")
 
 MODEL = "torchvision:resnet18"
 SHAPE = "1,3,32,32"
+#: For the commands run on MODEL; the others use small models defined here (``factories``).
+needs_torchvision = pytest.mark.usefixtures("torchvision")
 
 
 def _run(capsys, *argv):
@@ -79,6 +80,7 @@ def factories(monkeypatch):
     return module.__name__
 
 
+@needs_torchvision
 def test_inspect_lists_every_batchnorm(capsys):
     code, out, err = _run(capsys, "inspect", MODEL, "--input-shape", SHAPE)
     assert code == 0, err
@@ -97,6 +99,7 @@ def test_inspect_reports_skipped_batchnorms_with_a_reason_as_json(capsys, factor
     assert rows["3"]["status"] == "skipped" and "running statistics" in rows["3"]["reason"]
 
 
+@needs_torchvision
 def test_bad_model_name_is_one_line_without_traceback(capsys):
     code, out, err = _run(capsys, "inspect", "torchvision:resnet1")
     assert code == 2
@@ -111,6 +114,7 @@ def test_bad_model_name_is_one_line_without_traceback(capsys):
     assert "Traceback" in err
 
 
+@needs_torchvision
 def test_wrong_input_shape_is_a_user_error(capsys):
     code, _, err = _run(capsys, "inspect", MODEL, "--input-shape", "1,5,32,32")
     assert code == 2
@@ -126,6 +130,7 @@ def test_error_as_json(capsys):
     assert document["exit_code"] == 2 and document["error"]["type"] == "InvalidInputError"
 
 
+@needs_torchvision
 def test_malicious_pickle_as_weights_is_refused_and_nothing_runs(capsys, tmp_path):
     marker = tmp_path / "executed"
     evil = tmp_path / "weights.pt"
@@ -138,9 +143,7 @@ def test_malicious_pickle_as_weights_is_refused_and_nothing_runs(capsys, tmp_pat
     assert not marker.exists()
 
 
-def test_weights_file_is_used(capsys, tmp_path):
-    import torchvision
-
+def test_weights_file_is_used(torchvision, capsys, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     code, out, err = _run(capsys, "inspect", MODEL, "--weights", str(path), "--input-shape",
@@ -149,16 +152,15 @@ def test_weights_file_is_used(capsys, tmp_path):
     assert json.loads(out)["model"]["weights"] == str(path)
 
 
-def test_replace_saves_a_state_dict(capsys, tmp_path):
+def test_replace_saves_a_state_dict(torchvision, capsys, tmp_path):
     out_path = tmp_path / "replaced.safetensors"
     code, out, err = _run(capsys, "replace", MODEL, "--input-shape", SHAPE, "-o", str(out_path))
     assert code == 0, err
     assert "pytorch check passed" in out
-    import torchvision
-
     assert set(load_state_dict_file(out_path)) == set(torchvision.models.resnet18().state_dict())
 
 
+@needs_torchvision
 def test_fuse_saves_a_torch_export_program(capsys, tmp_path):
     out_path = tmp_path / "fused.pt2"
     code, out, err = _run(capsys, "fuse", MODEL, "--input-shape", SHAPE, "-o", str(out_path),
@@ -184,6 +186,7 @@ def test_fuse_saves_a_torch_export_program(capsys, tmp_path):
     assert not any("batch_norm" in str(node.target) for node in program.graph.nodes)
 
 
+@needs_torchvision
 def test_fuse_refuses_unknown_output_type(capsys, tmp_path):
     code, _, err = _run(capsys, "fuse", MODEL, "--input-shape", SHAPE, "-o",
                         str(tmp_path / "fused.txt"))
@@ -193,7 +196,7 @@ def test_fuse_refuses_unknown_output_type(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(torchvision, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     path = folder / "resnet18.onnx"
     code = main(["export", MODEL, "--input-shape", SHAPE, "-o", str(path), "--validate",
@@ -229,6 +232,7 @@ def test_validate_exit_codes(exported, capsys, tmp_path):
     assert "first diverging module" in out
 
 
+@needs_torchvision
 def test_validate_missing_file(capsys, tmp_path):
     code, _, err = _run(capsys, "validate", MODEL, str(tmp_path / "missing.onnx"))
     assert code == 2
@@ -245,6 +249,7 @@ def test_export_without_fusing_as_json(capsys, tmp_path, factories):
     assert path.is_file()
 
 
+@needs_torchvision
 def test_export_tensorrt_without_it_is_a_clear_error(capsys, tmp_path):
     from bnsurgery.tensorrt import tensorrt_unavailable_reason
 
@@ -257,6 +262,7 @@ def test_export_tensorrt_without_it_is_a_clear_error(capsys, tmp_path):
     assert not any(tmp_path.iterdir())  # refused before any work
 
 
+@needs_torchvision
 def test_unavailable_provider_is_a_clear_error(capsys, tmp_path):
     import onnxruntime
 
@@ -269,6 +275,7 @@ def test_unavailable_provider_is_a_clear_error(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@needs_torchvision
 def test_recalibrate_from_tensor_file(tmp_path, capsys):
     import json
 
@@ -285,6 +292,7 @@ def test_recalibrate_from_tensor_file(tmp_path, capsys):
     assert out.exists() and json.loads(report.read_text())["passed"] is True
 
 
+@needs_torchvision
 def test_recalibrate_refuses_pickled_code(tmp_path, capsys):
     from bnsurgery.cli import main
 

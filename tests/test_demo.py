@@ -9,10 +9,10 @@ import pytest
 from bnsurgery._lazy import is_available
 from bnsurgery.cli import main
 
-pytest.importorskip("torchvision")
 pytest.importorskip("onnxruntime")
 
 
+@pytest.mark.usefixtures("torchvision")  # the demo builds torchvision's resnet18
 def test_demo_through_the_cli(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--input-shape", "2,3,64,64", "--providers", "cpu",

@@ -9,7 +9,6 @@ import torch
 
 from bnsurgery.divergence import layer_errors, onnx_module_outputs
 
-torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 

@@ -217,6 +217,9 @@ def test_all_option_combinations_are_deterministic_and_agree():
     for eps, momentum in itertools.product([1e-5, 0.1], [0.0, 0.3, 1.0]):
         case = _case((5, 2, 3), torch.float64)
         ours = _run(batch_norm, *case, training=True, momentum=momentum, eps=eps)
+        again = _run(batch_norm, *case, training=True, momentum=momentum, eps=eps)
+        for key, value in ours.items():  # bit for bit, every output, gradient and buffer
+            assert torch.equal(value, again[key]), (key, eps, momentum)
         ref = _run(F.batch_norm, *case, training=True, momentum=momentum, eps=eps)
         _assert_same(ours, ref, TOL[torch.float64])
 

@@ -276,12 +276,15 @@ def test_fasterrcnn_frozen_batchnorm_backbone_and_whole_model():
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+    # resnet18's basic blocks: the frozen BatchNorms, the FPN and the detector are what this
+    # covers; resnet50's bottlenecks are covered by test_torchvision_classifier at a fifth of
+    # the cost.
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None,
                                    norm_layer=FrozenBatchNorm2d, trainable_layers=3)
     model = FasterRCNN(backbone, num_classes=91, min_size=96, max_size=96).eval()
     model = randomize_batchnorm_affine(model, inplace=True)
     frozen = [n for n, m in model.named_modules() if type(m) is FrozenBatchNorm2d]
-    assert len(frozen) == 53
+    assert len(frozen) == 20
 
     image = random_input(1, 3, 96, 96)
     fused_backbone = fuse_batchnorm(model.backbone, image, strict=True)
@@ -322,14 +325,17 @@ def _densenet_skips(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_modules() if pattern.search(n)}
 
 
-_SLOW_ZOO = {"resnet152", "wide_resnet50_2", "efficientnet_b4", "efficientnet_v2_s",
-             "regnet_y_3_2gf", "vgg16_bn", "densenet161", "inception_v3"}
-_ZOO = ["resnet18", "resnet50", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
-        "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
-        "efficientnet_b4", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf",
-        "regnet_y_3_2gf", "mnasnet0_5", "mnasnet1_0", "shufflenet_v2_x0_5",
-        "shufflenet_v2_x1_0", "vgg11_bn", "vgg16_bn", "googlenet", "inception_v3",
-        "densenet121", "densenet161"]
+# One net per block family runs by default; the others (the same blocks grouped, or in another
+# arrangement) and the largest inputs are marked slow. Nets that only repeat a listed one's
+# classes deeper or wider (resnet152, wide_resnet50_2, densenet161, vgg16_bn, efficientnet_b4,
+# regnet_y_3_2gf) are left out: they cost minutes and exercise no other code path.
+_SLOW_ZOO = {"resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+             "efficientnet_v2_s", "regnet_x_400mf", "mnasnet1_0", "shufflenet_v2_x1_0",
+             "inception_v3"}
+_ZOO = ["resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large",
+        "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf",
+        "regnet_y_400mf", "mnasnet0_5", "mnasnet1_0", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+        "vgg11_bn", "googlenet", "inception_v3", "densenet121"]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_ZOO
@@ -817,23 +823,21 @@ def test_a_failed_in_place_check_restores_the_model(monkeypatch):
     torch.testing.assert_close(_run(model, (x,)), _run(reference, (x,)), rtol=0, atol=0)
 
 
-def test_a_plan_is_checked_again_on_other_inputs_and_not_on_the_same(monkeypatch):
-    import bnsurgery.fuse as fuse_module
-
+def test_a_plan_is_checked_again_on_other_inputs_and_not_on_the_same():
     model, inputs = make(CASES["conv2d_bn"])
     plan = plan_fusion(model)  # no inputs: not checked
-    calls = []
-    honest = fuse_module._checked
-    monkeypatch.setattr(fuse_module, "_checked",
-                        lambda *a: calls.append(1) or honest(*a))
-    fuse_batchnorm(model, inputs, plan=plan)
-    assert calls == [1]
     checked = plan_fusion(model, inputs)
+    # Checking means running the model: count the forwards of the whole model (its copies share
+    # the hook), which fusing with a plan needs for nothing else.
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].sum().item()))
+    fuse_batchnorm(model, inputs, plan=plan)
+    assert calls  # not checked before: checked now
     calls.clear()
     fuse_batchnorm(model, tuple(t.clone() for t in inputs), plan=checked)
     assert calls == []  # same values: the plan's own check stands
     fuse_batchnorm(model, tuple(t + 1 for t in inputs), plan=checked)
-    assert calls == [1]
+    assert float((inputs[0] + 1).sum()) in calls  # other values: checked on them
 
 
 class _TakesAList(nn.Module):

@@ -19,8 +19,6 @@ from bnsurgery.models import (
     parse_model_spec,
 )
 
-torchvision = pytest.importorskip("torchvision")
-
 
 class _Payload:
     """Unpickling this calls ``os.system``; a safe loader must refuse before calling it."""
@@ -77,6 +75,7 @@ def test_parse_input_shape_rejects(text):
         parse_input_shape(text)
 
 
+@pytest.mark.usefixtures("torchvision")
 def test_load_torchvision_model_random_weights_in_eval_mode():
     loaded = load_model("torchvision:mobilenet_v3_small")
     assert not loaded.model.training
@@ -85,14 +84,15 @@ def test_load_torchvision_model_random_weights_in_eval_mode():
     assert loaded.to_dict()["class"] == "MobileNetV3"
 
 
+@pytest.mark.usefixtures("torchvision")
 def test_unknown_torchvision_model_suggests_names():
     with pytest.raises(InvalidInputError,
                        match=r"(?s)Unknown torchvision model.*did you mean resnet18"):
         load_model("torchvision:resnet1")
 
 
+@pytest.mark.usefixtures("timm")
 def test_timm_model_and_unknown_name():
-    pytest.importorskip("timm")
     loaded = load_model("timm:resnet10t")
     assert loaded.input_shape[:2] == (1, 3)
     with pytest.raises(InvalidInputError, match="Unknown timm model"):
@@ -115,7 +115,7 @@ def test_default_input_shapes():
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
-def test_weights_round_trip(tmp_path, suffix):
+def test_weights_round_trip(torchvision, tmp_path, suffix):
     source = torchvision.models.mobilenet_v3_small()
     with torch.no_grad():
         for parameter in source.parameters():
@@ -142,6 +142,7 @@ def test_nested_checkpoint_and_data_parallel_prefix(tmp_path):
     assert set(load_state_dict_file(path)) == {"0.weight", "0.bias"}
 
 
+@pytest.mark.usefixtures("torchvision")
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
@@ -177,6 +178,7 @@ def test_bad_weight_files(tmp_path, name, content, message):
         load_state_dict_file(path)
 
 
+@pytest.mark.usefixtures("torchvision")
 def test_missing_and_mismatching_weights(tmp_path):
     with pytest.raises(InvalidInputError, match="does not exist"):
         load_state_dict_file(tmp_path / "nope.pt")
@@ -190,7 +192,7 @@ def test_missing_and_mismatching_weights(tmp_path):
         load_state_dict_file(path)
 
 
-def test_default_weights_take_the_torchvision_download_path(monkeypatch):
+def test_default_weights_take_the_torchvision_download_path(torchvision, monkeypatch):
     """DEFAULT goes through torchvision's own weights loading; here it is served locally."""
     from torchvision.models._api import WeightsEnum
 
@@ -210,6 +212,7 @@ def test_default_weights_take_the_torchvision_download_path(monkeypatch):
     assert torch.all(loaded.model.features[0][0].weight == 0.5)
 
 
+@pytest.mark.usefixtures("torchvision")
 def test_default_weights_download_failure_is_a_clear_error(monkeypatch):
     from torchvision.models._api import WeightsEnum
 

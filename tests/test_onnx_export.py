@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import TinyNet
 from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
@@ -13,23 +14,8 @@ from bnsurgery.errors import ExportError, InvalidInputError, NumericMismatchErro
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.validate import validate_onnx
 
-torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-
-class TinyNet(nn.Module):
-    """conv -> BN -> ReLU -> global pool -> linear: small enough to export in a second."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(self.act(self.bn(self.conv(x))).mean((2, 3)))
 
 
 class TwoInTwoOut(nn.Module):
@@ -73,7 +59,7 @@ ZOO = [
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_export_and_validate_zoo(name, tmp_path):
+def test_export_and_validate_zoo(torchvision, name, tmp_path):
     """The acceptance check: one checked file, batches 1 and 5, float32-grade accuracy."""
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     model = _calibrated(model, torch.randn(4, 3, 64, 64))
@@ -191,13 +177,11 @@ def test_fixed_batch_model_fails_cleanly_and_leaves_nothing(tmp_path):
 
 
 def test_a_file_that_fails_the_checker_never_lands(tmp_path, monkeypatch):
-    import bnsurgery.onnx_export as module
+    def failing_check(*args, **kwargs):  # onnx's own checker, rejecting the file
+        raise onnx.checker.ValidationError("checker says no")
 
-    def failing_check(path, opset, *, shown):
-        raise ExportError("checker says no")
-
-    monkeypatch.setattr(module, "_check_file", failing_check)
-    with pytest.raises(ExportError, match="checker says no"):
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    with pytest.raises(ExportError, match=r"(?s)fails onnx.checker.*checker says no"):
         export_onnx(TinyNet().eval(), torch.randn(2, 3, 8, 8), tmp_path / "x.onnx", fuse=False)
     assert not any(tmp_path.iterdir())
 

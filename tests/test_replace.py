@@ -7,19 +7,27 @@ import warnings
 
 import pytest
 import torch
-from conftest import AtenOpRecorder
+from conftest import AtenOpRecorder, requires_cuda
 from torch import nn
 
 import bnsurgery
 from bnsurgery.errors import InvalidInputError, ReplacementError
 
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
-
 SHAPE = (4, 3, 64, 64)
 TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
                "regnet_y_400mf"]
 TIMM = ["efficientnet_b0", "mobilenetv3_small_100"]
+
+
+def _one_per_family(names, fast):
+    """Readable ids; the nets outside ``fast`` repeat a block family and are marked slow."""
+    return [pytest.param(name, id=name, marks=() if name in fast else pytest.mark.slow)
+            for name in names]
+
+
+# Basic residual blocks, inverted residuals with squeeze-excitation, dense concatenations;
+# efficientnet_b0 and regnet_y_400mf repeat the inverted-residual and squeeze-excitation blocks.
+EVAL_FAST = {"resnet18", "mobilenet_v3_small", "densenet121"}
 
 
 def _calibrated(factory, name):
@@ -28,11 +36,11 @@ def _calibrated(factory, name):
     return bnsurgery.calibrate_batchnorm(model, torch.randn(SHAPE), inplace=True).eval()
 
 
-def _torchvision(name):
+def _torchvision_model(torchvision, name):
     return _calibrated(lambda n: torchvision.models.get_model(n, weights=None), name)
 
 
-def _timm(name):
+def _timm_model(timm, name):
     return _calibrated(lambda n: timm.create_model(n, pretrained=False), name)
 
 
@@ -55,9 +63,9 @@ def _count_bn(model, types):
     return sum(type(m) in types for m in model.modules())
 
 
-@pytest.fixture(scope="module", params=TORCHVISION)
-def torchvision_model(request):
-    return request.param, _torchvision(request.param)
+@pytest.fixture(scope="module", params=_one_per_family(TORCHVISION, EVAL_FAST))
+def torchvision_model(request, torchvision):
+    return request.param, _torchvision_model(torchvision, request.param)
 
 
 def test_torchvision_eval_replace_restore(torchvision_model):
@@ -114,9 +122,9 @@ def _relative_state_error(state, exact):
     return float((num / den).sqrt())
 
 
-@pytest.mark.slow
-def test_torchvision_training_is_as_accurate_as_torch(torchvision_model):
-    name, model = torchvision_model
+@pytest.mark.parametrize("name", _one_per_family(TORCHVISION, {"resnet18"}))
+def test_torchvision_training_is_as_accurate_as_torch(torchvision, name):
+    model = _torchvision_model(torchvision, name)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(SHAPE, generator=gen), torch.randint(0, 1000, (SHAPE[0],),
                                                                  generator=gen))
@@ -136,9 +144,9 @@ def test_torchvision_training_is_as_accurate_as_torch(torchvision_model):
     assert ours_err <= 2 * ref_err + 1e-6, (ours_err, ref_err)
 
 
-@pytest.mark.parametrize("name", TIMM)
-def test_timm_batchnorm_act_keeps_its_activation(name):
-    model = _timm(name)
+@pytest.mark.parametrize("name", _one_per_family(TIMM, {"mobilenetv3_small_100"}))
+def test_timm_batchnorm_act_keeps_its_activation(timm, name):
+    model = _timm_model(timm, name)
     act_type = timm.layers.BatchNormAct2d
     n_act = _count_bn(model, {act_type})
     assert n_act > 0
@@ -163,7 +171,7 @@ def test_timm_batchnorm_act_keeps_its_activation(name):
         assert torch.equal(restored(x), ref)
 
 
-def test_batchnorm_act_activation_really_runs():
+def test_batchnorm_act_activation_really_runs(timm):
     # If the activation were dropped, negative outputs would appear.
     layer = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)
     bnsurgery.calibrate_batchnorm(layer, torch.randn(8, 4, 3, 3), inplace=True)
@@ -206,12 +214,26 @@ def test_inplace_keeps_parameters_optimizer_hooks_and_flags():
     assert calls == [bnsurgery.BatchNorm1d]
 
 
-def test_dtype_and_device_are_kept():
-    model = nn.Sequential(nn.BatchNorm2d(3)).double()
+@pytest.mark.parametrize("device", [
+    "cpu",
+    "meta",  # a device other than the default one, present on every machine
+    pytest.param("cuda", marks=[requires_cuda, pytest.mark.gpu]),
+])
+def test_dtype_and_device_are_kept(device):
+    model = nn.Sequential(nn.BatchNorm2d(3)).to(device=device, dtype=torch.float64)
     replaced = bnsurgery.replace_batchnorm(model)
-    assert replaced[0].weight.dtype == torch.float64
-    assert replaced[0].running_mean.dtype == torch.float64
-    assert replaced[0].num_batches_tracked.dtype == torch.long
+    assert type(replaced[0]) is bnsurgery.BatchNorm2d
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    got = {**dict(replaced.named_parameters()), **dict(replaced.named_buffers())}
+    assert list(got) == list(expected)
+    for name, tensor in got.items():
+        assert (tensor.device, tensor.dtype) == (expected[name].device, expected[name].dtype), name
+    assert got["0.num_batches_tracked"].dtype == torch.long
+    if device != "meta":  # meta tensors have no values to compare
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64, device=device)
+        out = replaced(x)
+        assert (out.device, out.dtype) == (x.device, torch.float64)
+        torch.testing.assert_close(out, model(x))
 
 
 def test_shared_layer_stays_shared():
@@ -337,7 +359,7 @@ def test_register_replacement_rejects_non_modules():
         bnsurgery.register_replacement(int, bnsurgery.BatchNorm2d)
 
 
-def test_frozen_batchnorm_is_reported_not_dropped():
+def test_frozen_batchnorm_is_reported_not_dropped(torchvision):
     frozen = torchvision.ops.misc.FrozenBatchNorm2d(3)
     plan = bnsurgery.plan_replacement(nn.Sequential(frozen))
     assert "frozen BatchNorm" in plan.skipped["0"]
@@ -366,7 +388,7 @@ def test_torch_syncbatchnorm_round_trips():
     assert torch.equal(restored(x), model(x))
 
 
-def test_sync_conversion_keeps_activation_and_restores_plain_classes():
+def test_sync_conversion_keeps_activation_and_restores_plain_classes(timm):
     model = nn.Sequential(nn.BatchNorm2d(4), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU))
     synced = bnsurgery.replace_batchnorm(model, sync=True)
     assert isinstance(synced[0], bnsurgery.SyncBatchNorm) and isinstance(synced[0], nn.BatchNorm2d)
@@ -403,28 +425,31 @@ def test_batchnorm_registered_under_two_names_is_replaced_under_both(inplace):
     assert type(restored.alias_bn) is nn.BatchNorm2d and restored.alias_bn is restored.bn
 
 
-def _freeze(model):
+def _freeze(timm, model):
     timm.utils.freeze(model)  # in place, returns nothing
     return model
 
 
-def _freeze_unfreeze(model):
+def _freeze_unfreeze(timm, model):
     return timm.layers.unfreeze_batch_norm_2d(timm.layers.freeze_batch_norm_2d(model))
 
 
+# Looked up when a test runs, so that collecting this file does not need timm.
 TIMM_BN_UTILITIES = {
     "utils.freeze": _freeze,
-    "freeze_batch_norm_2d": timm.layers.freeze_batch_norm_2d,
+    "freeze_batch_norm_2d": lambda timm, model: timm.layers.freeze_batch_norm_2d(model),
     "unfreeze_batch_norm_2d": _freeze_unfreeze,
-    "convert_sync_batchnorm": timm.layers.convert_sync_batchnorm,
+    "convert_sync_batchnorm": lambda timm, model: timm.layers.convert_sync_batchnorm(model),
 }
 
 
 @pytest.mark.parametrize("utility", list(TIMM_BN_UTILITIES), ids=list(TIMM_BN_UTILITIES))
-def test_timm_batchnorm_utilities_on_a_replaced_model(utility):
+def test_timm_batchnorm_utilities_on_a_replaced_model(timm, utility):
     """timm's utilities dispatch on isinstance; on a replaced model they must build what they
     build from the original (a frozen BatchNormAct2d keeps its activation) and compute the same."""
-    operation = TIMM_BN_UTILITIES[utility]
+    def operation(model):
+        return TIMM_BN_UTILITIES[utility](timm, model)
+
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False)
     x = torch.randn(2, 3, 64, 64)

@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 import torch
+from tiny_models import TinyNet
 from torch import nn
 
 from bnsurgery.calibrate import calibrate_batchnorm
@@ -14,7 +15,6 @@ from bnsurgery.comparison import TOLERANCES
 from bnsurgery.errors import IncompatibleModuleError, InvalidInputError
 from bnsurgery.validate import compare_models, validate_onnx
 
-torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -171,23 +171,11 @@ def test_validate_onnx_input_errors(resnet18, resnet18_onnx, inputs, tmp_path):
         validate_onnx(resnet18, broken, inputs, providers="cpu")
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.act(self.bn(self.conv(x))).mean((2, 3)))
-
-
 def test_static_batch_and_legacy_file_are_reported(tmp_path):
     from bnsurgery.onnx_export import export_onnx
 
     x = torch.randn(2, 3, 8, 8)
-    model = calibrate_batchnorm(_Tiny().eval(), x).eval()
+    model = calibrate_batchnorm(TinyNet().eval(), x).eval()
     path = export_onnx(model, x, tmp_path / "tiny.onnx", fuse=False, dynamic_batch=False,
                        exporter="legacy", opset=17)
     changed = copy.deepcopy(model)
