@@ -282,7 +282,7 @@ def test_weights_budget_counts_shared_storage_once():
     assert weights_budget(shared) == weights_budget(linear)
 
 
-def test_genuine_checkpoint_with_optimizer_state_fits_the_budget(tmp_path):
+def test_genuine_checkpoint_with_optimizer_state_fits_the_budget(tmp_path, torchvision):
     model = torchvision.models.mobilenet_v3_small()
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 3, 32, 32)).sum().backward()
