@@ -243,30 +243,10 @@ def _fake_backward(grad_out, x, weight, mean, invstd, training, output_mask):
     return grad_x, x.new_empty(sizes[0], dtype=acc), x.new_empty(sizes[1], dtype=acc)
 
 
-def _eval_setup_context(ctx, inputs, output):
-    x, weight, _bias, _running_mean, _running_var, _eps = inputs
-    _y, mean, invstd = output
-    ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.bias_dtype = None if inputs[2] is None else inputs[2].dtype
-
-
-def _eval_backward(ctx, grad_y, _grad_mean, _grad_invstd):
-    x, weight, mean, invstd = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-             ctx.bias_dtype is not None and ctx.needs_input_grad[2]]
-    grad_x, grad_w, grad_b = torch.ops.bnsurgery.cpp_batch_norm_backward(
-        grad_y, x, weight, mean, invstd, False, needs)
-    return (grad_x if needs[0] else None,
-            grad_w.to(weight.dtype) if needs[1] else None,
-            grad_b.to(ctx.bias_dtype) if needs[2] else None, None, None, None)
-
-
 def _register_fakes() -> None:
     if _state.get("registered"):
         return
     torch.library.register_fake("bnsurgery::cpp_batch_norm_eval", _fake_eval)
     torch.library.register_fake("bnsurgery::cpp_batch_norm_train", _fake_train)
     torch.library.register_fake("bnsurgery::cpp_batch_norm_backward", _fake_backward)
-    torch.library.register_autograd("bnsurgery::cpp_batch_norm_eval", _eval_backward,
-                                    setup_context=_eval_setup_context)
     _state["registered"] = True

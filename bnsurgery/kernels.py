@@ -37,15 +37,19 @@ ENV_VAR = "BNSURGERY_KERNEL"
 #: Backend name -> the module implementing it, in order of preference per device type.
 BACKENDS: dict[str, str] = {
     "reference": "bnsurgery.kernel_tensor",
+    "cpp": "bnsurgery.kernel_cpp",
 }
 
 #: For each device type, the backends tried in order by ``auto``; ``reference`` always last.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("reference",),
+    "cpu": ("cpp", "reference"),
     "cuda": ("reference",),
 }
 
 _modules: dict[str, ModuleType] = {}
+# (device type, ENV_VAR's value) -> the backend chosen: availability does not change within a
+# process, and choosing costs more than a small BatchNorm itself.
+_chosen: dict[tuple[str, str | None], ModuleType] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +149,11 @@ def select_backend(x: torch.Tensor) -> ModuleType:
     """
     if _capturing(x):
         return _module("reference")
-    return _module(_choose(x.device)[0])
+    key = (x.device.type, os.environ.get(ENV_VAR))
+    module = _chosen.get(key)
+    if module is None:
+        module = _chosen[key] = _module(_choose(x.device)[0])
+    return module
 
 
 def kernel_info(device: str | torch.device = "cpu") -> KernelInfo:

@@ -159,10 +159,83 @@ inline void chunk_grad_sums(const scalar_t* x, const scalar_t* g, int64_t n, acc
 
 // out = in * scale + shift over n contiguous values, rounded once.
 template <typename scalar_t, typename acc_t>
-inline void scale_shift(const scalar_t* in, scalar_t* out, int64_t n, acc_t scale, acc_t shift) {
+inline void scale_shift(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n, acc_t scale, acc_t shift) {
   for (int64_t i = 0; i < n; ++i) {
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * scale + shift);
   }
+}
+
+// --- Interleaved rows (one value of every channel per row) ---------------------------------------
+// Each helper takes one row; __restrict__ tells the vectoriser that the buffers do not overlap.
+
+template <typename scalar_t, typename acc_t>
+inline void row_sum(const scalar_t* __restrict__ row, acc_t* __restrict__ sum, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(row[c]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_sq_dev(const scalar_t* __restrict__ row, const acc_t* __restrict__ mean,
+                       acc_t* __restrict__ m2, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+    m2[c] += d * d;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_grad_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                          const acc_t* __restrict__ mean, acc_t* __restrict__ sum_g,
+                          acc_t* __restrict__ sum_gxmu, acc_t* __restrict__ sum_xmu, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t gv = static_cast<acc_t>(g[c]);
+    const acc_t d = static_cast<acc_t>(x[c]) - mean[c];
+    sum_g[c] += gv;
+    sum_gxmu[c] += gv * d;
+    sum_xmu[c] += d;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_affine(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
+                       const acc_t* __restrict__ shift, scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * scale[c] + shift[c]);
+  }
+}
+
+// dL/dx = a * g + k * (x - mean) + c0 (training); a * g (evaluation: k = c0 = 0 unused).
+template <typename scalar_t, typename acc_t>
+inline void row_grad_train(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                           const acc_t* __restrict__ mean, const acc_t* __restrict__ a,
+                           const acc_t* __restrict__ k, const acc_t* __restrict__ c0,
+                           scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = static_cast<scalar_t>(a[c] * static_cast<acc_t>(g[c])
+                                   + k[c] * (static_cast<acc_t>(x[c]) - mean[c]) + c0[c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_grad_eval(const scalar_t* __restrict__ g, const acc_t* __restrict__ a,
+                          scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(a[c] * static_cast<acc_t>(g[c]));
+}
+
+// Same two for one channel's row of L values (per-channel constants).
+template <typename scalar_t, typename acc_t>
+inline void run_grad_train(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                           acc_t mean, acc_t a, acc_t k, acc_t c0, scalar_t* __restrict__ out,
+                           int64_t L) {
+  for (int64_t i = 0; i < L; ++i) {
+    out[i] = static_cast<scalar_t>(a * static_cast<acc_t>(g[i])
+                                   + k * (static_cast<acc_t>(x[i]) - mean) + c0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void run_grad_eval(const scalar_t* __restrict__ g, acc_t a, scalar_t* __restrict__ out,
+                          int64_t L) {
+  for (int64_t i = 0; i < L; ++i) out[i] = static_cast<scalar_t>(a * static_cast<acc_t>(g[i]));
 }
 
 // --- Work splitting ----------------------------------------------------------------------------
@@ -222,18 +295,11 @@ void moments(const Block& b, std::vector<double>& mean, std::vector<double>& var
         const int64_t nb = std::min(step, r1 - r);
         std::fill(bsum.begin(), bsum.end(), acc_t(0));
         std::fill(bm2.begin(), bm2.end(), acc_t(0));
-        for (int64_t i = 0; i < nb; ++i) {
-          const scalar_t* row = x + (r + i) * C;
-          for (int64_t c = 0; c < C; ++c) bsum[c] += static_cast<acc_t>(row[c]);
-        }
+        for (int64_t i = 0; i < nb; ++i) row_sum<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), C);
         const acc_t inv = acc_t(1) / static_cast<acc_t>(nb);
         for (int64_t c = 0; c < C; ++c) bsum[c] *= inv;  // now the block mean
         for (int64_t i = 0; i < nb; ++i) {
-          const scalar_t* row = x + (r + i) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - bsum[c];
-            bm2[c] += d * d;
-          }
+          row_sq_dev<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), bm2.data(), C);
         }
         const double na = n, nbd = static_cast<double>(nb), total = na + nbd;
         for (int64_t c = 0; c < C; ++c) {
@@ -275,13 +341,7 @@ void normalise(const Block& b, Tensor& y, const std::vector<acc_t>& scale,
   const acc_t* s = scale.data();
   const acc_t* t = shift.data();
   at::parallel_for(0, A, grain_for(C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* in = x + r * C;
-      scalar_t* o = out + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        o[c] = static_cast<scalar_t>(static_cast<acc_t>(in[c]) * s[c] + t[c]);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) row_affine<scalar_t, acc_t>(x + r * C, s, t, out + r * C, C);
   });
 }
 
@@ -493,14 +553,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
             const scalar_t* gr = g + off;
             scalar_t* out = gx + off;
             if (training) {
-              for (int64_t i = 0; i < L; ++i) {
-                out[i] = static_cast<scalar_t>(ac * static_cast<acc_t>(gr[i])
-                                               + kc * (static_cast<acc_t>(xr[i]) - mc) + cc);
-              }
+              run_grad_train<scalar_t, acc_t>(xr, gr, mc, ac, kc, cc, out, L);
             } else {
-              for (int64_t i = 0; i < L; ++i) {
-                out[i] = static_cast<scalar_t>(ac * static_cast<acc_t>(gr[i]));
-              }
+              run_grad_eval<scalar_t, acc_t>(gr, ac, out, L);
             }
           }
         }
@@ -523,15 +578,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
               std::fill(bgx.begin(), bgx.end(), acc_t(0));
               std::fill(bx.begin(), bx.end(), acc_t(0));
               for (int64_t i = 0; i < nb; ++i) {
-                const scalar_t* xr = x + (r + i) * C;
-                const scalar_t* gr = g + (r + i) * C;
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t gv = static_cast<acc_t>(gr[c]);
-                  const acc_t d = static_cast<acc_t>(xr[c]) - mean[c];
-                  bg[c] += gv;
-                  bgx[c] += gv * d;
-                  bx[c] += d;
-                }
+                row_grad_sums<scalar_t, acc_t>(x + (r + i) * C, g + (r + i) * C, mean, bg.data(),
+                                               bgx.data(), bx.data(), C);
               }
               for (int64_t c = 0; c < C; ++c) {
                 pg[c] += bg[c];
@@ -557,19 +605,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
         const acc_t* cp = c0.data();
         at::parallel_for(0, A, grain_for(C), [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
-            const scalar_t* xr = x + r * C;
-            const scalar_t* gr = g + r * C;
-            scalar_t* out = gx + r * C;
             if (training) {
-              for (int64_t c = 0; c < C; ++c) {
-                out[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(gr[c])
-                                               + kp[c] * (static_cast<acc_t>(xr[c]) - mean[c])
-                                               + cp[c]);
-              }
+              row_grad_train<scalar_t, acc_t>(x + r * C, g + r * C, mean, ap, kp, cp, gx + r * C,
+                                              C);
             } else {
-              for (int64_t c = 0; c < C; ++c) {
-                out[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(gr[c]));
-              }
+              row_grad_eval<scalar_t, acc_t>(g + r * C, ap, gx + r * C, C);
             }
           }
         });
