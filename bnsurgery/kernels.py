@@ -26,6 +26,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from bnsurgery.errors import InvalidInputError, KernelUnavailableError, format_message
 
@@ -47,6 +48,7 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 _modules: dict[str, ModuleType] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 # (device type, ENV_VAR's value) -> the backend chosen: availability does not change within a
 # process, and choosing costs more than a small BatchNorm itself.
 _chosen: dict[tuple[str, str | None], ModuleType] = {}
@@ -110,14 +112,11 @@ def _capturing(x: torch.Tensor) -> bool:
     proxy tensor of ``torch.export`` and ``make_fx``, or a tensor subclass such as ``DTensor``)
     or an active dispatch mode means the operators are being recorded or reinterpreted.
     """
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or torch.jit.is_scripting()):
+    # Cheapest checks first: this runs on every call, and small inputs feel every microsecond.
+    if type(x) not in _PLAIN or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    if type(x) not in (torch.Tensor, torch.nn.Parameter):
-        return True
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-
-    return is_fx_symbolic_tracing() or torch._C._len_torch_dispatch_stack() > 0
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or is_fx_symbolic_tracing())
 
 
 def _choose(device: torch.device) -> tuple[str, str, dict[str, str]]:

@@ -318,3 +318,25 @@ def test_output_in_a_file_is_refused_before_any_work(capsys, tmp_path, factories
     (tmp_path / "f").write_text("")
     code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f" / "x.pt"))
     assert code == 2 and "a file is in the way" in err and "building" not in err
+
+
+def test_kernels_reports_the_backend_of_each_device(capsys, monkeypatch):
+    monkeypatch.setenv("BNSURGERY_KERNEL", "reference")
+    code, out, _ = _run(capsys, "kernels")
+    assert code == 0 and "cpu: reference (forced by BNSURGERY_KERNEL=reference)" in out
+    code, out, _ = _run(capsys, "kernels", "--json")
+    assert code == 0 and json.loads(out)["devices"][0]["backend"] == "reference"
+
+
+def test_kernels_build_prints_where_the_kernel_lives(capsys):
+    from bnsurgery.errors import KernelUnavailableError
+    from bnsurgery.kernel_cpp import build
+
+    try:
+        library = build()
+    except KernelUnavailableError as exc:
+        pytest.skip(f"the C++ kernel cannot be built here: {exc}")
+    code, out, _ = _run(capsys, "kernels", "--build", "--json", "-q")
+    payload = json.loads(out)
+    assert code == 0 and payload["cpp_library"] == str(library)
+    assert os.path.isfile(payload["cpp_library"])

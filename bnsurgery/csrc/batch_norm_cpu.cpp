@@ -157,11 +157,12 @@ inline void chunk_grad_sums(const scalar_t* x, const scalar_t* g, int64_t n, acc
   sum_xmu = lane_total(lx) + tx;
 }
 
-// out = in * scale + shift over n contiguous values, rounded once.
+// out = (in - centre) * scale + shift over n contiguous values, rounded once.
 template <typename scalar_t, typename acc_t>
-inline void scale_shift(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n, acc_t scale, acc_t shift) {
+inline void centre_scale_shift(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                               int64_t n, acc_t centre, acc_t scale, acc_t shift) {
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * scale + shift);
+    out[i] = static_cast<scalar_t>((static_cast<acc_t>(in[i]) - centre) * scale + shift);
   }
 }
 
@@ -196,10 +197,11 @@ inline void row_grad_sums(const scalar_t* __restrict__ x, const scalar_t* __rest
 }
 
 template <typename scalar_t, typename acc_t>
-inline void row_affine(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
-                       const acc_t* __restrict__ shift, scalar_t* __restrict__ out, int64_t C) {
+inline void row_affine(const scalar_t* __restrict__ x, const acc_t* __restrict__ centre,
+                       const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                       scalar_t* __restrict__ out, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
-    out[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * scale[c] + shift[c]);
+    out[c] = static_cast<scalar_t>((static_cast<acc_t>(x[c]) - centre[c]) * scale[c] + shift[c]);
   }
 }
 
@@ -322,9 +324,11 @@ void moments(const Block& b, std::vector<double>& mean, std::vector<double>& var
   }
 }
 
-// y = x * scale + shift per channel, for both layouts.
+// y = (x - centre) * scale + shift per channel, for both layouts. Centring first, rather than
+// folding the mean into the shift (x * scale + (bias - mean * scale)), keeps the digits of a
+// mean far larger than the spread: x - centre is exact there.
 template <typename scalar_t, typename acc_t>
-void normalise(const Block& b, Tensor& y, const std::vector<acc_t>& scale,
+void normalise(const Block& b, Tensor& y, const acc_t* centre, const std::vector<acc_t>& scale,
                const std::vector<acc_t>& shift) {
   const int64_t A = b.rows, C = b.channels, L = b.inner;
   const scalar_t* x = b.x.data_ptr<scalar_t>();
@@ -333,7 +337,8 @@ void normalise(const Block& b, Tensor& y, const std::vector<acc_t>& scale,
     at::parallel_for(0, A * C, grain_for(L), [&](int64_t begin, int64_t end) {
       for (int64_t ac = begin; ac < end; ++ac) {
         const int64_t c = ac % C;
-        scale_shift<scalar_t, acc_t>(x + ac * L, out + ac * L, L, scale[c], shift[c]);
+        centre_scale_shift<scalar_t, acc_t>(x + ac * L, out + ac * L, L, centre[c], scale[c],
+                                            shift[c]);
       }
     });
     return;
@@ -341,20 +346,26 @@ void normalise(const Block& b, Tensor& y, const std::vector<acc_t>& scale,
   const acc_t* s = scale.data();
   const acc_t* t = shift.data();
   at::parallel_for(0, A, grain_for(C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) row_affine<scalar_t, acc_t>(x + r * C, s, t, out + r * C, C);
+    for (int64_t r = begin; r < end; ++r) {
+      row_affine<scalar_t, acc_t>(x + r * C, centre, s, t, out + r * C, C);
+    }
   });
 }
 
-// scale = weight * invstd and shift = bias - mean * scale, per channel.
+// scale = weight * invstd and shift = bias - (mean - centre) * scale, per channel, where centre
+// is the mean rounded to the accumulation dtype (what the output is centred on) and mean the
+// exact one: the rounding error of the centre is taken back out in the shift.
 template <typename acc_t>
-void scale_and_shift(int64_t C, const double* mean, const acc_t* invstd, const acc_t* weight,
-                     const acc_t* bias, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+void scale_and_shift(int64_t C, const double* mean, const acc_t* centre, const acc_t* invstd,
+                     const acc_t* weight, const acc_t* bias, std::vector<acc_t>& scale,
+                     std::vector<acc_t>& shift) {
   scale.resize(C);
   shift.resize(C);
   for (int64_t c = 0; c < C; ++c) {
     const acc_t s = weight ? weight[c] * invstd[c] : invstd[c];
     scale[c] = s;
-    shift[c] = (bias ? bias[c] : acc_t(0)) - static_cast<acc_t>(mean[c]) * s;
+    const double residual = mean[c] - static_cast<double>(centre[c]);
+    shift[c] = static_cast<acc_t>((bias ? bias[c] : acc_t(0)) - residual * s);
   }
 }
 
@@ -404,9 +415,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval(const Tensor& input,
       mean_d[c] = m[c];
     }
     std::vector<acc_t> scale, shift;
-    scale_and_shift<acc_t>(C, mean_d.data(), is, ptr_or_null<acc_t>(weight),
+    scale_and_shift<acc_t>(C, mean_d.data(), m, is, ptr_or_null<acc_t>(weight),
                            ptr_or_null<acc_t>(bias), scale, shift);
-    normalise<scalar_t, acc_t>(b, y, scale, shift);
+    normalise<scalar_t, acc_t>(b, y, m, scale, shift);
   });
   return {y, mean, invstd};
 }
@@ -440,9 +451,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input,
       is[c] = static_cast<acc_t>(1.0 / std::sqrt(var_d[c] + eps));
     }
     std::vector<acc_t> scale, shift;
-    scale_and_shift<acc_t>(C, mean_d.data(), is, ptr_or_null<acc_t>(weight),
+    scale_and_shift<acc_t>(C, mean_d.data(), m, is, ptr_or_null<acc_t>(weight),
                            ptr_or_null<acc_t>(bias), scale, shift);
-    normalise<scalar_t, acc_t>(b, y, scale, shift);
+    normalise<scalar_t, acc_t>(b, y, m, scale, shift);
     // Running statistics: an exponential moving average with the unbiased variance, each new
     // value computed in the accumulation dtype and rounded once into its buffer.
     const acc_t keep = static_cast<acc_t>(1.0 - momentum);
