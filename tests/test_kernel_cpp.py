@@ -151,7 +151,8 @@ def test_a_mean_far_larger_than_the_spread_keeps_its_digits(cpp, layout):
         scale = oracle[key].abs().max().item()
         ours_err = (ours[key].double() - oracle[key]).abs().max().item() / scale
         ref_err = (reference[key].double() - oracle[key]).abs().max().item() / scale
-        assert ours_err <= max(ref_err, 1e-6), (key, ours_err, ref_err)
+        # float32 rounding of the sums is ~1e-6 here; two lost digits would be ~1e-4.
+        assert ours_err <= max(1.5 * ref_err, 2e-6), (key, ours_err, ref_err)
     # What E[x^2] - E[x]^2 would lose entirely: the variance of values around 1e4.
     torch.testing.assert_close(ours["running_var"], oracle["running_var"].float(),
                                rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ using at::Tensor;
 constexpr int64_t kLanes = 16;             // independent accumulators: vectorisable sums
 constexpr int64_t kMinTaskElements = 32768;  // below this per task, threads cost more than they win
 constexpr int64_t kBlockBytes = 16384;     // a block of interleaved rows that stays in L1
+constexpr int64_t kMaxBlockRows = 64;
 
 // --- Layout ----------------------------------------------------------------------------------
 
@@ -90,10 +91,13 @@ inline acc_t lane_total(const acc_t* lanes) {
   return total;
 }
 
-// Mean and sum of squared deviations of n contiguous values, in two passes (the values are in L1
-// for the second one).
+// Mean and sum of squared deviations of n contiguous values (the values are in L1 for the second
+// pass). The corrected two-pass algorithm: the first pass gives a provisional mean m, rounded to
+// acc_t (with a mean far larger than the spread, the float sum behind it is off in its last
+// digits); the second sums d = x - m and d^2, both small and exact, and the exact mean is
+// m + sum(d) / n, the squared deviations sum(d^2) - sum(d)^2 / n.
 template <typename scalar_t, typename acc_t>
-inline void chunk_moments(const scalar_t* p, int64_t n, acc_t& mean, acc_t& m2) {
+inline void chunk_moments(const scalar_t* __restrict__ p, int64_t n, double& mean, double& m2) {
   acc_t lanes[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -101,21 +105,26 @@ inline void chunk_moments(const scalar_t* p, int64_t n, acc_t& mean, acc_t& m2) 
   }
   acc_t tail = 0;
   for (; i < n; ++i) tail += static_cast<acc_t>(p[i]);
-  mean = (lane_total(lanes) + tail) / static_cast<acc_t>(n);
-  acc_t sq[kLanes] = {0};
+  const acc_t provisional = (lane_total(lanes) + tail) / static_cast<acc_t>(n);
+  acc_t sd[kLanes] = {0}, sq[kLanes] = {0};
   i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      const acc_t d = static_cast<acc_t>(p[i + k]) - mean;
+      const acc_t d = static_cast<acc_t>(p[i + k]) - provisional;
+      sd[k] += d;
       sq[k] += d * d;
     }
   }
-  tail = 0;
+  acc_t tail_d = 0, tail_sq = 0;
   for (; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(p[i]) - mean;
-    tail += d * d;
+    const acc_t d = static_cast<acc_t>(p[i]) - provisional;
+    tail_d += d;
+    tail_sq += d * d;
   }
-  m2 = lane_total(sq) + tail;
+  const double sum_d = static_cast<double>(lane_total(sd)) + tail_d;
+  const double sum_sq = static_cast<double>(lane_total(sq)) + tail_sq;
+  mean = static_cast<double>(provisional) + sum_d / n;
+  m2 = std::max(0.0, sum_sq - sum_d * sum_d / n);
 }
 
 // Chan's formula: merge a chunk of `nb` values (mean mb, squared deviations m2b) into running
@@ -176,9 +185,10 @@ inline void row_sum(const scalar_t* __restrict__ row, acc_t* __restrict__ sum, i
 
 template <typename scalar_t, typename acc_t>
 inline void row_sq_dev(const scalar_t* __restrict__ row, const acc_t* __restrict__ mean,
-                       acc_t* __restrict__ m2, int64_t C) {
+                       acc_t* __restrict__ sum_d, acc_t* __restrict__ m2, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+    sum_d[c] += d;
     m2[c] += d * d;
   }
 }
@@ -255,8 +265,11 @@ inline int64_t parts_for(int64_t rows, int64_t channels) {
                                                  by_size, rows}));
 }
 
+// Rows per block: enough to stay in L1, and at most kMaxBlockRows so that each float partial sum
+// adds few values before it is merged in double.
 inline int64_t block_rows(int64_t channels, int64_t elem_size) {
-  return std::max<int64_t>(4, kBlockBytes / std::max<int64_t>(1, channels * elem_size));
+  const int64_t fit = kBlockBytes / std::max<int64_t>(1, channels * elem_size);
+  return std::max<int64_t>(4, std::min<int64_t>(kMaxBlockRows, fit));
 }
 
 // --- Statistics --------------------------------------------------------------------------------
@@ -273,7 +286,7 @@ void moments(const Block& b, std::vector<double>& mean, std::vector<double>& var
       for (int64_t c = begin; c < end; ++c) {
         double n = 0, m = 0, m2 = 0;
         for (int64_t a = 0; a < A; ++a) {
-          acc_t cm, cm2;
+          double cm, cm2;
           chunk_moments<scalar_t, acc_t>(x + (a * C + c) * L, L, cm, cm2);
           merge(n, m, m2, static_cast<double>(L), cm, cm2);
         }
@@ -287,27 +300,33 @@ void moments(const Block& b, std::vector<double>& mean, std::vector<double>& var
   const int64_t step = block_rows(C, sizeof(scalar_t));
   std::vector<double> part_n(parts, 0.0), part_mean(parts * C, 0.0), part_m2(parts * C, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> bsum(C), bm2(C);
+    std::vector<acc_t> bsum(C), bd(C), bm2(C);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r0 = A * p / parts, r1 = A * (p + 1) / parts;
       double* pm = part_mean.data() + p * C;
       double* pm2 = part_m2.data() + p * C;
       double n = 0;
       for (int64_t r = r0; r < r1; r += step) {
+        // One block of rows, in L1: its provisional mean, then the corrected second pass (see
+        // chunk_moments), merged into this part's moments.
         const int64_t nb = std::min(step, r1 - r);
         std::fill(bsum.begin(), bsum.end(), acc_t(0));
+        std::fill(bd.begin(), bd.end(), acc_t(0));
         std::fill(bm2.begin(), bm2.end(), acc_t(0));
         for (int64_t i = 0; i < nb; ++i) row_sum<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), C);
         const acc_t inv = acc_t(1) / static_cast<acc_t>(nb);
-        for (int64_t c = 0; c < C; ++c) bsum[c] *= inv;  // now the block mean
+        for (int64_t c = 0; c < C; ++c) bsum[c] *= inv;  // now the provisional block mean
         for (int64_t i = 0; i < nb; ++i) {
-          row_sq_dev<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), bm2.data(), C);
+          row_sq_dev<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), bd.data(), bm2.data(), C);
         }
         const double na = n, nbd = static_cast<double>(nb), total = na + nbd;
         for (int64_t c = 0; c < C; ++c) {
-          const double delta = static_cast<double>(bsum[c]) - pm[c];
+          const double sd = bd[c];
+          const double block_mean = static_cast<double>(bsum[c]) + sd / nbd;
+          const double block_m2 = std::max(0.0, static_cast<double>(bm2[c]) - sd * sd / nbd);
+          const double delta = block_mean - pm[c];
           pm[c] += delta * (nbd / total);
-          pm2[c] += static_cast<double>(bm2[c]) + delta * delta * (na * nbd / total);
+          pm2[c] += block_m2 + delta * delta * (na * nbd / total);
         }
         n = total;
       }
