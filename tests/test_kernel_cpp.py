@@ -165,7 +165,7 @@ def test_larger_inputs_split_across_threads_agree(cpp, layout, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for shape in ((64, 16, 12, 12), (4096, 24)):
+        for shape in ((32, 16, 32, 32), (16384, 32)):
             lay = layout if len(shape) == 4 else "contiguous"
             x, weight, bias, rm, rv, grad = _case(shape, torch.float32, lay)
             for training in (True, False):
