@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from bnsurgery.errors import KernelUnavailableError, format_message
+from bnsurgery.files import write_text
 from bnsurgery.kernel_tensor import accumulate_dtype
 
 __all__ = [
@@ -138,15 +139,15 @@ def _build(verbose: bool) -> Path:
     key = _key()
     directory = cache_dir() / key
     name = f"bnsurgery_cpu_{key}"
-    library = directory / f"{name}.so"
     directory.mkdir(parents=True, exist_ok=True)
     with _file_lock(directory / "build.lock"):
-        ready = directory / "ready"
-        if ready.exists() and library.exists():
+        ready = directory / "ready"  # written last: names a library that was built completely
+        library = Path(ready.read_text()) if ready.exists() else None
+        if library is not None and library.exists():
             torch.ops.load_library(str(library))  # built before: no compiler needed
         else:
             library = _compile(directory, name, verbose)
-            ready.write_text(str(library))
+            write_text(ready, str(library), what="kernel cache marker")
     _register_fakes()
     return library
 
