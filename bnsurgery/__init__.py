@@ -24,6 +24,7 @@ from bnsurgery.errors import (
 )
 from bnsurgery.functional import batch_norm
 from bnsurgery.fuse import FoldedBatchNormAct, FoldRecord, FusionPlan, fuse_batchnorm, plan_fusion
+from bnsurgery.kernels import kernel_info
 from bnsurgery.models import load_model, load_state_dict_file
 from bnsurgery.onnx_export import export_onnx
 from bnsurgery.pairs import FoldPair, find_fold_pairs
@@ -99,6 +100,7 @@ __all__ = [
     "find_fold_pairs",
     "fuse_batchnorm",
     "load_exported_program",
+    "kernel_info",
     "load_model",
     "load_state_dict_file",
     "plan_fusion",

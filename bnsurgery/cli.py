@@ -523,6 +523,34 @@ def _cmd_recalibrate(ctx: _Context) -> int:
     return EXIT_OK if finite else EXIT_MISMATCH
 
 
+def _cmd_kernels(ctx: _Context) -> int:
+    import warnings
+
+    from bnsurgery.kernels import kernel_info
+
+    payload: dict[str, Any] = {"command": "kernels"}
+    text = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reasons are printed below, or raised
+        if ctx.args.build:
+            from bnsurgery.kernel_cpp import build
+
+            ctx.progress("building the C++ CPU kernel (about a minute the first time)")
+            library = build()
+            payload["cpp_library"] = str(library)
+            text.append(f"cpp kernel: {library}")
+        else:
+            ctx.progress("checking the kernels (the first check builds the C++ one)")
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        infos = [kernel_info(device) for device in devices]
+    payload["devices"] = [info.to_dict() for info in infos]
+    for info in infos:
+        text.append(f"{info.device}: {info.backend} ({info.reason})")
+        text.extend(f"  {name}: not used: {why}" for name, why in info.unavailable.items())
+    ctx.emit("\n".join(text), payload)
+    return EXIT_OK
+
+
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # On subcommands the defaults are SUPPRESSed so "bnsurgery --json export ..." also works.
     default: Any = False if top else argparse.SUPPRESS
@@ -690,6 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     recalibrate.add_argument("--report", metavar="PATH", help="also write the report as JSON")
     _common(recalibrate, top=False)
     recalibrate.set_defaults(handler=_cmd_recalibrate)
+    kernels = sub.add_parser("kernels", help="which BatchNorm kernel runs on each device, and why")
+    kernels.add_argument("--build", action="store_true",
+                         help="build the C++ CPU kernel now and print where it lives")
+    _common(kernels, top=False)
+    kernels.set_defaults(handler=_cmd_kernels)
     return parser
 
 

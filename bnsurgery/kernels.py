@@ -26,6 +26,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from bnsurgery.errors import InvalidInputError, KernelUnavailableError, format_message
 
@@ -37,15 +38,20 @@ ENV_VAR = "BNSURGERY_KERNEL"
 #: Backend name -> the module implementing it, in order of preference per device type.
 BACKENDS: dict[str, str] = {
     "reference": "bnsurgery.kernel_tensor",
+    "cpp": "bnsurgery.kernel_cpp",
 }
 
 #: For each device type, the backends tried in order by ``auto``; ``reference`` always last.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("reference",),
+    "cpu": ("cpp", "reference"),
     "cuda": ("reference",),
 }
 
 _modules: dict[str, ModuleType] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# (device type, ENV_VAR's value) -> the backend chosen: availability does not change within a
+# process, and choosing costs more than a small BatchNorm itself.
+_chosen: dict[tuple[str, str | None], ModuleType] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +112,11 @@ def _capturing(x: torch.Tensor) -> bool:
     proxy tensor of ``torch.export`` and ``make_fx``, or a tensor subclass such as ``DTensor``)
     or an active dispatch mode means the operators are being recorded or reinterpreted.
     """
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or torch.jit.is_scripting()):
+    # Cheapest checks first: this runs on every call, and small inputs feel every microsecond.
+    if type(x) not in _PLAIN or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    if type(x) not in (torch.Tensor, torch.nn.Parameter):
-        return True
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-
-    return is_fx_symbolic_tracing() or torch._C._len_torch_dispatch_stack() > 0
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or is_fx_symbolic_tracing())
 
 
 def _choose(device: torch.device) -> tuple[str, str, dict[str, str]]:
@@ -145,7 +148,11 @@ def select_backend(x: torch.Tensor) -> ModuleType:
     """
     if _capturing(x):
         return _module("reference")
-    return _module(_choose(x.device)[0])
+    key = (x.device.type, os.environ.get(ENV_VAR))
+    module = _chosen.get(key)
+    if module is None:
+        module = _chosen[key] = _module(_choose(x.device)[0])
+    return module
 
 
 def kernel_info(device: str | torch.device = "cpu") -> KernelInfo:

@@ -83,6 +83,23 @@ def torchvision():
 def timm():
     """timm, or a skip of the test that needs it."""
     return pytest.importorskip("timm")
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels():
+    """Build the compiled CPU kernel once, first, so that no single test (or its timeout) pays
+    for the build. Where it cannot be built the reference backend runs, and
+    ``test_kernel_cpp.py`` reports why."""
+    import warnings
+
+    from bnsurgery import kernel_cpp
+    from bnsurgery.errors import KernelUnavailableError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            kernel_cpp.build()
+        except KernelUnavailableError:
+            pass
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -517,3 +517,25 @@ def test_onnx_metadata_cannot_forge_lines_or_drive_the_terminal(capsys, tmp_path
     json.loads(out, object_hook=lambda d: values.extend(v for v in d.values()
                                                         if isinstance(v, str)) or d)
     assert any("\n  check passed\x1b[2K" in v for v in values)  # JSON keeps the value as is
+
+
+def test_kernels_reports_the_backend_of_each_device(capsys, monkeypatch):
+    monkeypatch.setenv("BNSURGERY_KERNEL", "reference")
+    code, out, _ = _run(capsys, "kernels")
+    assert code == 0 and "cpu: reference (forced by BNSURGERY_KERNEL=reference)" in out
+    code, out, _ = _run(capsys, "kernels", "--json")
+    assert code == 0 and json.loads(out)["devices"][0]["backend"] == "reference"
+
+
+def test_kernels_build_prints_where_the_kernel_lives(capsys):
+    from bnsurgery.errors import KernelUnavailableError
+    from bnsurgery.kernel_cpp import build
+
+    try:
+        library = build()
+    except KernelUnavailableError as exc:
+        pytest.skip(f"the C++ kernel cannot be built here: {exc}")
+    code, out, _ = _run(capsys, "kernels", "--build", "--json", "-q")
+    payload = json.loads(out)
+    assert code == 0 and payload["cpp_library"] == str(library)
+    assert os.path.isfile(payload["cpp_library"])

@@ -1,0 +1,680 @@
+// bnsurgery's compiled BatchNorm for CPU: the formulas of bnsurgery/functional.py, written from
+// scratch (no torch batch-norm call), registered as operators in the `bnsurgery` namespace.
+//
+// Memory layout. Every input is read as an (A, C, L) block of its memory:
+//   - a contiguous NCHW / NCDHW / (N, C, L) input is (N, C, prod(spatial)): each channel is A rows
+//     of L contiguous values ("row" path, parallel over channels);
+//   - a channels-last input or a 2-D (N, C) one is (rows, C, 1): each row holds one value of every
+//     channel ("interleaved" path, parallel over blocks of rows with per-thread partial sums);
+//   - any other strides are made contiguous first.
+//
+// Numerics. Statistics are never taken as E[x^2] - E[x]^2, which loses every digit when the mean
+// is large next to the spread. Each chunk (one row of a channel, or a block of rows) is reduced
+// in two passes while it sits in L1 (its mean, then the squared deviations from that mean), and
+// chunks are merged with Chan's pairwise formula in double precision. Float inputs accumulate in
+// float lanes inside a chunk and in double across chunks; double inputs accumulate in double;
+// float16 / bfloat16 inputs use float arithmetic and are rounded once on the way out.
+//
+// Passes over memory: training forward reads the input once for the statistics and once more to
+// write the output (on the row path the second read comes from cache: one channel is a few
+// hundred KB); backward reads (x, grad_out) once for sum(g) and sum(g * (x - mean)), and once more
+// to write grad_x.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kLanes = 16;             // independent accumulators: vectorisable sums
+// Values per task below which a thread costs more than it saves. Larger than torch's own grain
+// (32768): a parallel region waits for its slowest thread, and on a busy machine (more runnable
+// threads than cores) that wait is a scheduler time slice, milliseconds; one that is not split
+// never waits. Medium inputs (up to about 1 MB) therefore run on one thread.
+constexpr int64_t kMinTaskElements = 262144;
+constexpr int64_t kBlockBytes = 16384;     // a block of interleaved rows that stays in L1
+constexpr int64_t kMaxBlockRows = 64;
+
+// --- Layout ----------------------------------------------------------------------------------
+
+struct Block {
+  Tensor x;        // the input, dense in the layout below
+  int64_t rows;    // A
+  int64_t channels;  // C
+  int64_t inner;   // L; 1 on the interleaved path
+  at::MemoryFormat format;
+};
+
+Block block_of(const Tensor& input) {
+  const int64_t channels = input.size(1);
+  const int64_t per_channel = input.numel() / channels;
+  if (input.is_contiguous()) {
+    return {input, input.size(0), channels, per_channel / input.size(0),
+            at::MemoryFormat::Contiguous};
+  }
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return {input, per_channel, channels, 1, at::MemoryFormat::ChannelsLast};
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return {input, per_channel, channels, 1, at::MemoryFormat::ChannelsLast3d};
+  }
+  Tensor dense = input.contiguous();
+  return {dense, dense.size(0), channels, per_channel / dense.size(0),
+          at::MemoryFormat::Contiguous};
+}
+
+// A per-channel parameter as a contiguous tensor of the accumulation dtype (no copy when it
+// already is one), or an undefined tensor.
+Tensor param(const c10::optional<Tensor>& t, at::ScalarType acc) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return t->to(acc).contiguous();
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+// --- Reductions --------------------------------------------------------------------------------
+
+template <typename acc_t>
+inline acc_t lane_total(const acc_t* lanes) {
+  acc_t total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// Mean and sum of squared deviations of n contiguous values (the values are in L1 for the second
+// pass). The corrected two-pass algorithm: the first pass gives a provisional mean m, rounded to
+// acc_t (with a mean far larger than the spread, the float sum behind it is off in its last
+// digits); the second sums d = x - m and d^2, both small and exact, and the exact mean is
+// m + sum(d) / n, the squared deviations sum(d^2) - sum(d)^2 / n.
+template <typename scalar_t, typename acc_t>
+inline void chunk_moments(const scalar_t* __restrict__ p, int64_t n, double& mean, double& m2) {
+  acc_t lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += static_cast<acc_t>(p[i + k]);
+  }
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += static_cast<acc_t>(p[i]);
+  const acc_t provisional = (lane_total(lanes) + tail) / static_cast<acc_t>(n);
+  acc_t sd[kLanes] = {0}, sq[kLanes] = {0};
+  i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const acc_t d = static_cast<acc_t>(p[i + k]) - provisional;
+      sd[k] += d;
+      sq[k] += d * d;
+    }
+  }
+  acc_t tail_d = 0, tail_sq = 0;
+  for (; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(p[i]) - provisional;
+    tail_d += d;
+    tail_sq += d * d;
+  }
+  const double sum_d = static_cast<double>(lane_total(sd)) + tail_d;
+  const double sum_sq = static_cast<double>(lane_total(sq)) + tail_sq;
+  mean = static_cast<double>(provisional) + sum_d / n;
+  m2 = std::max(0.0, sum_sq - sum_d * sum_d / n);
+}
+
+// Chan's formula: merge a chunk of `nb` values (mean mb, squared deviations m2b) into running
+// moments over `na` values.
+inline void merge(double& na, double& mean, double& m2, double nb, double mb, double m2b) {
+  const double n = na + nb;
+  const double delta = mb - mean;
+  mean += delta * (nb / n);
+  m2 += m2b + delta * delta * (na * nb / n);
+  na = n;
+}
+
+// sum(g), sum(g * (x - mean)) and sum(x - mean) over n contiguous values. The last one is ideally
+// zero; it measures how far the rounded mean is from the exact one (see backward).
+template <typename scalar_t, typename acc_t>
+inline void chunk_grad_sums(const scalar_t* x, const scalar_t* g, int64_t n, acc_t mean,
+                            acc_t& sum_g, acc_t& sum_gxmu, acc_t& sum_xmu) {
+  acc_t lg[kLanes] = {0}, lgx[kLanes] = {0}, lx[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const acc_t gv = static_cast<acc_t>(g[i + k]);
+      const acc_t d = static_cast<acc_t>(x[i + k]) - mean;
+      lg[k] += gv;
+      lgx[k] += gv * d;
+      lx[k] += d;
+    }
+  }
+  acc_t tg = 0, tgx = 0, tx = 0;
+  for (; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    tg += gv;
+    tgx += gv * d;
+    tx += d;
+  }
+  sum_g = lane_total(lg) + tg;
+  sum_gxmu = lane_total(lgx) + tgx;
+  sum_xmu = lane_total(lx) + tx;
+}
+
+// out = (in - centre) * scale + shift over n contiguous values, rounded once.
+template <typename scalar_t, typename acc_t>
+inline void centre_scale_shift(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                               int64_t n, acc_t centre, acc_t scale, acc_t shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>((static_cast<acc_t>(in[i]) - centre) * scale + shift);
+  }
+}
+
+// --- Interleaved rows (one value of every channel per row) ---------------------------------------
+// Each helper takes one row; __restrict__ tells the vectoriser that the buffers do not overlap.
+
+template <typename scalar_t, typename acc_t>
+inline void row_sum(const scalar_t* __restrict__ row, acc_t* __restrict__ sum, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(row[c]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_sq_dev(const scalar_t* __restrict__ row, const acc_t* __restrict__ mean,
+                       acc_t* __restrict__ sum_d, acc_t* __restrict__ m2, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+    sum_d[c] += d;
+    m2[c] += d * d;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_grad_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                          const acc_t* __restrict__ mean, acc_t* __restrict__ sum_g,
+                          acc_t* __restrict__ sum_gxmu, acc_t* __restrict__ sum_xmu, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t gv = static_cast<acc_t>(g[c]);
+    const acc_t d = static_cast<acc_t>(x[c]) - mean[c];
+    sum_g[c] += gv;
+    sum_gxmu[c] += gv * d;
+    sum_xmu[c] += d;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_affine(const scalar_t* __restrict__ x, const acc_t* __restrict__ centre,
+                       const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                       scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = static_cast<scalar_t>((static_cast<acc_t>(x[c]) - centre[c]) * scale[c] + shift[c]);
+  }
+}
+
+// dL/dx = a * g + k * (x - mean) + c0 (training); a * g (evaluation: k = c0 = 0 unused).
+template <typename scalar_t, typename acc_t>
+inline void row_grad_train(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                           const acc_t* __restrict__ mean, const acc_t* __restrict__ a,
+                           const acc_t* __restrict__ k, const acc_t* __restrict__ c0,
+                           scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = static_cast<scalar_t>(a[c] * static_cast<acc_t>(g[c])
+                                   + k[c] * (static_cast<acc_t>(x[c]) - mean[c]) + c0[c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void row_grad_eval(const scalar_t* __restrict__ g, const acc_t* __restrict__ a,
+                          scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(a[c] * static_cast<acc_t>(g[c]));
+}
+
+// Same two for one channel's row of L values (per-channel constants).
+template <typename scalar_t, typename acc_t>
+inline void run_grad_train(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                           acc_t mean, acc_t a, acc_t k, acc_t c0, scalar_t* __restrict__ out,
+                           int64_t L) {
+  for (int64_t i = 0; i < L; ++i) {
+    out[i] = static_cast<scalar_t>(a * static_cast<acc_t>(g[i])
+                                   + k * (static_cast<acc_t>(x[i]) - mean) + c0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void run_grad_eval(const scalar_t* __restrict__ g, acc_t a, scalar_t* __restrict__ out,
+                          int64_t L) {
+  for (int64_t i = 0; i < L; ++i) out[i] = static_cast<scalar_t>(a * static_cast<acc_t>(g[i]));
+}
+
+// --- Work splitting ----------------------------------------------------------------------------
+
+// Grain (items per task) so that each task has at least kMinTaskElements values.
+inline int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, elements_per_item));
+}
+
+// The interleaved path splits rows into `parts` contiguous ranges, one partial result each;
+// partials are merged in order, so the result does not depend on scheduling.
+inline int64_t parts_for(int64_t rows, int64_t channels) {
+  const int64_t by_size = std::max<int64_t>(1, rows * channels / kMinTaskElements);
+  return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
+                                                 by_size, rows}));
+}
+
+// Rows per block: enough to stay in L1, and at most kMaxBlockRows so that each float partial sum
+// adds few values before it is merged in double.
+inline int64_t block_rows(int64_t channels, int64_t elem_size) {
+  const int64_t fit = kBlockBytes / std::max<int64_t>(1, channels * elem_size);
+  return std::max<int64_t>(4, std::min<int64_t>(kMaxBlockRows, fit));
+}
+
+// --- Statistics --------------------------------------------------------------------------------
+
+// Per-channel mean and *biased* variance (double), for both layouts.
+template <typename scalar_t, typename acc_t>
+void moments(const Block& b, std::vector<double>& mean, std::vector<double>& var) {
+  const int64_t A = b.rows, C = b.channels, L = b.inner;
+  const scalar_t* x = b.x.data_ptr<scalar_t>();
+  mean.assign(C, 0.0);
+  var.assign(C, 0.0);
+  if (L > 1) {
+    at::parallel_for(0, C, grain_for(A * L), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double n = 0, m = 0, m2 = 0;
+        for (int64_t a = 0; a < A; ++a) {
+          double cm, cm2;
+          chunk_moments<scalar_t, acc_t>(x + (a * C + c) * L, L, cm, cm2);
+          merge(n, m, m2, static_cast<double>(L), cm, cm2);
+        }
+        mean[c] = m;
+        var[c] = m2 / n;
+      }
+    });
+    return;
+  }
+  const int64_t parts = parts_for(A, C);
+  const int64_t step = block_rows(C, sizeof(scalar_t));
+  std::vector<double> part_n(parts, 0.0), part_mean(parts * C, 0.0), part_m2(parts * C, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> bsum(C), bd(C), bm2(C);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = A * p / parts, r1 = A * (p + 1) / parts;
+      double* pm = part_mean.data() + p * C;
+      double* pm2 = part_m2.data() + p * C;
+      double n = 0;
+      for (int64_t r = r0; r < r1; r += step) {
+        // One block of rows, in L1: its provisional mean, then the corrected second pass (see
+        // chunk_moments), merged into this part's moments.
+        const int64_t nb = std::min(step, r1 - r);
+        std::fill(bsum.begin(), bsum.end(), acc_t(0));
+        std::fill(bd.begin(), bd.end(), acc_t(0));
+        std::fill(bm2.begin(), bm2.end(), acc_t(0));
+        for (int64_t i = 0; i < nb; ++i) row_sum<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), C);
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(nb);
+        for (int64_t c = 0; c < C; ++c) bsum[c] *= inv;  // now the provisional block mean
+        for (int64_t i = 0; i < nb; ++i) {
+          row_sq_dev<scalar_t, acc_t>(x + (r + i) * C, bsum.data(), bd.data(), bm2.data(), C);
+        }
+        const double na = n, nbd = static_cast<double>(nb), total = na + nbd;
+        for (int64_t c = 0; c < C; ++c) {
+          const double sd = bd[c];
+          const double block_mean = static_cast<double>(bsum[c]) + sd / nbd;
+          const double block_m2 = std::max(0.0, static_cast<double>(bm2[c]) - sd * sd / nbd);
+          const double delta = block_mean - pm[c];
+          pm[c] += delta * (nbd / total);
+          pm2[c] += block_m2 + delta * delta * (na * nbd / total);
+        }
+        n = total;
+      }
+      part_n[p] = n;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0, m = 0, m2 = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      merge(n, m, m2, part_n[p], part_mean[p * C + c], part_m2[p * C + c]);
+    }
+    mean[c] = m;
+    var[c] = m2 / n;
+  }
+}
+
+// y = (x - centre) * scale + shift per channel, for both layouts. Centring first, rather than
+// folding the mean into the shift (x * scale + (bias - mean * scale)), keeps the digits of a
+// mean far larger than the spread: x - centre is exact there.
+template <typename scalar_t, typename acc_t>
+void normalise(const Block& b, Tensor& y, const acc_t* centre, const std::vector<acc_t>& scale,
+               const std::vector<acc_t>& shift) {
+  const int64_t A = b.rows, C = b.channels, L = b.inner;
+  const scalar_t* x = b.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  if (L > 1) {
+    at::parallel_for(0, A * C, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t ac = begin; ac < end; ++ac) {
+        const int64_t c = ac % C;
+        centre_scale_shift<scalar_t, acc_t>(x + ac * L, out + ac * L, L, centre[c], scale[c],
+                                            shift[c]);
+      }
+    });
+    return;
+  }
+  const acc_t* s = scale.data();
+  const acc_t* t = shift.data();
+  at::parallel_for(0, A, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      row_affine<scalar_t, acc_t>(x + r * C, centre, s, t, out + r * C, C);
+    }
+  });
+}
+
+// scale = weight * invstd and shift = bias - (mean - centre) * scale, per channel, where centre
+// is the mean rounded to the accumulation dtype (what the output is centred on) and mean the
+// exact one: the rounding error of the centre is taken back out in the shift.
+template <typename acc_t>
+void scale_and_shift(int64_t C, const double* mean, const acc_t* centre, const acc_t* invstd,
+                     const acc_t* weight, const acc_t* bias, std::vector<acc_t>& scale,
+                     std::vector<acc_t>& shift) {
+  scale.resize(C);
+  shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t s = weight ? weight[c] * invstd[c] : invstd[c];
+    scale[c] = s;
+    const double residual = mean[c] - static_cast<double>(centre[c]);
+    shift[c] = static_cast<acc_t>((bias ? bias[c] : acc_t(0)) - residual * s);
+  }
+}
+
+// A running statistic as a contiguous (C,) tensor of the accumulation dtype to update: the
+// buffer itself when it already is one, else a copy that `store` rounds back into it once.
+Tensor updatable(const Tensor& buffer, at::ScalarType acc) {
+  if (buffer.scalar_type() == acc && buffer.is_contiguous()) return buffer;
+  return buffer.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
+void store(Tensor& buffer, const Tensor& values) {
+  if (!values.is_same(buffer)) buffer.copy_(values);
+}
+
+std::tuple<Tensor, Tensor, Tensor> empty_result(const Tensor& input) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  auto options = input.options().dtype(acc);
+  Tensor zeros = at::zeros({input.size(1)}, options);
+  return {input.clone(), zeros, zeros.clone()};
+}
+
+// --- Operators ---------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_eval(const Tensor& input,
+                                                   const c10::optional<Tensor>& weight_opt,
+                                                   const c10::optional<Tensor>& bias_opt,
+                                                   const Tensor& running_mean,
+                                                   const Tensor& running_var, double eps) {
+  if (input.numel() == 0) return empty_result(input);
+  const Block b = block_of(input);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const int64_t C = b.channels;
+  Tensor weight = param(weight_opt, acc), bias = param(bias_opt, acc);
+  Tensor mean = running_mean.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  Tensor invstd = at::empty({C}, mean.options());
+  Tensor y = at::empty_like(b.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "bnsurgery_batch_norm_eval", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor var = param(running_var, acc);
+    const acc_t* v = var.data_ptr<acc_t>();
+    const acc_t* m = mean.data_ptr<acc_t>();
+    acc_t* is = invstd.data_ptr<acc_t>();
+    std::vector<double> mean_d(C);
+    for (int64_t c = 0; c < C; ++c) {
+      is[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
+      mean_d[c] = m[c];
+    }
+    std::vector<acc_t> scale, shift;
+    scale_and_shift<acc_t>(C, mean_d.data(), m, is, ptr_or_null<acc_t>(weight),
+                           ptr_or_null<acc_t>(bias), scale, shift);
+    normalise<scalar_t, acc_t>(b, y, m, scale, shift);
+  });
+  return {y, mean, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input,
+                                                    const c10::optional<Tensor>& weight_opt,
+                                                    const c10::optional<Tensor>& bias_opt,
+                                                    c10::optional<Tensor> running_mean,
+                                                    c10::optional<Tensor> running_var,
+                                                    double momentum, double eps) {
+  if (input.numel() == 0) return empty_result(input);
+  const Block b = block_of(input);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const int64_t C = b.channels;
+  const int64_t count = input.numel() / C;
+  Tensor weight = param(weight_opt, acc), bias = param(bias_opt, acc);
+  auto options = input.options().dtype(acc);
+  Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options);
+  Tensor y = at::empty_like(b.x);
+  const bool update_mean = running_mean.has_value() && running_mean->defined();
+  const bool update_var = running_var.has_value() && running_var->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "bnsurgery_batch_norm_train", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<double> mean_d, var_d;
+    moments<scalar_t, acc_t>(b, mean_d, var_d);
+    acc_t* m = mean.data_ptr<acc_t>();
+    acc_t* is = invstd.data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = static_cast<acc_t>(mean_d[c]);
+      is[c] = static_cast<acc_t>(1.0 / std::sqrt(var_d[c] + eps));
+    }
+    std::vector<acc_t> scale, shift;
+    scale_and_shift<acc_t>(C, mean_d.data(), m, is, ptr_or_null<acc_t>(weight),
+                           ptr_or_null<acc_t>(bias), scale, shift);
+    normalise<scalar_t, acc_t>(b, y, m, scale, shift);
+    // Running statistics: an exponential moving average with the unbiased variance, each new
+    // value computed in the accumulation dtype and rounded once into its buffer.
+    const acc_t keep = static_cast<acc_t>(1.0 - momentum);
+    const acc_t take = static_cast<acc_t>(momentum);
+    const double bessel = count > 1 ? static_cast<double>(count) / (count - 1) : 1.0;
+    if (update_mean) {
+      Tensor updated = updatable(*running_mean, acc);
+      acc_t* u = updated.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) u[c] = u[c] * keep + m[c] * take;
+      store(*running_mean, updated);
+    }
+    if (update_var) {
+      Tensor updated = updatable(*running_var, acc);
+      acc_t* u = updated.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        u[c] = u[c] * keep + static_cast<acc_t>(var_d[c] * bessel) * take;
+      }
+      store(*running_var, updated);
+    }
+  });
+  return {y, mean, invstd};
+}
+
+// Gradients. Training: dL/dx = a * g + k * (x - mean) + c per channel, with a = weight * invstd,
+// k = -a * invstd^2 * sum(g * (x - mean)) / M and c = -a * sum(g) / M (functional.py's formula
+// with its per-channel factors gathered). Evaluation: dL/dx = a * g. Always
+// dL/dweight = sum(g * (x - mean)) * invstd and dL/dbias = sum(g).
+//
+// The saved mean is rounded to the accumulation dtype, so x - mean is off by a per-channel
+// constant r = mean(x - mean), ideally 0. With a mean far larger than the spread, r times sum(g)
+// would swamp sum(g * (x - mean)); measuring r in the same pass and taking it back out keeps the
+// digits.
+//
+// Outputs not asked for in output_mask are returned as empty (0,) tensors.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
+                                                       const Tensor& input,
+                                                       const c10::optional<Tensor>& weight_opt,
+                                                       const Tensor& saved_mean,
+                                                       const Tensor& saved_invstd, bool training,
+                                                       std::array<bool, 3> output_mask) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const int64_t C = input.size(1);
+  auto acc_options = input.options().dtype(acc);
+  Tensor grad_x = output_mask[0] ? Tensor() : at::empty({0}, input.options());
+  Tensor grad_w = output_mask[1] ? at::empty({C}, acc_options) : at::empty({0}, acc_options);
+  Tensor grad_b = output_mask[2] ? at::empty({C}, acc_options) : at::empty({0}, acc_options);
+  if (input.numel() == 0) {
+    if (output_mask[0]) grad_x = at::zeros_like(input);
+    if (output_mask[1]) grad_w.zero_();
+    if (output_mask[2]) grad_b.zero_();
+    return {grad_x, grad_w, grad_b};
+  }
+  const Block b = block_of(input);
+  const Tensor g_dense = grad_out.contiguous(b.format);
+  const int64_t A = b.rows, L = b.inner;
+  const int64_t count = input.numel() / C;
+  Tensor weight = param(weight_opt, acc);
+  Tensor mean_t = param(saved_mean, acc), invstd_t = param(saved_invstd, acc);
+  if (output_mask[0]) grad_x = at::empty_like(b.x);
+  const bool reduce = training || output_mask[1] || output_mask[2];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "bnsurgery_batch_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = b.x.data_ptr<scalar_t>();
+    const scalar_t* g = g_dense.data_ptr<scalar_t>();
+    const acc_t* mean = mean_t.data_ptr<acc_t>();
+    const acc_t* invstd = invstd_t.data_ptr<acc_t>();
+    const acc_t* w = ptr_or_null<acc_t>(weight);
+    std::vector<acc_t> a(C), k(C, acc_t(0)), c0(C);
+    for (int64_t c = 0; c < C; ++c) a[c] = w ? w[c] * invstd[c] : invstd[c];
+    scalar_t* gx = output_mask[0] ? grad_x.data_ptr<scalar_t>() : nullptr;
+    std::vector<double> sum_g(C, 0.0), sum_gxmu(C, 0.0), sum_xmu(C, 0.0);
+    // dL/dx of one channel, once its sums are known: a * g + k * (x - mean) + c.
+    auto factors = [&](int64_t c) {
+      if (training) {
+        const double residual = sum_xmu[c] / count;
+        const double dot = sum_gxmu[c] - residual * sum_g[c];
+        sum_gxmu[c] = dot;
+        const double ac = a[c], is = invstd[c];
+        const double kc = -ac * is * is * (dot / count);
+        k[c] = static_cast<acc_t>(kc);
+        c0[c] = static_cast<acc_t>(-ac * (sum_g[c] / count) - kc * residual);
+      } else {
+        k[c] = 0;
+        c0[c] = 0;
+      }
+    };
+    if (L > 1) {
+      // Row path: one channel at a time, its rows still in cache for the second pass.
+      at::parallel_for(0, C, grain_for(A * L), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          if (reduce) {
+            for (int64_t r = 0; r < A; ++r) {
+              const int64_t off = (r * C + c) * L;
+              acc_t sg, sgx, sx;
+              chunk_grad_sums<scalar_t, acc_t>(x + off, g + off, L, mean[c], sg, sgx, sx);
+              sum_g[c] += sg;
+              sum_gxmu[c] += sgx;
+              sum_xmu[c] += sx;
+            }
+            factors(c);
+          }
+          if (!gx) continue;
+          const acc_t ac = a[c], kc = k[c], cc = c0[c], mc = mean[c];
+          for (int64_t r = 0; r < A; ++r) {
+            const int64_t off = (r * C + c) * L;
+            const scalar_t* xr = x + off;
+            const scalar_t* gr = g + off;
+            scalar_t* out = gx + off;
+            if (training) {
+              run_grad_train<scalar_t, acc_t>(xr, gr, mc, ac, kc, cc, out, L);
+            } else {
+              run_grad_eval<scalar_t, acc_t>(gr, ac, out, L);
+            }
+          }
+        }
+      });
+    } else {
+      if (reduce) {
+        const int64_t parts = parts_for(A, C);
+        const int64_t step = block_rows(C, sizeof(scalar_t));
+        std::vector<double> part(3 * parts * C, 0.0);
+        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> bg(C), bgx(C), bx(C);
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t r0 = A * p / parts, r1 = A * (p + 1) / parts;
+            double* pg = part.data() + (3 * p) * C;
+            double* pgx = pg + C;
+            double* px = pgx + C;
+            for (int64_t r = r0; r < r1; r += step) {
+              const int64_t nb = std::min(step, r1 - r);
+              std::fill(bg.begin(), bg.end(), acc_t(0));
+              std::fill(bgx.begin(), bgx.end(), acc_t(0));
+              std::fill(bx.begin(), bx.end(), acc_t(0));
+              for (int64_t i = 0; i < nb; ++i) {
+                row_grad_sums<scalar_t, acc_t>(x + (r + i) * C, g + (r + i) * C, mean, bg.data(),
+                                               bgx.data(), bx.data(), C);
+              }
+              for (int64_t c = 0; c < C; ++c) {
+                pg[c] += bg[c];
+                pgx[c] += bgx[c];
+                px[c] += bx[c];
+              }
+            }
+          }
+        });
+        for (int64_t p = 0; p < parts; ++p) {
+          const double* pg = part.data() + (3 * p) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            sum_g[c] += pg[c];
+            sum_gxmu[c] += pg[C + c];
+            sum_xmu[c] += pg[2 * C + c];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) factors(c);
+      }
+      if (gx) {
+        const acc_t* ap = a.data();
+        const acc_t* kp = k.data();
+        const acc_t* cp = c0.data();
+        at::parallel_for(0, A, grain_for(C), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            if (training) {
+              row_grad_train<scalar_t, acc_t>(x + r * C, g + r * C, mean, ap, kp, cp, gx + r * C,
+                                              C);
+            } else {
+              row_grad_eval<scalar_t, acc_t>(g + r * C, ap, gx + r * C, C);
+            }
+          }
+        });
+      }
+    }
+    if (output_mask[1]) {
+      acc_t* gw = grad_w.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) gw[c] = static_cast<acc_t>(sum_gxmu[c] * invstd[c]);
+    }
+    if (output_mask[2]) {
+      acc_t* gb = grad_b.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<acc_t>(sum_g[c]);
+    }
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bnsurgery, m) {
+  m.def("cpp_batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+        "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("cpp_batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("cpp_batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, "
+        "Tensor invstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnsurgery, CPU, m) {
+  m.impl("cpp_batch_norm_eval", &batch_norm_eval);
+  m.impl("cpp_batch_norm_train", &batch_norm_train);
+  m.impl("cpp_batch_norm_backward", &batch_norm_backward);
+}

@@ -1,0 +1,260 @@
+"""The compiled C++ BatchNorm kernel for CPU: the ``cpp`` backend of :mod:`bnsurgery.kernels`.
+
+The source, ``bnsurgery/csrc/batch_norm_cpu.cpp``, is written from scratch (no torch batch-norm
+call) and defines three operators in the ``bnsurgery`` namespace: ``cpp_batch_norm_eval``,
+``cpp_batch_norm_train`` (which updates the running statistics in place, declared in its schema)
+and ``cpp_batch_norm_backward``. Fake implementations registered here let ``torch.compile``,
+``torch.export`` and ``torch.library.opcheck`` reason about them without running them.
+
+How it ships: it is compiled on first use with ``torch.utils.cpp_extension`` (ninja and the
+system C++ compiler) and cached per user, keyed by the source, the torch version and the CPU, so
+it always matches the torch it is loaded into; ``bnsurgery kernels --build`` compiles it ahead of
+time. A prebuilt wheel would have to be built for every torch version a user may have (the C++
+ABI of torch changes between releases); building on the user's machine avoids that, and also
+lets the compiler target that machine's vector instructions.
+
+Nothing breaks without a compiler: when the build is impossible or fails, one warning names the
+reason, :func:`unavailable_reason` reports it, and the reference backend runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bnsurgery.errors import KernelUnavailableError, format_message
+from bnsurgery.files import write_text
+from bnsurgery.kernel_tensor import accumulate_dtype
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "OPERATORS",
+    "SOURCE",
+    "backward",
+    "build",
+    "cache_dir",
+    "forward",
+    "unavailable_reason",
+]
+
+#: The C++ source of the kernel.
+SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
+
+#: Overrides where compiled kernels are cached (default: the user's cache directory).
+CACHE_ENV_VAR = "BNSURGERY_CACHE_DIR"
+
+#: The operators the library registers, as ``torch.ops`` names.
+OPERATORS = ("bnsurgery::cpp_batch_norm_eval", "bnsurgery::cpp_batch_norm_train",
+             "bnsurgery::cpp_batch_norm_backward")
+
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "library": Path once loaded; "error": str once failed
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$BNSURGERY_CACHE_DIR``, else ``~/.cache/bnsurgery/kernels``.
+
+    ``XDG_CACHE_HOME`` is honoured as other tools on the machine do.
+    """
+    override = os.environ.get(CACHE_ENV_VAR)
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnsurgery" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction sets: the build targets this machine's vector units."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [line for line in fh if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _key() -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                 platform.machine().encode(), _cpu_identity().encode(),
+                 " ".join(_CFLAGS + _LDFLAGS).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` across processes, released if the holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: torch's own build lock still applies
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _compile(directory: Path, name: str, verbose: bool) -> Path:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} (from CXX, default c++) is not on PATH")
+    # Importing it logs a warning about CUDA on machines without it: irrelevant to a CPU build.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compiler-version chatter; failures raise
+        return Path(cpp_extension.load(
+            name=name, sources=[str(SOURCE)], build_directory=str(directory),
+            extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, is_python_module=False,
+            verbose=verbose))
+
+
+def _build(verbose: bool) -> Path:
+    key = _key()
+    directory = cache_dir() / key
+    name = f"bnsurgery_cpu_{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    with _file_lock(directory / "build.lock"):
+        ready = directory / "ready"  # written last: names a library that was built completely
+        library = Path(ready.read_text()) if ready.exists() else None
+        if library is not None and library.exists():
+            torch.ops.load_library(str(library))  # built before: no compiler needed
+        else:
+            library = _compile(directory, name, verbose)
+            write_text(ready, str(library), what="kernel cache marker")
+    _register_fakes()
+    return library
+
+
+def build(*, verbose: bool = False) -> Path:
+    """Compile (or find in the cache) and load the kernel; the path of the shared library.
+
+    Raises:
+        KernelUnavailableError: No compiler, no ninja, or the build failed; the message says
+            which.
+    """
+    with _lock:
+        if "library" not in _state and "error" not in _state:
+            try:
+                _state["library"] = _build(verbose)
+            except Exception as exc:  # a compiler's failure takes many forms; it is recorded
+                _state["error"] = _describe(exc)
+                warnings.warn(f"bnsurgery: the compiled CPU BatchNorm kernel is unavailable "
+                              f"({_state['error']}); the pure-tensor kernel runs instead",
+                              RuntimeWarning, stacklevel=2)
+    if "error" in _state:
+        raise KernelUnavailableError(format_message(
+            "the compiled CPU BatchNorm kernel could not be built", where=str(SOURCE),
+            got=_state["error"], expected="a C++ compiler (CXX or c++) and ninja",
+            hint="install a C++ compiler and ninja, or set BNSURGERY_KERNEL=reference"))
+    return _state["library"]  # type: ignore[return-value]
+
+
+def _describe(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else 'no message'}"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernel cannot run on ``device`` (``None`` when it can); builds it on first call."""
+    if device.type != "cpu":
+        return f"CPU only (asked for {device.type})"
+    if "library" in _state:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # one warning per process, whatever the filters
+            build()
+    except KernelUnavailableError:
+        return f"build failed: {_state['error']}"
+    return None
+
+
+# --- The operators ---------------------------------------------------------------------------
+
+
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+            running_var: Tensor | None, training: bool, momentum: float,
+            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backend contract's forward (see :func:`bnsurgery.kernel_tensor.forward`)."""
+    if training:
+        return torch.ops.bnsurgery.cpp_batch_norm_train(x, weight, bias, running_mean,
+                                                        running_var, momentum, eps)
+    return torch.ops.bnsurgery.cpp_batch_norm_eval(x, weight, bias, running_mean, running_var,
+                                                   eps)
+
+
+def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+             training: bool, needs: tuple[bool, bool, bool]
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The backend contract's backward (see :func:`bnsurgery.kernel_tensor.backward`)."""
+    grads = torch.ops.bnsurgery.cpp_batch_norm_backward(grad_out, x, weight, mean, invstd,
+                                                        training, list(needs))
+    return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+
+
+def _output_like(x: Tensor) -> Tensor:
+    """An empty tensor in the layout the kernel writes: ``x``'s when dense, else contiguous."""
+    if x.is_contiguous():
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dim and x.is_contiguous(memory_format=fmt):
+            return torch.empty_like(x, memory_format=fmt)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _stats_like(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=accumulate_dtype(x.dtype))
+
+
+def _fake_eval(x, weight, bias, running_mean, running_var, eps):
+    if x.numel() == 0:
+        return torch.empty_like(x), _stats_like(x), _stats_like(x)
+    return _output_like(x), _stats_like(x), _stats_like(x)
+
+
+def _fake_train(x, weight, bias, running_mean, running_var, momentum, eps):
+    return _fake_eval(x, weight, bias, running_mean, running_var, eps)
+
+
+def _fake_backward(grad_out, x, weight, mean, invstd, training, output_mask):
+    acc = accumulate_dtype(x.dtype)
+    grad_x = (torch.empty_like(x) if x.numel() == 0 else _output_like(x)) if output_mask[0] \
+        else x.new_empty((0,))
+    sizes = [(x.shape[1],) if need else (0,) for need in output_mask[1:]]
+    return grad_x, x.new_empty(sizes[0], dtype=acc), x.new_empty(sizes[1], dtype=acc)
+
+
+def _register_fakes() -> None:
+    if _state.get("registered"):
+        return
+    torch.library.register_fake("bnsurgery::cpp_batch_norm_eval", _fake_eval)
+    torch.library.register_fake("bnsurgery::cpp_batch_norm_train", _fake_train)
+    torch.library.register_fake("bnsurgery::cpp_batch_norm_backward", _fake_backward)
+    _state["registered"] = True

@@ -1,0 +1,367 @@
+"""The compiled C++ CPU kernel (the ``cpp`` backend) against torch and the literal formulas.
+
+The kernel is built once per test session (a minute or more the first time; cached after).
+Where it cannot be built these tests are skipped, and the one that matters there still runs:
+without a compiler, one warning and the reference backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnsurgery
+from bnsurgery import kernel_cpp, kernels
+from bnsurgery.errors import KernelUnavailableError
+from bnsurgery.functional import batch_norm, literal_batch_norm
+
+SHAPES = {"2d": (16, 5), "3d": (4, 5, 7), "4d": (3, 5, 4, 6), "5d": (2, 5, 3, 4, 3)}
+LAYOUTS = ("contiguous", "channels_last", "strided")
+# Outputs and gradients against torch's kernel; the float64 oracle is held to the same.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5),
+       torch.bfloat16: dict(rtol=2e-2, atol=4e-2), torch.float16: dict(rtol=2e-3, atol=4e-3)}
+
+
+@pytest.fixture(scope="session")
+def built():
+    try:
+        return kernel_cpp.build()
+    except KernelUnavailableError as exc:
+        pytest.skip(f"the C++ kernel cannot be built here: {exc}")
+
+
+@pytest.fixture
+def cpp(built, monkeypatch):
+    """Force the cpp backend for the test."""
+    monkeypatch.setenv(kernels.ENV_VAR, "cpp")
+    return built
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4
+                            else torch.channels_last_3d)
+    if layout == "strided":  # every other value of a twice-as-long last dimension
+        wide = torch.repeat_interleave(t, 2, dim=-1)
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def _case(shape, dtype, layout="contiguous", param_dtype=None, offset=0.8, spread=1.7):
+    param_dtype = param_dtype or dtype
+    channels = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * spread + offset)
+    x = _layout(x, layout).to(dtype)
+    weight = (torch.rand(channels, dtype=torch.float64) + 0.5).to(param_dtype)
+    bias = torch.randn(channels, dtype=torch.float64).to(param_dtype)
+    running_mean = torch.randn(channels, dtype=torch.float64).to(param_dtype)
+    running_var = (torch.rand(channels, dtype=torch.float64) + 0.5).to(param_dtype)
+    grad = _layout(torch.randn(shape, dtype=torch.float64), layout).to(dtype)
+    return x, weight, bias, running_mean, running_var, grad
+
+
+def _run(fn, x, weight, bias, running_mean, running_var, grad, training, momentum=0.1,
+         eps=1e-5, to=None):
+    """Forward and backward of ``fn``; every result, optionally converted with ``to``."""
+    def prep(t):
+        return None if t is None else (t if to is None else t.to(to)).detach().clone()
+
+    x = prep(x).requires_grad_()
+    weight = None if weight is None else prep(weight).requires_grad_()
+    bias = None if bias is None else prep(bias).requires_grad_()
+    rm, rv = prep(running_mean), prep(running_var)
+    out = fn(x, rm, rv, weight, bias, training, momentum, eps)
+    out.backward(prep(grad))
+    return {"out": out.detach(), "grad_input": x.grad,
+            "grad_weight": None if weight is None else weight.grad,
+            "grad_bias": None if bias is None else bias.grad, "running_mean": rm,
+            "running_var": rv}
+
+
+def _assert_same(ours, ref, tol):
+    for key, expected in ref.items():
+        if expected is None:
+            assert ours[key] is None, key
+        else:
+            torch.testing.assert_close(ours[key], expected.to(ours[key].dtype), **tol,
+                                       msg=lambda m, k=key: f"{k}: {m}")
+
+
+# --- The parity matrix -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape,layout", [
+    (shape, layout) for shape in SHAPES.values() for layout in LAYOUTS
+    if layout != "channels_last" or len(shape) >= 4],  # channels-last exists for 4-D and 5-D
+    ids=lambda v: v if isinstance(v, str) else f"{len(v)}d")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+def test_matches_torch_and_the_literal_formulas(cpp, dtype, layout, shape, training, affine):
+    x, weight, bias, rm, rv, grad = _case(shape, dtype, layout)
+    weight = weight if "weight" in affine else None
+    bias = bias if "bias" in affine else None
+    ours = _run(batch_norm, x, weight, bias, rm, rv, grad, training)
+    _assert_same(ours, _run(F.batch_norm, x, weight, bias, rm, rv, grad, training), TOL[dtype])
+    oracle = _run(literal_batch_norm, x, weight, bias, rm, rv, grad, training, to=torch.float64)
+    _assert_same(ours, oracle, TOL[dtype])
+    dense = x.is_contiguous() or layout == "channels_last"
+    assert ours["out"].stride() == (x.stride() if dense else x.contiguous().stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("param_dtype", ["float32", "same"], ids=["mixed", "pure"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_precision_is_as_accurate_as_torch(cpp, dtype, param_dtype, layout, training):
+    """float32 statistics, rounded once: no farther from a float64 run than torch is."""
+    params = torch.float32 if param_dtype == "float32" else dtype
+    x, weight, bias, rm, rv, grad = _case((8, 6, 5, 7), dtype, layout, param_dtype=params)
+    ours = _run(batch_norm, x, weight, bias, rm, rv, grad, training)
+    theirs = _run(F.batch_norm, x, weight, bias, rm, rv, grad, training)
+    oracle = _run(literal_batch_norm, x, weight, bias, rm, rv, grad, training, to=torch.float64)
+    _assert_same(ours, theirs, TOL[dtype])
+    for key in ("out", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var"):
+        ours_err = (ours[key].double() - oracle[key]).abs().max().item()
+        torch_err = (theirs[key].double() - oracle[key]).abs().max().item()
+        # Within a factor of torch's error, or a few roundings of the result's dtype.
+        ulp = torch.finfo(ours[key].dtype).eps * oracle[key].abs().max().item()
+        assert ours_err <= max(2 * torch_err, 4 * ulp), (key, ours_err, torch_err)
+        assert ours[key].dtype == theirs[key].dtype, key
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_mean_far_larger_than_the_spread_keeps_its_digits(cpp, layout):
+    """Mean 1e4, spread 1 in float32: as close to float64 as the pure-tensor kernel, or closer."""
+    x, weight, bias, rm, rv, grad = _case((16, 4, 9, 9), torch.float32, layout, offset=1e4,
+                                          spread=1.0)
+    oracle = _run(literal_batch_norm, x, weight, bias, rm, rv, grad, True, to=torch.float64)
+    ours = _run(batch_norm, x, weight, bias, rm, rv, grad, True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(kernels.ENV_VAR, "reference")
+        reference = _run(batch_norm, x, weight, bias, rm, rv, grad, True)
+    for key in ("out", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var"):
+        scale = oracle[key].abs().max().item()
+        ours_err = (ours[key].double() - oracle[key]).abs().max().item() / scale
+        ref_err = (reference[key].double() - oracle[key]).abs().max().item() / scale
+        # float32 rounding of the sums is ~1e-6 here; two lost digits would be ~1e-4.
+        assert ours_err <= max(1.5 * ref_err, 2e-6), (key, ours_err, ref_err)
+    # What E[x^2] - E[x]^2 would lose entirely: the variance of values around 1e4.
+    torch.testing.assert_close(ours["running_var"], oracle["running_var"].float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_larger_inputs_split_across_threads_agree(cpp, layout, threads):
+    """Inputs big enough to be split into per-thread parts (interleaved) or channel ranges."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in ((32, 16, 32, 32), (16384, 32)):
+            lay = layout if len(shape) == 4 else "contiguous"
+            x, weight, bias, rm, rv, grad = _case(shape, torch.float32, lay)
+            for training in (True, False):
+                ours = _run(batch_norm, x, weight, bias, rm, rv, grad, training)
+                oracle = _run(literal_batch_norm, x, weight, bias, rm, rv, grad, training,
+                              to=torch.float64)
+                _assert_same(ours, oracle, dict(rtol=1e-5, atol=5e-5))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(cpp, training):
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = rm.clone(), rv.clone()
+    weight, bias = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    out = batch_norm(x, rm, rv, weight, bias, training)
+    torch_out = F.batch_norm(x, rm.clone(), rv.clone(), weight, bias, training)
+    assert out.shape == torch_out.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(weight.grad, torch.zeros(3))
+    torch.testing.assert_close((rm, rv), before)  # buffers left alone
+
+
+@pytest.mark.parametrize("cls_name,shape", [("BatchNorm1d", (8, 4)), ("BatchNorm1d", (4, 4, 6)),
+                                            ("BatchNorm2d", (4, 4, 3, 5)),
+                                            ("BatchNorm3d", (2, 4, 3, 2, 3))],
+                         ids=["1d-2d", "1d-3d", "2d", "3d"])
+@pytest.mark.parametrize("options", [
+    dict(), dict(affine=False), dict(track_running_stats=False), dict(momentum=None),
+    dict(affine=False, track_running_stats=False), dict(eps=1e-3, momentum=0.5)], ids=str)
+def test_modules_with_every_constructor_option_match_torch(cpp, cls_name, shape, options):
+    ours = getattr(bnsurgery, cls_name)(4, **options)
+    theirs = getattr(torch.nn, cls_name)(4, **options)
+    if ours.affine:
+        with torch.no_grad():
+            for module in (ours, theirs):
+                module.weight.copy_(torch.linspace(0.5, 1.5, 4))
+                module.bias.copy_(torch.linspace(-1, 1, 4))
+    for step in range(3):
+        x = torch.randn(shape) * 2 + step
+        ours_x, theirs_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.testing.assert_close(ours(ours_x), theirs(theirs_x), **TOL[torch.float32])
+        ours(ours_x).square().sum().backward()
+        theirs(theirs_x).square().sum().backward()
+        torch.testing.assert_close(ours_x.grad, theirs_x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dict(ours.state_dict()), dict(theirs.state_dict()),
+                               **TOL[torch.float32])
+    if ours.track_running_stats:
+        ours.eval(), theirs.eval()
+        x = torch.randn(shape)
+        torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+
+
+# --- Gradients, operators, and what runs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout,shape", [("contiguous", (4, 3)), ("contiguous", (3, 2, 5)),
+                                          ("channels_last", (2, 3, 3, 2))],
+                         ids=["2d", "3d", "4d-channels-last"])
+def test_gradcheck_and_gradgradcheck(cpp, training, layout, shape):
+    x, weight, bias, rm, rv, _ = _case(shape, torch.float64, layout)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+
+    def fn(x, weight, bias):
+        return batch_norm(x, rm.clone(), rv.clone(), weight, bias, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+def _op_samples():
+    samples = []
+    for shape, layout in (((6, 4), "contiguous"), ((3, 4, 5), "contiguous"),
+                          ((2, 4, 3, 3), "channels_last"), ((2, 4, 3, 3), "strided")):
+        for dtype in (torch.float32, torch.bfloat16):
+            params = torch.float32
+            x, weight, bias, rm, rv, grad = _case(shape, dtype, layout, param_dtype=params)
+            mean = x.float().mean([0, *range(2, x.dim())])
+            invstd = torch.rand(shape[1]) + 0.5
+            samples += [
+                ("cpp_batch_norm_eval", (x, weight, bias, rm, rv, 1e-5)),
+                ("cpp_batch_norm_eval", (x, None, None, rm, rv, 1e-5)),
+                ("cpp_batch_norm_train", (x, weight, bias, rm.clone(), rv.clone(), 0.1, 1e-5)),
+                ("cpp_batch_norm_train", (x, None, None, None, None, 0.1, 1e-5)),
+                ("cpp_batch_norm_backward", (grad, x, weight, mean, invstd, True,
+                                             [True, True, True])),
+                ("cpp_batch_norm_backward", (grad, x, None, mean, invstd, False,
+                                             [True, False, True])),
+            ]
+    return samples
+
+
+def test_opcheck_every_registered_operator(built):
+    """Schema (including the declared mutation), fake implementations and AOT dispatch."""
+    samples = _op_samples()
+    assert {name for name, _ in samples} == {op.split("::")[1] for op in kernel_cpp.OPERATORS}
+    for name, args in samples:
+        op = getattr(torch.ops.bnsurgery, name).default
+        torch.library.opcheck(op, args)
+
+
+def test_no_torch_batch_norm_kernel_runs(cpp):
+    """Every dispatcher call, including those made inside the compiled kernel, is recorded.
+
+    The profiler sees operators called from C++ as well; a Python dispatch mode would not see
+    inside the compiled kernel (and switches selection to the reference backend, as any graph
+    capture does), so it is not the spy here.
+    """
+    x, weight, bias, rm, rv, grad = _case((4, 3, 5, 5), torch.float32, "channels_last")
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        batch_norm(x, rm, rv, weight, bias, True).backward(grad)
+        with torch.no_grad():
+            batch_norm(x, rm, rv, weight, bias, False)
+    names = {event.name for event in prof.events()}
+    assert {"bnsurgery::cpp_batch_norm_train", "bnsurgery::cpp_batch_norm_backward",
+            "bnsurgery::cpp_batch_norm_eval"} <= names
+    torch_batch_norm = {n for n in names if "batch_norm" in n and not n.startswith("bnsurgery::")}
+    assert not torch_batch_norm
+
+
+def test_auto_chooses_the_compiled_kernel_on_cpu(built, monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    info = bnsurgery.kernel_info("cpu")
+    assert (info.backend, info.reason) == ("cpp", "the first available by preference")
+    assert kernels.select_backend(torch.zeros(2, 3)) is kernel_cpp
+    assert "CPU only" in kernel_cpp.unavailable_reason(torch.device("meta"))
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")  # a change of the variable is seen at once
+    assert kernels.select_backend(torch.zeros(2, 3)) is not kernel_cpp
+
+
+def test_the_build_is_cached_under_the_cache_directory(built):
+    assert Path(built).is_file()
+    assert Path(built).parent.parent == kernel_cpp.cache_dir()
+    assert (Path(built).parent / "ready").read_text() == str(built)
+
+
+# --- Without a compiler ----------------------------------------------------------------------
+
+_NO_COMPILER_SCRIPT = r"""
+import json, warnings
+import torch, torch.nn.functional as F
+from bnsurgery import kernels
+from bnsurgery.functional import batch_norm
+from bnsurgery.errors import KernelUnavailableError
+
+x = torch.randn(8, 3, 4, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    outs = [batch_norm(x, None, None, training=True) for _ in range(3)]
+info = kernels.kernel_info("cpu")
+ok = all(torch.allclose(o, F.batch_norm(x, None, None, training=True), atol=1e-5) for o in outs)
+try:
+    import os
+    os.environ[kernels.ENV_VAR] = "cpp"
+    batch_norm(x, None, None, training=True)
+    forced = "no error"
+except KernelUnavailableError as exc:
+    forced = str(exc)
+print(json.dumps({"warnings": [str(w.message) for w in caught
+                               if "compiled CPU BatchNorm kernel" in str(w.message)],
+                  "backend": info.backend, "unavailable": info.unavailable, "ok": ok,
+                  "forced": forced}))
+"""
+
+
+def _without_compiler(tmp_path, *args):
+    env = {**os.environ, "CXX": str(tmp_path / "missing-c++"),
+           kernel_cpp.CACHE_ENV_VAR: str(tmp_path / "cache")}
+    env.pop(kernels.ENV_VAR, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(bnsurgery.__file__).parent.parent),
+                                         env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_a_compiler_one_warning_and_the_reference_runs(tmp_path):
+    result = _without_compiler(tmp_path, "-c", _NO_COMPILER_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["warnings"]) == 1
+    assert "missing-c++" in report["warnings"][0] and "pure-tensor" in report["warnings"][0]
+    assert report["backend"] == "reference"
+    assert "no C++ compiler" in report["unavailable"]["cpp"]
+    assert report["ok"]
+    assert "BNSURGERY_KERNEL" in report["forced"] and "missing-c++" in report["forced"]
+
+
+def test_cli_build_without_a_compiler_exits_2_with_one_line(tmp_path):
+    result = _without_compiler(tmp_path, "-m", "bnsurgery", "kernels", "--build", "-q")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()
+             and "CUDA_HOME" not in line]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("bnsurgery kernels: error:") and "missing-c++" in lines[0]
