@@ -60,11 +60,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnsurgery.autograd_function import BatchNormFunction
+from bnsurgery.autograd_function import (
+    BatchNormFunction,
+    CapturedBatchNormFunction,
+    has_tangent,
+    transforms_active,
+)
 from bnsurgery.errors import (
     BatchNormDtypeError,
     BatchNormRuntimeError,
     BatchNormTypeError,
+    ExportError,
     InvalidInputError,
     format_message,
 )
@@ -227,15 +233,32 @@ def batch_norm(
             statistics in evaluation, running statistics that require grad),
             ``BatchNormTypeError`` (not a tensor) and ``BatchNormDtypeError`` (not floating
             point, a ``NotImplementedError``).
+        ExportError: Training mode under ``torch.jit.trace``, which would freeze the batch size
+            into the statistics (evaluation-mode traces are exact).
     """
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # only an empty one passes the checks
         return input.clone()
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
-    if not grad_wanted:
-        # Inference (or no_grad): the same maths without building an autograd node.
+    tracing = torch.jit.is_tracing()
+    if tracing and training:
+        raise ExportError(format_message(
+            "torch.jit.trace cannot record training-mode batch_norm faithfully",
+            where="input", got="training=True",
+            expected="an evaluation-mode trace",
+            hint=("the batch statistics divide by the number of values per channel, which a "
+                  "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
+                  "use torch.export.export, which keeps the shapes symbolic")))
+    if tracing or not (grad_wanted or transforms_active()
+                       or has_tangent(input, weight, bias, running_mean, running_var)):
+        # Inference (or no_grad): the same maths without building an autograd node. A
+        # TorchScript trace takes this path too, gradients or not: it must record torch
+        # operators (a Python Function cannot be saved), and autograd differentiates those.
         return select_backend(input).forward(input, weight, bias, running_mean, running_var,
                                              training, momentum, eps)[0]
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps)
+    # Dynamo cannot trace a Function with its own forward-mode rule; compiled graphs get the
+    # same node without it.
+    function = CapturedBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    return function.apply(input, weight, bias, running_mean, running_var, training, momentum,
+                          eps)[0]
