@@ -44,6 +44,22 @@ subtracting ``mean(g)`` removes the part of the gradient that would only shift t
 subtracting ``x_hat * mean(g * x_hat)`` the part that would only change its spread. In evaluation
 mode mean and var are constants, so ``dL/dx = weight * invstd * g``.
 
+Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``). Given tangents ``dx``, ``dw``
+and ``db`` of input, weight and bias, the output's tangent ``dy`` is the derivative of each
+forward line in turn, in training mode::
+
+    dmean    = mean(dx)
+    dvar     = 2 * mean((x - mean) * (dx - dmean))
+    dinvstd  = -0.5 * invstd^3 * dvar
+    dx_hat   = (dx - dmean) * invstd + (x - mean) * dinvstd
+    dy       = dw * x_hat + weight * dx_hat + db
+
+A tangent that only shifts ``x`` (``dx`` constant per channel) is absorbed by ``dmean``, and
+one that only scales ``x - mean`` by ``dinvstd``: the normalised output does not move. In evaluation
+mode mean and var are constants again, so ``dy = dw * x_hat + weight * invstd * dx + db``.
+Tangents of the running statistics are ignored, as torch ignores them: they are buffers, not
+inputs one differentiates with respect to.
+
 Half-precision inputs (float16, bfloat16) are normalised with float32 statistics and float32
 arithmetic and rounded once to the input's dtype, as torch does; weight, bias and running
 statistics may then be float32 (mixed precision) or of the input's dtype.
@@ -59,6 +75,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from bnsurgery.autograd_function import (
     BatchNormFunction,
@@ -250,8 +267,11 @@ def batch_norm(
             hint=("the batch statistics divide by the number of values per channel, which a "
                   "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
                   "use torch.export.export, which keeps the shapes symbolic")))
-    if tracing or not (grad_wanted or transforms_active()
-                       or has_tangent(input, weight, bias, running_mean, running_var)):
+    if has_tangent(running_mean, running_var):
+        # Ignored, as torch ignores them: the buffers are not inputs one differentiates by.
+        running_mean, running_var = (None if t is None else forward_ad.unpack_dual(t).primal
+                                     for t in (running_mean, running_var))
+    if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):
         # Inference (or no_grad): the same maths without building an autograd node. A
         # TorchScript trace takes this path too, gradients or not: it must record torch
         # operators (a Python Function cannot be saved), and autograd differentiates those.
