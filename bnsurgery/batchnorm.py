@@ -15,7 +15,12 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from bnsurgery.errors import BatchNormRuntimeError, InvalidInputError, format_message
+from bnsurgery.errors import (
+    BatchNormRuntimeError,
+    ExportError,
+    InvalidInputError,
+    format_message,
+)
 from bnsurgery.functional import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d"]
@@ -46,6 +51,24 @@ class _FromScratchBatchNorm:
                 got=f"{input.shape[1]} channels (dim 1 of shape {tuple(input.shape)})",
                 expected=f"{self.num_features} channels",
                 hint="the layer before it produces a different number of channels"))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Refuse ``torch.jit.script`` with a message that names the alternatives.
+
+        TorchScript cannot compile a Python ``autograd.Function``, which is where this layer's
+        backward lives; scripting would fail deep inside torch with an unrelated message. torch
+        calls this hook on every submodule before compiling, so a whole model that contains the
+        layer gets this error too.
+        """
+        raise ExportError(format_message(
+            f"torch.jit.script cannot compile bnsurgery's {type(self).__name__}"
+            f"({self.num_features})",
+            where=f"{type(self).__module__}.{type(self).__qualname__}",
+            got="a layer whose backward is a Python autograd.Function",
+            expected="torch.export.export, or torch.jit.trace of the model in eval mode",
+            hint=("export with torch.export.export(model, args); or call "
+                  "torch.jit.script(bnsurgery.restore_batchnorm(model)) to script torch's own "
+                  "layers instead")))
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input``; in training also update the running statistics.

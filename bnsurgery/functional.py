@@ -44,6 +44,22 @@ subtracting ``mean(g)`` removes the part of the gradient that would only shift t
 subtracting ``x_hat * mean(g * x_hat)`` the part that would only change its spread. In evaluation
 mode mean and var are constants, so ``dL/dx = weight * invstd * g``.
 
+Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``). Given tangents ``dx``, ``dw``
+and ``db`` of input, weight and bias, the output's tangent ``dy`` is the derivative of each
+forward line in turn, in training mode::
+
+    dmean    = mean(dx)
+    dvar     = 2 * mean((x - mean) * (dx - dmean))
+    dinvstd  = -0.5 * invstd^3 * dvar
+    dx_hat   = (dx - dmean) * invstd + (x - mean) * dinvstd
+    dy       = dw * x_hat + weight * dx_hat + db
+
+A tangent that only shifts ``x`` (``dx`` constant per channel) is absorbed by ``dmean``, and
+one that only scales ``x - mean`` by ``dinvstd``: the normalised output does not move. In evaluation
+mode mean and var are constants again, so ``dy = dw * x_hat + weight * invstd * dx + db``.
+Tangents of the running statistics are ignored, as torch ignores them: they are buffers, not
+inputs one differentiates with respect to.
+
 Half-precision inputs (float16, bfloat16) are normalised with float32 statistics and float32
 arithmetic and rounded once to the input's dtype, as torch does; weight, bias and running
 statistics may then be float32 (mixed precision) or of the input's dtype.
@@ -59,12 +75,19 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from bnsurgery.autograd_function import BatchNormFunction
+from bnsurgery.autograd_function import (
+    BatchNormFunction,
+    CapturedBatchNormFunction,
+    has_tangent,
+    transforms_active,
+)
 from bnsurgery.errors import (
     BatchNormDtypeError,
     BatchNormRuntimeError,
     BatchNormTypeError,
+    ExportError,
     InvalidInputError,
     format_message,
 )
@@ -227,15 +250,35 @@ def batch_norm(
             statistics in evaluation, running statistics that require grad),
             ``BatchNormTypeError`` (not a tensor) and ``BatchNormDtypeError`` (not floating
             point, a ``NotImplementedError``).
+        ExportError: Training mode under ``torch.jit.trace``, which would freeze the batch size
+            into the statistics (evaluation-mode traces are exact).
     """
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # only an empty one passes the checks
         return input.clone()
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
-    if not grad_wanted:
-        # Inference (or no_grad): the same maths without building an autograd node.
+    tracing = torch.jit.is_tracing()
+    if tracing and training:
+        raise ExportError(format_message(
+            "torch.jit.trace cannot record training-mode batch_norm faithfully",
+            where="input", got="training=True",
+            expected="an evaluation-mode trace",
+            hint=("the batch statistics divide by the number of values per channel, which a "
+                  "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
+                  "use torch.export.export, which keeps the shapes symbolic")))
+    if has_tangent(running_mean, running_var):
+        # Ignored, as torch ignores them: the buffers are not inputs one differentiates by.
+        running_mean, running_var = (None if t is None else forward_ad.unpack_dual(t).primal
+                                     for t in (running_mean, running_var))
+    if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):
+        # Inference (or no_grad): the same maths without building an autograd node. A
+        # TorchScript trace takes this path too, gradients or not: it must record torch
+        # operators (a Python Function cannot be saved), and autograd differentiates those.
         return select_backend(input).forward(input, weight, bias, running_mean, running_var,
                                              training, momentum, eps)[0]
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps)
+    # Dynamo cannot trace a Function with its own forward-mode rule; compiled graphs get the
+    # same node without it.
+    function = CapturedBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    return function.apply(input, weight, bias, running_mean, running_var, training, momentum,
+                          eps)[0]

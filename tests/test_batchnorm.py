@@ -12,7 +12,7 @@ from conftest import AtenOpRecorder, requires_cuda
 from torch import nn
 
 import bnsurgery
-from bnsurgery.errors import InvalidInputError
+from bnsurgery.errors import ExportError, InvalidInputError
 
 PAIRS = {
     "1d-2D": (nn.BatchNorm1d, bnsurgery.BatchNorm1d, (6, 4)),
@@ -249,3 +249,58 @@ def test_cuda_module_matches_torch(pair):
     x = torch.randn(shape, device="cuda")
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _calibrated_twins():
+    ours, ref = bnsurgery.BatchNorm2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+        ours.running_mean.normal_()
+        ours.running_var.uniform_(0.5, 2.0)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def test_torch_jit_script_is_refused_with_the_alternatives():
+    """torch scripts its own class; ours raises one error naming the layer and torch.export."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bnsurgery.BatchNorm2d(3))
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))  # torch's scripts
+    with pytest.raises(ExportError, match=r"(?s)BatchNorm2d\(3\).*torch\.export\.export"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="restore_batchnorm"):
+        torch.jit.script(bnsurgery.BatchNorm1d(4))
+    torch.jit.script(bnsurgery.restore_batchnorm(model))  # the hint's alternative works
+
+
+def test_torch_jit_trace_in_eval_mode_matches_torch(tmp_path):
+    """An eval-mode trace records torch operators only: it saves, loads, takes other shapes and
+    differentiates like torch's layer."""
+    ours, ref = _calibrated_twins()
+    ours.eval()
+    ref.eval()
+    traced = torch.jit.trace(ours, torch.randn(2, 3, 4, 4))
+    torch.jit.save(traced, str(tmp_path / "bn.pt"))
+    loaded = torch.jit.load(str(tmp_path / "bn.pt"))
+    with AtenOpRecorder() as recorder:
+        loaded(torch.randn(1, 3, 2, 2))
+    assert recorder.ops and recorder.batch_norm_ops() == []
+    x = torch.randn(5, 3, 6, 7, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(5, 3, 6, 7)
+    out, out_ref = loaded(x), ref(x_ref)
+    out.backward(g)
+    out_ref.backward(g)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_torch_jit_trace_in_training_mode_is_refused():
+    """A training-mode trace would freeze the batch size into the statistics: refused."""
+    ours, ref = _calibrated_twins()
+    torch.jit.trace(ref, torch.randn(2, 3, 4, 4), check_trace=False)  # torch's records its op
+    before = ours.running_mean.clone()
+    with pytest.raises(ExportError, match=r"(?s)training-mode.*\.eval\(\).*torch\.export"):
+        torch.jit.trace(ours, torch.randn(2, 3, 4, 4))
+    torch.testing.assert_close(ours.running_mean, before, rtol=0, atol=0)
