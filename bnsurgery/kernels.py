@@ -37,12 +37,13 @@ ENV_VAR = "BNSURGERY_KERNEL"
 #: Backend name -> the module implementing it, in order of preference per device type.
 BACKENDS: dict[str, str] = {
     "reference": "bnsurgery.kernel_tensor",
+    "triton": "bnsurgery.kernel_triton",
 }
 
 #: For each device type, the backends tried in order by ``auto``; ``reference`` always last.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("reference",),
-    "cuda": ("reference",),
+    "cuda": ("triton", "reference"),
 }
 
 _modules: dict[str, ModuleType] = {}
