@@ -63,12 +63,12 @@ def stats_partial(x_ptr, mean_ptr, m2_ptr, A, C, L, rows_per_split,
     count = tl.zeros([BLOCK_A, BLOCK_C, BLOCK_L], acc)
     for a_start in range(a_begin, a_end, BLOCK_A):
         for l_start in range(0, L, BLOCK_L):
-            a = a_start + tl.arange(0, BLOCK_A)
+            row = a_start + tl.arange(0, BLOCK_A)
             positions = l_start + tl.arange(0, BLOCK_L)
             # int64 rows: a large activation has more than 2**31 elements.
-            offsets = (a[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
+            offsets = (row[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
                        + positions[None, None, :])
-            mask = ((a[:, None, None] < a_end) & (channels[None, :, None] < C)
+            mask = ((row[:, None, None] < a_end) & (channels[None, :, None] < C)
                     & (positions[None, None, :] < L))
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc)
             count += tl.where(mask, 1.0, 0.0)
@@ -159,12 +159,12 @@ def normalise(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, running_
     if HAS_BIAS:
         shift = tl.load(bias_ptr + channels, mask=keep, other=0.0).to(acc)
     for l_start in range(0, L, BLOCK_L):
-        a = a_start + tl.arange(0, BLOCK_A)
+        row = a_start + tl.arange(0, BLOCK_A)
         positions = l_start + tl.arange(0, BLOCK_L)
         # int64 rows: a large activation has more than 2**31 elements.
-        offsets = (a[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
+        offsets = (row[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
                    + positions[None, None, :])
-        mask = ((a[:, None, None] < A) & (channels[None, :, None] < C)
+        mask = ((row[:, None, None] < A) & (channels[None, :, None] < C)
                 & (positions[None, None, :] < L))
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc)
         y = (x - mean[None, :, None]) * scale[None, :, None] + shift[None, :, None]
@@ -192,12 +192,12 @@ def backward_partial(grad_ptr, x_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr, sum_
     sum_xmu = tl.zeros([BLOCK_A, BLOCK_C, BLOCK_L], acc)
     for a_start in range(a_begin, a_end, BLOCK_A):
         for l_start in range(0, L, BLOCK_L):
-            a = a_start + tl.arange(0, BLOCK_A)
+            row = a_start + tl.arange(0, BLOCK_A)
             positions = l_start + tl.arange(0, BLOCK_L)
             # int64 rows: a large activation has more than 2**31 elements.
-            offsets = (a[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
+            offsets = (row[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
                        + positions[None, None, :])
-            mask = ((a[:, None, None] < a_end) & (channels[None, :, None] < C)
+            mask = ((row[:, None, None] < a_end) & (channels[None, :, None] < C)
                     & (positions[None, None, :] < L))
             g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(acc)
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc)
@@ -273,12 +273,12 @@ def grad_input(grad_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, coef_a_ptr, co
         if HAS_WEIGHT:
             a = a * tl.load(weight_ptr + channels, mask=keep, other=0.0).to(acc)
     for l_start in range(0, L, BLOCK_L):
-        a = a_start + tl.arange(0, BLOCK_A)
+        row = a_start + tl.arange(0, BLOCK_A)
         positions = l_start + tl.arange(0, BLOCK_L)
         # int64 rows: a large activation has more than 2**31 elements.
-        offsets = (a[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
+        offsets = (row[:, None, None].to(tl.int64) * C * L + channels[None, :, None] * L
                    + positions[None, None, :])
-        mask = ((a[:, None, None] < A) & (channels[None, :, None] < C)
+        mask = ((row[:, None, None] < A) & (channels[None, :, None] < C)
                 & (positions[None, None, :] < L))
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(acc)
         result = g * a[None, :, None]
