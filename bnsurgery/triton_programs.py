@@ -206,10 +206,11 @@ def backward_partial(grad_ptr, x_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr, sum_
             sum_dy_xmu += g * centred
             if TRAINING:
                 sum_xmu += centred
-    tl.store(sum_dy_ptr + split * C + channels, tl.sum(tl.sum(sum_dy, axis=2), axis=0), mask=keep)
-    tl.store(sum_dy_xmu_ptr + split * C + channels, tl.sum(tl.sum(sum_dy_xmu, axis=2), axis=0), mask=keep)
+    base = split * C + channels
+    tl.store(sum_dy_ptr + base, tl.sum(tl.sum(sum_dy, axis=2), axis=0), mask=keep)
+    tl.store(sum_dy_xmu_ptr + base, tl.sum(tl.sum(sum_dy_xmu, axis=2), axis=0), mask=keep)
     if TRAINING:
-        tl.store(sum_xmu_ptr + split * C + channels, tl.sum(tl.sum(sum_xmu, axis=2), axis=0), mask=keep)
+        tl.store(sum_xmu_ptr + base, tl.sum(tl.sum(sum_xmu, axis=2), axis=0), mask=keep)
 
 
 @triton.jit

@@ -158,7 +158,13 @@ def _parity(shape, *, dtype=torch.float32, param_dtype=None, layout="contiguous"
 
 
 def large_mean_small_spread():
-    """A mean 10^4 times the spread: as accurate as torch's float32 kernel against float64."""
+    """A mean 10^4 times the spread: about as accurate as torch's float32 kernel, against float64.
+
+    torch's CPU kernel accumulates float32 in float64, so it is a strict yardstick: measured,
+    this backend's largest errors are 1.3x (output) and 3.1x (input gradient) torch's, from the
+    float32 variance (``dL/dx`` depends on ``invstd^3``). ``E[x^2] - E[x]^2`` would be wrong by
+    about 100^2 * 6e-8 = 6e-4 in a variance of 1e-4.
+    """
     from bnsurgery.functional import batch_norm
 
     x = _inputs((6, 3, 4, 2), torch.float32, "contiguous", loc=100.0, spread=0.01)
@@ -167,18 +173,16 @@ def large_mean_small_spread():
     for label, cast, fn in (("ours", torch.float32, batch_norm),
                             ("torch", torch.float32, F.batch_norm),
                             ("float64", torch.float64, F.batch_norm)):
-        xs = x.detach().to(cast).clone().requires_grad_(True)
+        xs = x.to(cast).clone().requires_grad_(True)
         stats = [torch.zeros(3, dtype=cast), torch.ones(3, dtype=cast)]
         y = fn(xs, *stats, None, None, True, 0.1, _EPS)
         y.backward(grad_out.to(cast))
-        errors[label] = (y.double(), xs.grad.double(), stats[1].double())
+        errors[label] = (y.detach().double(), xs.grad.double(), stats[1].double())
     for i, what in enumerate(("output", "grad of x", "running_var")):
         exact = errors["float64"][i]
         ours = float((errors["ours"][i] - exact).abs().max())
         theirs = float((errors["torch"][i] - exact).abs().max())
         scale = float(exact.abs().max())
-        # E[x^2] - E[x]^2 would be off by about 100^2 * 6e-8 = 6e-4 in the variance (1e-4).
-        print(what, ours, theirs, scale)
         assert ours <= max(4 * theirs, 1e-5 * scale), (what, ours, theirs, scale)
 
 
@@ -230,7 +234,8 @@ def gradcheck_fp64():
     for training in (True, False):
         stats = [torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
         assert torch.autograd.gradcheck(
-            lambda x, w, b, training=training: batch_norm(x, *stats, w, b, training, 0.0, _EPS),
+            lambda x, w, b, training=training, stats=stats: batch_norm(
+                x, *stats, w, b, training, 0.0, _EPS),
             (x, weight, bias), fast_mode=True)
 
 
