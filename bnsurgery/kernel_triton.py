@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import struct
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -150,7 +151,7 @@ def _splits(rows: int, block_a: int, channel_blocks: int,
 
 def _halves(value: float) -> tuple[float, float]:
     """``value`` as two float32 numbers whose sum is ``value`` to float64 precision."""
-    high = float(torch.tensor(value, dtype=torch.float32))
+    high = struct.unpack("f", struct.pack("f", value))[0]
     return high, float(value) - high
 
 

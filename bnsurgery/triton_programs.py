@@ -18,6 +18,11 @@ second program per channel block combines the partial results. The statistics ar
 running mean and sum of squared deviations, merged pairwise with Chan's formula, never
 ``E[x^2] - E[x]^2``, which loses every digit when the mean is large next to the spread.
 
+Triton compiles one variant per value of every ``tl.constexpr`` and, for integer arguments, per
+divisibility by 16: the row count ``A`` (the batch size, which varies from call to call) is
+exempt, so a new batch size costs no compilation; ``C`` and ``L`` keep it, because whether rows
+start on aligned addresses decides whether loads can be vectorised.
+
 Scalars: Triton passes a Python float as float32. ``momentum`` and ``eps`` arrive as two float32
 halves (``hi + lo``) so that a float64 input gets them to float64 precision.
 """
@@ -44,7 +49,7 @@ def _chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
     return mean_a + delta * weight_b, m2_a + m2_b + delta * delta * count_a * weight_b, count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A", "rows_per_split"])
 def stats_partial(x_ptr, mean_ptr, m2_ptr, A, C, L, rows_per_split,
                   BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Per channel and per split of rows: the mean and the sum of squared deviations (M2).
@@ -82,7 +87,7 @@ def stats_partial(x_ptr, mean_ptr, m2_ptr, A, C, L, rows_per_split,
     tl.store(m2_ptr + split * C + channels, m2, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "rows_per_split", "A"])
 def stats_combine(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
                   running_var_ptr, splits, rows_per_split, A, C, L, momentum_hi, momentum_lo,
                   eps_hi, eps_lo, HAS_RUNNING_MEAN: tl.constexpr, HAS_RUNNING_VAR: tl.constexpr,
@@ -126,7 +131,7 @@ def stats_combine(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean
                  updated.to(running_var_ptr.dtype.element_ty), mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A"])
 def normalise(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, running_mean_ptr,
               running_var_ptr, A, C, L, eps_hi, eps_lo, EVALUATION: tl.constexpr,
               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_A: tl.constexpr,
@@ -171,7 +176,7 @@ def normalise(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, running_
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A", "rows_per_split"])
 def backward_partial(grad_ptr, x_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr, sum_xmu_ptr, A, C,
                      L, rows_per_split, TRAINING: tl.constexpr, BLOCK_A: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -213,7 +218,7 @@ def backward_partial(grad_ptr, x_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr, sum_
         tl.store(sum_xmu_ptr + base, tl.sum(tl.sum(sum_xmu, axis=2), axis=0), mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "count"])
 def backward_combine(sum_dy_part_ptr, sum_dy_xmu_part_ptr, sum_xmu_part_ptr, invstd_ptr,
                      weight_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, grad_weight_ptr,
                      grad_bias_ptr, splits, C, count, TRAINING: tl.constexpr,
@@ -255,7 +260,7 @@ def backward_combine(sum_dy_part_ptr, sum_dy_xmu_part_ptr, sum_xmu_part_ptr, inv
     tl.store(grad_bias_ptr + channels, sum_dy, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A"])
 def grad_input(grad_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, coef_a_ptr, coef_b_ptr,
                coef_c_ptr, out_ptr, A, C, L, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):

@@ -79,16 +79,16 @@ CASES: dict[str, dict | str] = {
 # --- The cases (run inside the interpreter subprocess) -----------------------------------------
 
 
-def _inputs(shape, dtype, layout, loc=0.0, spread=1.0, seed=0):
+def _inputs(shape, dtype, layout, loc=0.0, spread=1.0, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     channels = shape[1]
     offsets = torch.randn(channels, generator=generator, dtype=torch.float64)
     offsets = offsets.view(1, -1, *([1] * (len(shape) - 2)))
     x = loc + offsets + spread * torch.randn(shape, generator=generator, dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
     if layout == "strided":  # every other value of the last dimension: neither layout
         x = torch.cat([x, x], dim=-1)[..., ::2]
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    x = x.to(dtype)
     if layout == "channels_last":
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x = x.contiguous(memory_format=fmt)
@@ -97,19 +97,22 @@ def _inputs(shape, dtype, layout, loc=0.0, spread=1.0, seed=0):
 
 def _close(actual, expected, dtype, what, scale=1.0):
     rtol, atol = _TOLERANCE[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol,
+    torch.testing.assert_close(actual.cpu().double(), expected.double(), rtol=rtol,
                                atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def _parity(shape, *, dtype=torch.float32, param_dtype=None, layout="contiguous",
             training=True, weight=True, bias=True, grads=("x", "weight", "bias"),
-            momentum=0.1):
-    """Output, running statistics and gradients against torch in float64 and the oracle."""
+            momentum=0.1, device="cpu"):
+    """Output, running statistics and gradients against torch in float64 and the oracle.
+
+    The references run on the CPU in float64, from the very values the backend was given.
+    """
     from bnsurgery.functional import batch_norm, literal_batch_norm
 
     param_dtype = param_dtype or dtype
     channels = shape[1]
-    x = _inputs(shape, dtype, layout)
+    x = _inputs(shape, dtype, layout, device=device)
     generator = torch.Generator().manual_seed(1)
     params = {"weight": torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5,
               "bias": torch.randn(channels, generator=generator, dtype=torch.float64)}
@@ -126,13 +129,13 @@ def _parity(shape, *, dtype=torch.float32, param_dtype=None, layout="contiguous"
         stats = {k: cast(v).clone() for k, v in running.items()}
         return xs, ps, stats
 
-    ours_x, ours_p, ours_s = run(lambda t: t.detach().clone())
+    ours_x, ours_p, ours_s = run(lambda t: t.detach().to(device).clone())
     y = batch_norm(ours_x, ours_s["mean"], ours_s["var"], ours_p.get("weight"),
                    ours_p.get("bias"), training, momentum, _EPS)
-    ref_x, ref_p, ref_s = run(lambda t: t.detach().double())
+    ref_x, ref_p, ref_s = run(lambda t: t.detach().cpu().double())
     expected = F.batch_norm(ref_x, ref_s["mean"], ref_s["var"], ref_p.get("weight"),
                             ref_p.get("bias"), training, momentum, _EPS)
-    oracle = literal_batch_norm(x.double(), running["mean"].double().clone(),
+    oracle = literal_batch_norm(x.cpu().double(), running["mean"].double().clone(),
                                 running["var"].double().clone(),
                                 params["weight"].double() if weight else None,
                                 params["bias"].double() if bias else None, training, momentum,
@@ -145,7 +148,7 @@ def _parity(shape, *, dtype=torch.float32, param_dtype=None, layout="contiguous"
     for key in ("mean", "var"):
         assert ours_s[key].dtype == param_dtype
         _close(ours_s[key], ref_s[key], param_dtype, f"running_{key}")
-    y.backward(grad_out)
+    y.backward(grad_out.to(device))
     expected.backward(grad_out.double())
     tensors = {"x": (ours_x, ref_x), **{k: (ours_p[k], ref_p[k]) for k in ours_p}}
     for name, (ours, ref) in tensors.items():
@@ -311,6 +314,22 @@ def interpreter_results() -> dict[str, str]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreter_case(interpreter_results, case):
     assert interpreter_results[case] == "ok", interpreter_results[case]
+
+
+_PARITY_CASES = [name for name, spec in CASES.items() if isinstance(spec, dict)]
+
+
+@pytest.mark.gpu
+@_needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", _PARITY_CASES)
+def test_compiled_on_cuda(monkeypatch, case):
+    """The same matrix on a GPU, where the programs are compiled rather than interpreted."""
+    from bnsurgery import kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    _parity(**CASES[case], device="cuda")
 
 
 def test_importing_bnsurgery_does_not_import_triton():
