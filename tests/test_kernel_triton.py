@@ -332,6 +332,68 @@ def test_compiled_on_cuda(monkeypatch, case):
     _parity(**CASES[case], device="cuda")
 
 
+#: How each program argument is typed when compiled ahead of time, by name.
+_INPUT_POINTERS = {"x_ptr", "y_ptr", "grad_ptr", "out_ptr"}
+_PARAMETER_POINTERS = {"weight_ptr", "bias_ptr", "running_mean_ptr", "running_var_ptr"}
+_FLOAT_SCALARS = {"eps_hi", "eps_lo", "momentum_hi", "momentum_lo"}
+
+
+def _compile_for_cuda(program, dtype: str, blocks: tuple[int, int, int], flags: bool,
+                      capability: int) -> None:
+    """Compile one program to a CUDA binary (PTX, then ptxas), as a launch on a GPU would."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    accumulate = "fp64" if dtype == "fp64" else "fp32"
+    names = list(inspect.signature(program.fn).parameters)
+    constexprs = {}
+    for name, value in zip(("BLOCK_A", "BLOCK_C", "BLOCK_L"), blocks, strict=True):
+        if name in names:
+            constexprs[name] = value if "combine" not in program.fn.__name__ else 256
+    constexprs.update({n: flags for n in names if n.isupper() and n not in constexprs
+                       and n not in ("A", "C", "L")})
+    if blocks[2] == 1 and "L" in names:
+        constexprs["L"] = 1  # Triton specialises an integer argument equal to 1 as a constant
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _INPUT_POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name in _PARAMETER_POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{accumulate}"
+        else:
+            signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+    compiled = triton.compile(ASTSource(fn=program, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32))
+    assert compiled.asm["cubin"], program.fn.__name__
+
+
+@_needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the interpreter is on: the programs are not compiled")
+@pytest.mark.parametrize("layout", ["nchw-fp16-sm80", "channels_last-fp64-sm90"])
+def test_programs_compile_for_cuda_without_a_gpu(layout):
+    """Every program compiles to a CUDA binary: what the interpreter cannot show.
+
+    Both tile shapes (one channel and 512 positions; 128 channels and one position), half and
+    double precision, every optional-tensor flag on and off, for an A100 and an H100.
+    """
+    from bnsurgery import triton_programs
+
+    dtype, blocks, flags, capability = {
+        "nchw-fp16-sm80": ("fp16", (4, 1, 512), True, 80),
+        "channels_last-fp64-sm90": ("fp64", (16, 128, 1), False, 90),
+    }[layout]
+    for name in triton_programs.__all__:
+        _compile_for_cuda(getattr(triton_programs, name), dtype, blocks, flags, capability)
+
+
 def test_importing_bnsurgery_does_not_import_triton():
     """Asking about the CUDA backends looks for triton without importing it."""
     code = ("import sys, bnsurgery; from bnsurgery import kernels; kernels.kernel_info('cuda'); "
