@@ -3,9 +3,10 @@
 The device code is :mod:`bnsurgery.triton_programs`; this module chooses block sizes, launches
 the programs, and registers three operators in the ``bnsurgery`` namespace
 (``bnsurgery::triton_forward_train``, ``bnsurgery::triton_forward_eval``,
-``bnsurgery::triton_backward``) with fake implementations and an autograd formula, so that
-tracing tools see ordinary, well-described operators. :func:`forward` and :func:`backward` keep
-the backend contract of :mod:`bnsurgery.kernel_tensor`.
+``bnsurgery::triton_backward``) with fake implementations and (evaluation) an autograd formula,
+so that tracing tools and direct callers see ordinary, well-described operators.
+:func:`forward` and :func:`backward` keep the backend contract of :mod:`bnsurgery.kernel_tensor`
+and run the same implementations.
 
 What runs, per call (each program reads the input once):
 
@@ -140,6 +141,14 @@ def _blocks(rows: int, channels: int, length: int,
     return block_a, block_c, block_l
 
 
+def _combine_blocks(splits: int, channels: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_C)`` of the programs that merge the splits' partial results."""
+    cuda = device.type == "cuda"
+    block_c = min(_next_power_of_2(channels), 128 if cuda else 4)
+    block_s = max(1, min(_next_power_of_2(splits), (2048 if cuda else 8) // block_c))
+    return block_s, block_c
+
+
 def _splits(rows: int, block_a: int, channel_blocks: int,
             device: torch.device) -> tuple[int, int]:
     """``(splits, rows_per_split)`` for the reductions: enough programs to fill the device."""
@@ -208,19 +217,19 @@ def _forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     with _device_guard(x):
         if training:
             splits, rows_per_split = _splits(rows, block_a, channel_blocks, x.device)
-            mean_parts = torch.empty((splits, channels), dtype=acc, device=x.device)
-            m2_parts = torch.empty_like(mean_parts)
+            mean_parts, m2_parts = torch.empty((2, splits, channels), dtype=acc,
+                                               device=x.device).unbind(0)
             programs.stats_partial[(splits, channel_blocks)](
                 block, mean_parts, m2_parts, rows, channels, length, rows_per_split,
                 BLOCK_A=block_a, BLOCK_C=block_c, BLOCK_L=block_l)
-            combine_c = min(_next_power_of_2(channels), 256)
+            combine_s, combine_c = _combine_blocks(splits, channels, x.device)
             momentum_hi, momentum_lo = _halves(momentum)
             programs.stats_combine[(-(-channels // combine_c),)](
                 mean_parts, m2_parts, mean, invstd,
                 dummy if stats[0] is None else stats[0], dummy if stats[1] is None else stats[1],
                 splits, rows_per_split, rows, channels, length, momentum_hi, momentum_lo,
                 eps_hi, eps_lo, HAS_RUNNING_MEAN=stats[0] is not None,
-                HAS_RUNNING_VAR=stats[1] is not None, BLOCK_C=combine_c)
+                HAS_RUNNING_VAR=stats[1] is not None, BLOCK_S=combine_s, BLOCK_C=combine_c)
         programs.normalise[(-(-rows // block_a), channel_blocks)](
             block, channel_block(y), mean, invstd, dummy if weight is None else weight,
             dummy if bias is None else bias,
@@ -240,10 +249,10 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
     acc = invstd.dtype
     channels = x.shape[1]
     grad_x = _output_like(x) if need_input else x.new_empty(0)
-    grad_w = torch.zeros(channels if need_params else 0, dtype=acc, device=x.device)
-    grad_b = torch.zeros_like(grad_w)
+    grad_w = torch.empty(channels if need_params else 0, dtype=acc, device=x.device)
+    grad_b = torch.empty_like(grad_w)
     if x.numel() == 0 or not (need_input or need_params):
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w.zero_(), grad_b.zero_()
     programs = _load_programs()
     x = _readable(x)
     grad = like(grad_out, x)
@@ -252,8 +261,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
     block_a, block_c, block_l = _blocks(rows, channels, length, x.device)
     channel_blocks = -(-channels // block_c)
     weight, mean, invstd = _dense(weight), mean.contiguous(), invstd.contiguous()
-    coef_a = torch.empty(channels, dtype=acc, device=x.device)
-    coef_b, coef_c = torch.empty_like(coef_a), torch.empty_like(coef_a)
+    coef_a, coef_b, coef_c = torch.empty((3, channels), dtype=acc, device=x.device).unbind(0)
     dummy = coef_a
     with _device_guard(x):
         if training or need_params:
@@ -263,13 +271,14 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
                 grad_block, block, mean, parts[0], parts[1], parts[2], rows, channels, length,
                 rows_per_split, TRAINING=training, BLOCK_A=block_a, BLOCK_C=block_c,
                 BLOCK_L=block_l)
-            combine_c = min(_next_power_of_2(channels), 256)
+            combine_s, combine_c = _combine_blocks(splits, channels, x.device)
             sums_w = grad_w if need_params else torch.empty_like(coef_a)
             sums_b = grad_b if need_params else torch.empty_like(coef_a)
             programs.backward_combine[(-(-channels // combine_c),)](
                 parts[0], parts[1], parts[2], invstd, dummy if weight is None else weight,
                 coef_a, coef_b, coef_c, sums_w, sums_b, splits, channels, rows * length,
-                TRAINING=training, HAS_WEIGHT=weight is not None, BLOCK_C=combine_c)
+                TRAINING=training, HAS_WEIGHT=weight is not None, BLOCK_S=combine_s,
+                BLOCK_C=combine_c)
         if need_input:
             programs.grad_input[(-(-rows // block_a), channel_blocks)](
                 grad_block, block, mean, invstd, dummy if weight is None else weight,
@@ -367,27 +376,28 @@ def _same_device(x: Tensor, tensors: Sequence[Tensor | None]) -> bool:
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
             running_var: Tensor | None, training: bool, momentum: float,
             eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The backend ``forward`` of :mod:`bnsurgery.kernel_tensor`, on the Triton operators.
+    """The backend ``forward`` of :mod:`bnsurgery.kernel_tensor`, on the Triton programs.
 
-    Tensors spread over several devices go to the reference backend, which raises torch's own
-    error for them: a Triton program would read another device's pointer.
+    It runs the operators' implementation directly rather than through the dispatcher: it is
+    only called eagerly (:func:`bnsurgery.kernels.select_backend` hands graph capture to the
+    reference backend), and a Python operator's dispatch costs more per call than the launches
+    of a small layer. Tensors spread over several devices go to the reference backend, which
+    raises torch's own error for them: a Triton program would read another device's pointer.
     """
     if not _same_device(x, (weight, bias, running_mean, running_var)):
         return kernel_tensor.forward(x, weight, bias, running_mean, running_var, training,
                                      momentum, eps)
-    if training:
-        return forward_train_op(x, weight, bias, running_mean, running_var, float(momentum),
-                                float(eps))
-    return forward_eval_op(x, weight, bias, running_mean, running_var, float(eps))
+    return _forward_impl(x, weight, bias, running_mean, running_var, training,
+                         float(momentum), float(eps))
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
              training: bool, needs: tuple[bool, bool, bool]
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The backend ``backward`` of :mod:`bnsurgery.kernel_tensor`, on the Triton operator."""
+    """The backend ``backward`` of :mod:`bnsurgery.kernel_tensor`, as :func:`forward` runs."""
     if not _same_device(x, (grad_out, weight, mean, invstd)):
         return kernel_tensor.backward(grad_out, x, weight, mean, invstd, training, needs)
-    grad_x, grad_w, grad_b = backward_op(grad_out, x, weight, mean, invstd, training,
-                                         needs[0], needs[1] or needs[2])
+    grad_x, grad_w, grad_b = _backward_impl(grad_out, x, weight, mean, invstd, training,
+                                            needs[0], needs[1] or needs[2])
     return (grad_x if needs[0] else None, grad_w if needs[1] else None,
             grad_b if needs[2] else None)

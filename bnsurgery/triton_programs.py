@@ -91,7 +91,7 @@ def stats_partial(x_ptr, mean_ptr, m2_ptr, A, C, L, rows_per_split,
 def stats_combine(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
                   running_var_ptr, splits, rows_per_split, A, C, L, momentum_hi, momentum_lo,
                   eps_hi, eps_lo, HAS_RUNNING_MEAN: tl.constexpr, HAS_RUNNING_VAR: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the splits: batch mean, ``invstd = 1 / sqrt(var + eps)``, running statistics.
 
     ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* variance
@@ -103,16 +103,19 @@ def stats_combine(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean
     mean = tl.zeros([BLOCK_C], acc)
     m2 = tl.zeros([BLOCK_C], acc)
     count = tl.zeros([BLOCK_C], acc)
-    for split in range(0, splits):
+    # BLOCK_S splits at a time, merged across the tile, then into the running summary: a GPU
+    # has thousands of splits to merge for a channels-last input, too many to take one by one.
+    for split_start in range(0, splits, BLOCK_S):
+        split = split_start + tl.arange(0, BLOCK_S)
         rows = tl.minimum(rows_per_split, A - split * rows_per_split)
-        part_count = tl.cast(rows, acc) * tl.cast(L, acc)
-        part_mean = tl.load(mean_part_ptr + split * C + channels, mask=keep, other=0.0)
-        part_m2 = tl.load(m2_part_ptr + split * C + channels, mask=keep, other=0.0)
-        merged = count + part_count
-        delta = part_mean - mean
-        mean += delta * (part_count / merged)
-        m2 += part_m2 + delta * delta * (count * (part_count / merged))
-        count = merged
+        live = (split[:, None] < splits) & keep[None, :]
+        offsets = split[:, None] * C + channels[None, :]
+        part_mean = tl.load(mean_part_ptr + offsets, mask=live, other=0.0)
+        part_m2 = tl.load(m2_part_ptr + offsets, mask=live, other=0.0)
+        part_count = tl.where(live, tl.cast(rows, acc)[:, None] * tl.cast(L, acc), 0.0)
+        tile_mean, tile_m2, tile_count = tl.reduce((part_mean, part_m2, part_count), 0,
+                                                   _chan_merge)
+        mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tile_m2, tile_count)
     var = m2 / count
     invstd = 1.0 / tl.sqrt(var + (tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc)))
     tl.store(mean_ptr + channels, mean, mask=keep)
@@ -222,7 +225,7 @@ def backward_partial(grad_ptr, x_ptr, mean_ptr, sum_dy_ptr, sum_dy_xmu_ptr, sum_
 def backward_combine(sum_dy_part_ptr, sum_dy_xmu_part_ptr, sum_xmu_part_ptr, invstd_ptr,
                      weight_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, grad_weight_ptr,
                      grad_bias_ptr, splits, C, count, TRAINING: tl.constexpr,
-                     HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_WEIGHT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the splits into ``dL/dweight``, ``dL/dbias`` and the factors of ``dL/dx``.
 
     ``dL/dx = a * g + b * (x - mean) + c`` per channel, with ``a = weight * invstd``,
@@ -235,14 +238,20 @@ def backward_combine(sum_dy_part_ptr, sum_dy_xmu_part_ptr, sum_xmu_part_ptr, inv
     acc = invstd_ptr.dtype.element_ty
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = channels < C
-    sum_dy = tl.zeros([BLOCK_C], acc)
-    sum_dy_xmu = tl.zeros([BLOCK_C], acc)
-    sum_xmu = tl.zeros([BLOCK_C], acc)
-    for split in range(0, splits):
-        sum_dy += tl.load(sum_dy_part_ptr + split * C + channels, mask=keep, other=0.0)
-        sum_dy_xmu += tl.load(sum_dy_xmu_part_ptr + split * C + channels, mask=keep, other=0.0)
+    sum_dy = tl.zeros([BLOCK_S, BLOCK_C], acc)
+    sum_dy_xmu = tl.zeros([BLOCK_S, BLOCK_C], acc)
+    sum_xmu = tl.zeros([BLOCK_S, BLOCK_C], acc)
+    for split_start in range(0, splits, BLOCK_S):
+        split = split_start + tl.arange(0, BLOCK_S)
+        live = (split[:, None] < splits) & keep[None, :]
+        offsets = split[:, None] * C + channels[None, :]
+        sum_dy += tl.load(sum_dy_part_ptr + offsets, mask=live, other=0.0)
+        sum_dy_xmu += tl.load(sum_dy_xmu_part_ptr + offsets, mask=live, other=0.0)
         if TRAINING:
-            sum_xmu += tl.load(sum_xmu_part_ptr + split * C + channels, mask=keep, other=0.0)
+            sum_xmu += tl.load(sum_xmu_part_ptr + offsets, mask=live, other=0.0)
+    sum_dy = tl.sum(sum_dy, axis=0)
+    sum_dy_xmu = tl.sum(sum_dy_xmu, axis=0)
+    sum_xmu = tl.sum(sum_xmu, axis=0)
     invstd = tl.load(invstd_ptr + channels, mask=keep, other=0.0)
     a = invstd
     if HAS_WEIGHT:

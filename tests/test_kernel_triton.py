@@ -350,9 +350,12 @@ def _compile_for_cuda(program, dtype: str, blocks: tuple[int, int, int], flags: 
     accumulate = "fp64" if dtype == "fp64" else "fp32"
     names = list(inspect.signature(program.fn).parameters)
     constexprs = {}
+    combine = "combine" in program.fn.__name__
     for name, value in zip(("BLOCK_A", "BLOCK_C", "BLOCK_L"), blocks, strict=True):
         if name in names:
-            constexprs[name] = value if "combine" not in program.fn.__name__ else 256
+            constexprs[name] = value if not combine else 128
+    if combine:
+        constexprs["BLOCK_S"] = 16
     constexprs.update({n: flags for n in names if n.isupper() and n not in constexprs
                        and n not in ("A", "C", "L")})
     if blocks[2] == 1 and "L" in names:
