@@ -30,6 +30,7 @@ before the programs are first used), which is how it is tested without a GPU; it
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -62,7 +63,8 @@ _INTERPRET_ENV = "TRITON_INTERPRET"
 _programs: ModuleType | None = None
 _programs_interpreted: bool | None = None
 _sm_counts: dict[int, int] = {}
-# A CUDA grid's second axis (here: channel blocks) has at most 65535 programs.
+# A CUDA grid's second axis (here: channel blocks) has at most 65535 programs; beyond that the
+# reference backend runs.
 _MAX_GRID_Y = 65535
 
 
@@ -86,10 +88,16 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"runs on CUDA devices, not {device.type}"
     if not torch.cuda.is_available():
         return "CUDA is not available to torch"
-    if torch.version.hip is None:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if torch.cuda.get_device_capability(index) < (7, 0):
-            return "needs an NVIDIA GPU of compute capability 7.0 or newer"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_reason(index)
+
+
+@functools.cache
+def _cuda_reason(index: int) -> str | None:
+    """Why CUDA device ``index`` cannot run the programs (asked once per device: every call
+    of the layer asks which backend runs)."""
+    if torch.version.hip is None and torch.cuda.get_device_capability(index) < (7, 0):
+        return "needs an NVIDIA GPU of compute capability 7.0 or newer"
     return None
 
 
@@ -169,20 +177,26 @@ def _device_guard(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _readable(x: Tensor) -> Tensor:
-    """``x`` itself when its memory is an ``(A, C, L)`` block, else a contiguous copy."""
+def _in_block_layout(x: Tensor) -> bool:
+    """Whether ``x``'s memory is an ``(A, C, L)`` block: contiguous, or channels-last."""
     if x.is_contiguous():
-        return x
+        return True
     if x.dim() in (4, 5):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt):
-            return x
-    return x.contiguous()
+        return x.is_contiguous(memory_format=fmt)
+    return False
+
+
+def _readable(x: Tensor) -> Tensor:
+    """``x`` itself when its memory is an ``(A, C, L)`` block, else a contiguous copy."""
+    return x if _in_block_layout(x) else x.contiguous()
 
 
 def _output_like(x: Tensor) -> Tensor:
     """An uninitialised tensor in the layout the programs write: ``x``'s, or contiguous."""
-    return torch.empty_like(_readable(x) if x.numel() else x)
+    if x.numel() == 0 or _in_block_layout(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _dense(t: Tensor | None) -> Tensor | None:
@@ -208,6 +222,9 @@ def _forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     rows, _, length = block.shape
     block_a, block_c, block_l = _blocks(rows, channels, length, x.device)
     channel_blocks = -(-channels // block_c)
+    if channel_blocks > _MAX_GRID_Y:  # more than 65535 channels, one per program: rare
+        return kernel_tensor.forward(x, weight, bias, running_mean, running_var, training,
+                                     momentum, eps)
     weight, bias = _dense(weight), _dense(bias)
     # Running statistics are updated in place; a strided buffer goes through a dense copy.
     stats = [t if t is None or t.is_contiguous() else t.contiguous()
@@ -260,6 +277,11 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
     rows, _, length = block.shape
     block_a, block_c, block_l = _blocks(rows, channels, length, x.device)
     channel_blocks = -(-channels // block_c)
+    if channel_blocks > _MAX_GRID_Y:
+        grads = kernel_tensor.backward(grad_out, x, weight, mean, invstd, training,
+                                       (need_input, need_params, need_params))
+        return (grads[0] if need_input else grad_x, grads[1] if need_params else grad_w,
+                grads[2] if need_params else grad_b)
     weight, mean, invstd = _dense(weight), mean.contiguous(), invstd.contiguous()
     coef_a, coef_b, coef_c = torch.empty((3, channels), dtype=acc, device=x.device).unbind(0)
     dummy = coef_a

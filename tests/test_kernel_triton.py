@@ -73,6 +73,7 @@ CASES: dict[str, dict | str] = {
     "gradcheck-fp64": "gradcheck_fp64",
     "opcheck": "opcheck",
     "backend-is-triton": "backend_is_triton",
+    "no-torch-batch-norm-kernel": "no_torch_batch_norm_kernel",
 }
 
 
@@ -269,6 +270,26 @@ def backend_is_triton():
     assert info.backend == "triton" and "forced" in info.reason, info
     assert kernels.select_backend(torch.zeros(2, 3)) is kernel_triton
     assert kernel_triton.unavailable_reason(torch.device("cpu")) is None
+
+
+def no_torch_batch_norm_kernel():
+    """No operator of torch's batch-norm family runs, forward or backward (profiler as spy).
+
+    A dispatch-mode spy would send the call to the reference backend (an active mode means a
+    graph may be captured), so torch's profiler records the operators instead.
+    """
+    from bnsurgery.functional import batch_norm
+
+    x = _inputs((3, 2, 2, 2), torch.float32, "contiguous").requires_grad_(True)
+    weight = torch.ones(2, requires_grad=True)
+    stats = [torch.zeros(2), torch.ones(2)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        batch_norm(x, *stats, weight, None, True, 0.1, _EPS).sum().backward()
+        with torch.no_grad():
+            batch_norm(x, *stats, weight, None, False, 0.1, _EPS)
+    names = {event.name for event in profile.events()}
+    assert "aten::empty" in names or "aten::empty_like" in names, sorted(names)[:20]
+    assert not [n for n in names if "batch_norm" in n], sorted(names)
 
 
 def _run_all_cases() -> None:
