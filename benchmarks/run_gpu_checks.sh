@@ -11,7 +11,7 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 echo "== GPU tests"
 timeout 240 $py -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_functional.py \
     tests/test_batchnorm.py tests/test_sync_batchnorm.py tests/test_validate.py \
-    tests/test_tensorrt.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+    tests/test_tensorrt.py tests/test_kernel_triton.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 echo "== BatchNorm kernel vs cuDNN"
 timeout 120 $py benchmarks/bn_kernel.py --device cuda --dtypes float32,float16,bfloat16 \
     --repeats 50 --json "$out/bn_kernel_cuda.json"

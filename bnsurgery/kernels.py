@@ -39,12 +39,13 @@ ENV_VAR = "BNSURGERY_KERNEL"
 BACKENDS: dict[str, str] = {
     "reference": "bnsurgery.kernel_tensor",
     "cpp": "bnsurgery.kernel_cpp",
+    "triton": "bnsurgery.kernel_triton",
 }
 
 #: For each device type, the backends tried in order by ``auto``; ``reference`` always last.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "reference"),
-    "cuda": ("reference",),
+    "cuda": ("triton", "reference"),
 }
 
 _modules: dict[str, ModuleType] = {}
