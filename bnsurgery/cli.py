@@ -22,10 +22,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bnsurgery.errors import (
     BnSurgeryError,
@@ -36,6 +33,9 @@ from bnsurgery.errors import (
     format_message,
 )
 from bnsurgery.messages import first_line
+
+if TYPE_CHECKING:  # torch loads inside the commands: ``bnsurgery --help`` must not wait for it
+    from torch import Tensor, nn
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +84,8 @@ class _Context:
 
 def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     """Build the MODEL (seeded), load or calibrate its weights, and draw example inputs."""
+    import torch
+
     from bnsurgery.calibrate import calibrate_batchnorm
     from bnsurgery.models import load_model, parse_input_shape
 
@@ -138,6 +140,8 @@ def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
 def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
     """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
     import io
+
+    import torch
 
     from bnsurgery.files import write_bytes
     from bnsurgery.onnx_export import _export_inputs
@@ -403,6 +407,9 @@ def _cmd_validate(ctx: _Context) -> int:
 
 def _cmd_recalibrate(ctx: _Context) -> int:
     """Re-estimate BatchNorm statistics from a tensor file, check the result runs, save it."""
+    import torch
+    from torch import Tensor
+
     from bnsurgery.recalibrate import recalibrate_batchnorm
     from bnsurgery.report import atomic_output
 
