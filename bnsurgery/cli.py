@@ -68,6 +68,7 @@ class _Context:
     def __init__(self, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> None:
         self.args = args
         self.stdout = stdout
+        self.stderr = stderr
         self.progress = _Progress(stderr, not args.quiet)
 
     def emit(self, text: str, payload: dict[str, Any]) -> None:
@@ -76,6 +77,34 @@ class _Context:
             self.stdout.write(json.dumps(payload, indent=2) + "\n")
         else:
             self.stdout.write(text.rstrip("\n") + "\n")
+
+
+def _document(ctx: _Context, *, reports: Sequence[Any] = (), loaded: Any = None,
+              inputs: Any = None, plan: Any = None, output: str | None = None,
+              file_format: str | None = None, status: str | None = None,
+              **extra: Any) -> dict[str, Any]:
+    """The JSON document of a command, with the keys every command shares (report_schema.json).
+
+    ``status`` defaults to what the reports say: failed if one failed, passed if one ran,
+    skipped if none did (then ``passed`` is null: nothing was checked).
+    """
+    from bnsurgery.schema import SCHEMA_VERSION, overall_status, passed_value, report_entry
+
+    entries = [report_entry(r) for r in reports]
+    status = status or overall_status(e["status"] for e in entries)
+    weights = loaded.weights if loaded is not None else getattr(ctx.args, "weights", None)
+    return {"schema_version": SCHEMA_VERSION, "command": ctx.args.command, "status": status,
+            "passed": passed_value(status),
+            "exit_code": EXIT_MISMATCH if status == "failed" else EXIT_OK,
+            "model": loaded.to_dict() if loaded is not None else None,
+            "input_shape": list(inputs.shape) if inputs is not None else None,
+            "seed": getattr(ctx.args, "seed", None), "weights": weights or "random",
+            "reports": entries, "plan": plan.to_dict() if plan is not None else None,
+            "output": output, "format": file_format, **extra}
+
+
+def _document_exit(document: dict[str, Any]) -> int:
+    return int(document["exit_code"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,16 +223,58 @@ def _plot(ctx: _Context, report: Any) -> None:
     ctx.progress(f"wrote {path}")
 
 
-def _reports_exit(reports: Sequence[Any]) -> int:
-    return EXIT_OK if all(r.passed for r in reports if r.skipped is None) else EXIT_MISMATCH
+def _check_extra_outputs(ctx: _Context) -> None:
+    """Refuse an unwritable --report or --plot path, or --plot without matplotlib, up front."""
+    from bnsurgery.files import check_output_path
+
+    report = getattr(ctx.args, "report", None)
+    if report:
+        check_output_path(report, what="report", hint="pass another path to --report")
+    plot = getattr(ctx.args, "plot", None)
+    if plot:
+        from bnsurgery._lazy import require
+
+        check_output_path(plot, what="plot", hint="pass another path to --plot")
+        require("matplotlib", purpose="--plot")
 
 
-def _write_reports(ctx: _Context, reports: Sequence[Any], extra: dict[str, Any]) -> None:
-    if getattr(ctx.args, "report", None):
-        from bnsurgery.report import write_report_json
+def _write_report(ctx: _Context, document: dict[str, Any]) -> None:
+    """Write the command's document, with the environment and a summary, to ``--report``."""
+    if not getattr(ctx.args, "report", None):
+        return
+    from bnsurgery.files import write_text
+    from bnsurgery.report import collect_environment
 
-        path = write_report_json(reports, ctx.args.report, extra=extra)
-        ctx.progress(f"wrote {path}")
+    statuses = [entry["status"] for entry in document["reports"]]
+    full = {**document, "summary": {key: statuses.count(key)
+                                    for key in ("passed", "failed", "skipped")},
+            "environment": collect_environment()}
+    path = write_text(ctx.args.report, json.dumps(full, indent=2) + "\n", what="report")
+    ctx.progress(f"wrote {path}")
+
+
+def _finish(ctx: _Context, text: str, document: dict[str, Any],
+            report: Any = None) -> int:
+    """Write --report and --plot, then print the result; a failure there keeps the result.
+
+    The check has finished when this runs: an error writing the report or the plot is printed
+    as one line and ends the command with exit code 2, but the result is still printed.
+    """
+    failed: BaseException | None = None
+    try:
+        _write_report(ctx, document)
+        if report is not None:
+            _plot(ctx, report)
+    except (BnSurgeryError, OSError) as exc:
+        failed = exc
+        document = {**document, "exit_code": EXIT_BAD_INPUT,
+                    "notes": [*document.get("notes", []), f"not written: {first_line(exc)}"]}
+    ctx.emit(text, document)
+    if failed is not None:
+        summary, _ = _error_text(failed)
+        ctx.stderr.write(f"bnsurgery {ctx.args.command}: error: {summary}\n")
+        return EXIT_BAD_INPUT
+    return _document_exit(document)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +290,13 @@ def _cmd_demo(ctx: _Context) -> int:
                       input_shape=parse_input_shape(args.input_shape),
                       providers=args.providers, plot=not args.no_plot, seed=args.seed,
                       progress=ctx.progress)
-    ctx.emit(str(result), {"command": "demo", **result.to_dict()})
-    return EXIT_OK if result.passed else EXIT_MISMATCH
+    details = result.to_dict()
+    document = _document(ctx, reports=result.reports, output=details["report_path"],
+                         file_format="report", rows=details["rows"], notes=details["notes"],
+                         onnx=details["onnx_path"], plot=details["plot_path"],
+                         **{key: details[key] for key in ("model", "input_shape", "plan")})
+    ctx.emit(str(result), document)
+    return _document_exit(document)
 
 
 def _cmd_inspect(ctx: _Context) -> int:
@@ -254,9 +330,11 @@ def _cmd_inspect(ctx: _Context) -> int:
     for row in [header, *table]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
                      + "  " + row[3])
-    ctx.emit("\n".join(lines), {"command": "inspect", "model": loaded.to_dict(),
-                                "batchnorms": rows, "plan": plan.to_dict()})
-    return EXIT_OK
+    check = plan.check.status if plan.check is not None else "not run"
+    document = _document(ctx, loaded=loaded, inputs=inputs, plan=plan, batchnorms=rows,
+                         status={"passed": "passed", "failed": "failed"}.get(check, "skipped"))
+    ctx.emit("\n".join(lines), document)
+    return _document_exit(document)
 
 
 def _model_name(ctx: _Context) -> str:
@@ -269,6 +347,7 @@ def _cmd_replace(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
+    _check_extra_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
     replaced = replace_batchnorm(model, inplace=False).eval()
@@ -285,6 +364,7 @@ def _cmd_fuse(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
+    _check_extra_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("folding BatchNorm")
     plan = plan_fusion(model, inputs)
@@ -300,23 +380,18 @@ def _cmd_fuse(ctx: _Context) -> int:
 def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Module,
                           inputs: Tensor, report: Any, plan: Any = None) -> int:
     out = Path(ctx.args.output)
-    payload: dict[str, Any] = {"command": command, "model": loaded.to_dict(),
-                               "report": report.to_dict(), "passed": report.passed}
-    if plan is not None:
-        payload["plan"] = plan.to_dict()
     text = ([str(plan)] if plan is not None else []) + [str(report)]
+    output = kind = None
     if report.passed:
         ctx.progress(f"saving {out}")
         kind = _save_model(model, inputs, out)
-        payload.update(output=str(out), format=kind)
+        output = str(out)
         text.append(f"saved {out} ({kind})")
     else:
-        payload["output"] = None
         text.append(f"not saved: the {command}d model does not match the original")
-    _write_reports(ctx, [report], {"command": command})
-    _plot(ctx, report)
-    ctx.emit("\n".join(text), payload)
-    return _reports_exit([report])
+    document = _document(ctx, reports=[report], loaded=loaded, inputs=inputs, plan=plan,
+                         output=output, file_format=kind)
+    return _finish(ctx, "\n".join(text), document, report)
 
 
 def _cmd_export(ctx: _Context) -> int:
@@ -339,6 +414,7 @@ def _cmd_export(ctx: _Context) -> int:
                 hint="pip install 'bnsurgery[gpu]' on a machine with an NVIDIA GPU and CUDA"))
     if args.validate and args.providers:
         resolve_providers(args.providers)  # an unavailable provider fails before the export
+    _check_extra_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     out = Path(args.output)
     ctx.progress(f"exporting to {out} (opset {args.opset}, "
@@ -347,9 +423,8 @@ def _cmd_export(ctx: _Context) -> int:
     export_onnx(model, inputs, out, fuse=not args.no_fuse, opset=args.opset,
                 dynamic_batch=not args.static_batch,
                 exporter="legacy" if args.legacy_exporter else "dynamo")
-    payload: dict[str, Any] = {"command": "export", "model": loaded.to_dict(), "onnx": str(out),
-                               "size_bytes": out.stat().st_size, "fused": not args.no_fuse,
-                               "opset": args.opset,
+    payload: dict[str, Any] = {"onnx": str(out), "size_bytes": out.stat().st_size,
+                               "fused": not args.no_fuse, "opset": args.opset,
                                "exporter": "legacy" if args.legacy_exporter else "dynamo"}
     text = [f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, "
             f"{'fused' if not args.no_fuse else 'not fused'}; onnx.checker clean; batch 1 and "
@@ -361,7 +436,6 @@ def _cmd_export(ctx: _Context) -> int:
         reports.append(validate_onnx(model, out, inputs, providers=args.providers,
                                      rtol=args.rtol, atol=args.atol,
                                      per_layer=True if args.plot else None))
-        _plot(ctx, reports[-1])
     if args.tensorrt:
         trt_path = save_path_for(out, args.tensorrt)
         ctx.progress(f"compiling with TensorRT ({args.tensorrt})")
@@ -372,11 +446,9 @@ def _cmd_export(ctx: _Context) -> int:
         payload["tensorrt"] = str(trt_path)
         text.append(f"wrote {trt_path}")
     text += [str(r) for r in reports]
-    payload["reports"] = [r.to_dict() for r in reports]
-    payload["passed"] = all(r.passed for r in reports)
-    _write_reports(ctx, reports, {"command": "export", "onnx": str(out)})
-    ctx.emit("\n".join(text), payload)
-    return _reports_exit(reports)
+    document = _document(ctx, reports=reports, loaded=loaded, inputs=inputs, output=str(out),
+                         file_format="onnx", **payload)
+    return _finish(ctx, "\n".join(text), document, reports[0] if args.validate else None)
 
 
 def _cmd_validate(ctx: _Context) -> int:
@@ -389,16 +461,14 @@ def _cmd_validate(ctx: _Context) -> int:
             "The ONNX file does not exist", where=args.file, got="no such file",
             expected="a file written by bnsurgery export", hint="check the path"))
     resolve_providers(args.providers)
+    _check_extra_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
     report = validate_onnx(model, args.file, inputs, providers=args.providers, rtol=args.rtol,
                            atol=args.atol,
                            per_layer=True if args.per_layer or args.plot else None)
-    _write_reports(ctx, [report], {"command": "validate"})
-    _plot(ctx, report)
-    ctx.emit(str(report), {"command": "validate", "model": loaded.to_dict(),
-                           "report": report.to_dict(), "passed": report.passed})
-    return _reports_exit([report])
+    document = _document(ctx, reports=[report], loaded=loaded, inputs=inputs, onnx=args.file)
+    return _finish(ctx, str(report), document, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,10 +481,10 @@ def _cmd_recalibrate(ctx: _Context) -> int:
     from torch import Tensor
 
     from bnsurgery.recalibrate import recalibrate_batchnorm
-    from bnsurgery.report import atomic_output
 
     args = ctx.args
     _check_save_path(Path(args.output))
+    _check_extra_outputs(ctx)
     if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
         raise InvalidInputError(format_message(
             "--batch-size and --num-batches must be positive", where="--batch-size",
@@ -456,22 +526,18 @@ def _cmd_recalibrate(ctx: _Context) -> int:
     finite = all(bool(torch.isfinite(t).all()) for t in
                  (output if isinstance(output, (tuple, list)) else [output])
                  if isinstance(t, Tensor))
-    payload: dict[str, Any] = {"command": "recalibrate", "model": loaded.to_dict(),
-                               "data": str(path), "report": report.to_dict(),
-                               "passed": finite}
     text = [str(report)]
+    output = kind = None
     if finite:
         kind = _save_model(recalibrated, batches[0], Path(args.output))
-        payload.update(output=args.output, format=kind)
+        output = args.output
         text.append(f"checked: finite outputs on the first batch; saved {args.output} ({kind})")
     else:
-        payload["output"] = None
         text.append("not saved: the recalibrated model gives non-finite outputs")
-    if args.report:
-        with atomic_output(args.report) as temp:
-            Path(temp).write_text(json.dumps(payload, indent=2) + "\n")
-    ctx.emit("\n".join(text), payload)
-    return EXIT_OK if finite else EXIT_MISMATCH
+    document = _document(ctx, loaded=loaded, inputs=batches[0], output=output,
+                         file_format=kind, status="passed" if finite else "failed",
+                         data=str(path), recalibration=report.to_dict())
+    return _finish(ctx, "\n".join(text), document)
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -662,8 +728,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             stderr.write(rest + "\n")
         if args.json:
-            stdout.write(json.dumps({"command": args.command, "error": {
-                "type": type(exc).__name__, "message": str(exc)}, "exit_code": code},
+            from bnsurgery.schema import SCHEMA_VERSION
+
+            stdout.write(json.dumps({
+                "schema_version": SCHEMA_VERSION, "command": args.command, "status": "error",
+                "passed": None, "exit_code": code, "model": None, "input_shape": None,
+                "seed": getattr(args, "seed", None), "weights": getattr(args, "weights", None),
+                "reports": [], "plan": None, "output": None, "format": None,
+                "error": {"type": type(exc).__name__, "message": str(exc)}},
                 indent=2) + "\n")
         return code
     except Terminated as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,9 @@ class DemoResult:
         plot_path: Where the per-layer PNG was written (``None`` without matplotlib).
         onnx_path: The exported ONNX file.
         notes: Remarks (plot skipped, weights used, ...).
+        model: What was built (spec, weights, class), as ``LoadedModel.to_dict()``.
+        input_shape: The shape of the demo batch every step ran on.
+        plan: The fusion plan, JSON-ready.
     """
 
     rows: tuple[DemoRow, ...]
@@ -82,6 +85,9 @@ class DemoResult:
     plot_path: Path | None
     onnx_path: Path
     notes: tuple[str, ...] = field(default_factory=tuple)
+    model: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    input_shape: tuple[int, ...] = ()
+    plan: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def passed(self) -> bool:
@@ -95,7 +101,9 @@ class DemoResult:
                 "reports": [r.to_dict() for r in self.reports],
                 "report_path": str(self.report_path),
                 "plot_path": None if self.plot_path is None else str(self.plot_path),
-                "onnx_path": str(self.onnx_path), "notes": list(self.notes)}
+                "onnx_path": str(self.onnx_path), "notes": list(self.notes),
+                "model": dict(self.model), "input_shape": list(self.input_shape),
+                "plan": dict(self.plan)}
 
     def __str__(self) -> str:
         header = ("step", "status", "max rel err", "latency", "time", "detail")
@@ -275,7 +283,10 @@ def run_demo(
                      "(pip install 'bnsurgery[plot]')")
     say("writing report.json")
     report_path = write_report_json(reports, out / "report.json", extra={
+        "model": loaded.to_dict(), "seed": seed, "weights": loaded.weights,
+        "input_shape": list(shape),
         "demo": {"rows": [r.to_dict() for r in rows], "notes": notes,
                  "onnx_path": str(onnx_path), "fusion_plan": plan.to_dict()}})
     return DemoResult(tuple(rows), tuple(reports), report_path, plot_path, onnx_path,
-                      tuple(notes))
+                      tuple(notes), model=loaded.to_dict(), input_shape=shape,
+                      plan=plan.to_dict())

@@ -270,7 +270,8 @@ def test_recalibrate_from_tensor_file(tmp_path, capsys):
                  "--batch-size", "3", "-o", str(out), "--report", str(report), "-q"])
     assert code == 0, capsys.readouterr()
     payload = json.loads(capsys.readouterr().out)
-    assert payload["report"]["batches"] == 2 and len(payload["report"]["layers"]) == 20
+    recalibration = payload["recalibration"]
+    assert recalibration["batches"] == 2 and len(recalibration["layers"]) == 20
     assert out.exists() and json.loads(report.read_text())["passed"] is True
 
 
@@ -318,3 +319,80 @@ def test_output_in_a_file_is_refused_before_any_work(capsys, tmp_path, factories
     (tmp_path / "f").write_text("")
     code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f" / "x.pt"))
     assert code == 2 and "a file is in the way" in err and "building" not in err
+
+
+def _conforming(text: str) -> dict:
+    from bnsurgery.schema import check_document
+
+    document = json.loads(text)
+    assert check_document(document) == []
+    return document
+
+
+def test_every_command_prints_the_documented_schema(capsys, tmp_path, factories):
+    small, shape = f"{factories}:small", "2,3,8,8"
+    onnx_path, data = tmp_path / "small.onnx", tmp_path / "data.pt"
+    torch.save(torch.randn(4, 3, 8, 8), data)
+    runs = {
+        "inspect": ["inspect", small, "--input-shape", shape],
+        "replace": ["replace", small, "--input-shape", shape, "-o", str(tmp_path / "r.pt")],
+        "fuse": ["fuse", small, "--input-shape", shape, "-o", str(tmp_path / "f.safetensors"),
+                 "--report", str(tmp_path / "fuse.json")],
+        "export": ["export", small, "--input-shape", shape, "-o", str(onnx_path), "--validate",
+                   "--providers", "cpu"],
+        "validate": ["validate", small, str(onnx_path), "--input-shape", shape,
+                     "--providers", "cpu", "--report", str(tmp_path / "validate.json")],
+        "recalibrate": ["recalibrate", small, "--data", str(data), "--batch-size", "2",
+                        "--input-shape", shape, "-o", str(tmp_path / "c.pt")],
+        "error": ["inspect", "torchvision:resnet1"],
+    }
+    documents = {}
+    for name, argv in runs.items():
+        code, out, err = _run(capsys, *argv, "--json", "-q")
+        documents[name] = _conforming(out)
+        assert documents[name]["exit_code"] == code, (name, err)
+    assert documents["error"]["status"] == "error" and documents["error"]["exit_code"] == 2
+    for name in ("inspect", "replace", "fuse", "export", "validate", "recalibrate"):
+        document = documents[name]
+        assert document["status"] == "passed" and document["passed"] is True, name
+        assert document["command"] == name and document["exit_code"] == 0
+        assert document["input_shape"] == [2, 3, 8, 8], name  # the shape actually used
+        assert document["seed"] == 0 and document["weights"] == "random"
+        assert document["model"]["spec"]["text"] == small
+    assert documents["recalibrate"]["input_shape"] == [2, 3, 8, 8]
+    assert documents["fuse"]["plan"]["folded"] and documents["export"]["output"] == str(onnx_path)
+    assert [r["status"] for r in documents["validate"]["reports"]] == ["passed"]
+    for report in ("fuse.json", "validate.json"):  # --report: the same document, reproducible
+        written = _conforming((tmp_path / report).read_text())
+        assert written["model"]["spec"]["text"] == small and written["seed"] == 0
+        assert written["weights"] == "random" and written["summary"]["passed"] == 1
+        assert written["environment"]["versions"]["torch"]
+    assert json.loads((tmp_path / "fuse.json").read_text())["plan"]["folded"]
+
+
+def test_export_without_a_check_is_skipped_not_passed(capsys, tmp_path, factories):
+    code, out, err = _run(capsys, "export", f"{factories}:small", "--input-shape", "1,3,8,8",
+                          "-o", str(tmp_path / "x.onnx"), "--json", "-q")
+    assert code == 0, err
+    document = _conforming(out)
+    assert document["status"] == "skipped" and document["passed"] is None
+
+
+def test_a_failed_plot_keeps_the_finished_result(capsys, tmp_path, factories, monkeypatch):
+    from bnsurgery import report as report_module
+    from bnsurgery.errors import FileWriteError
+
+    def broken(*_args, **_kwargs):
+        raise FileWriteError("The plot could not be written: disk full")
+
+    monkeypatch.setattr(report_module, "plot_layer_errors", broken)
+    pytest.importorskip("matplotlib")
+    code, out, err = _run(capsys, "fuse", f"{factories}:small", "--input-shape", "2,3,8,8",
+                          "-o", str(tmp_path / "f.pt"), "--plot", str(tmp_path / "p.png"),
+                          "--json", "-q")
+    assert code == 2
+    document = _conforming(out)
+    assert document["status"] == "passed" and document["exit_code"] == 2
+    assert any("disk full" in note for note in document["notes"])
+    assert "error: The plot could not be written" in err
+    assert (tmp_path / "f.pt").is_file()

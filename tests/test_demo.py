@@ -20,7 +20,12 @@ def test_demo_through_the_cli(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     document = json.loads(captured.out)
-    assert document["passed"] is True
+    from bnsurgery.schema import check_document
+
+    assert check_document(document) == []
+    assert document["passed"] is True and document["status"] == "passed"
+    assert document["input_shape"] == [2, 3, 64, 64] and document["plan"]["folded"]
+    assert {r["status"] for r in document["reports"]} <= {"passed", "skipped"}
     steps = [row["step"] for row in document["rows"]]
     assert steps[:6] == ["build resnet18", "replace BatchNorm", "eager original",
                          "fuse BatchNorm", "export ONNX", "onnxruntime"]
@@ -41,6 +46,7 @@ def test_demo_through_the_cli(tmp_path, capsys):
     if reason is not None:
         assert tensorrt["status"] == f"skipped: {reason}" and tensorrt["passed"] is False
     assert report["environment"]["versions"]["onnxruntime"]
+    assert report["model"]["spec"]["text"] == "torchvision:resnet18" and report["seed"] == 0
     assert report["demo"]["fusion_plan"]["folded"]
 
     if is_available("matplotlib"):
