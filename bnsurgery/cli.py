@@ -15,12 +15,13 @@ argument list and returns the exit code, so the CLI is testable in-process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pickle
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -37,7 +38,7 @@ from bnsurgery.messages import first_line
 if TYPE_CHECKING:  # torch loads inside the commands: ``bnsurgery --help`` must not wait for it
     from torch import Tensor, nn
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "cli_spelling", "main"]
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -286,6 +287,10 @@ def _cmd_demo(ctx: _Context) -> int:
     from bnsurgery.models import parse_input_shape
 
     args = ctx.args
+    if args.providers:
+        from bnsurgery.ort_session import resolve_providers
+
+        resolve_providers(args.providers)  # an unavailable provider fails before the demo
     result = run_demo(args.out, weights=args.weights,
                       input_shape=parse_input_shape(args.input_shape),
                       providers=args.providers, plot=not args.no_plot, seed=args.seed,
@@ -394,6 +399,40 @@ def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Mo
     return _finish(ctx, "\n".join(text), document, report)
 
 
+def _opset_range(legacy: bool) -> tuple[int, int]:
+    """The opsets the chosen torch.onnx exporter can write."""
+    import torch.onnx
+
+    from bnsurgery.onnx_export import MIN_DYNAMO_OPSET
+
+    constants = getattr(torch.onnx, "_constants", None)  # torch keeps its limits there
+    if legacy:
+        return (getattr(constants, "ONNX_MIN_OPSET", 7),
+                getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    return MIN_DYNAMO_OPSET, getattr(constants, "ONNX_MAX_OPSET", 23)
+
+
+def _check_onnx_output(ctx: _Context) -> None:
+    """Refuse an -o that is not a writable .onnx path, or an --opset the exporter lacks."""
+    from bnsurgery.files import check_output_path
+
+    args = ctx.args
+    out = check_output_path(args.output, what="ONNX file", hint="pass another path to -o")
+    if out.suffix.lower() != ".onnx":
+        raise InvalidInputError(format_message(
+            "Unknown output file type", where=str(out), got=repr(out.suffix),
+            expected=".onnx", hint="pass -o FILE.onnx"))
+    low, high = _opset_range(args.legacy_exporter)
+    if not low <= args.opset <= high:
+        legacy_low, legacy_high = _opset_range(True)
+        other = ("" if args.legacy_exporter
+                 else f" (--legacy-exporter writes {legacy_low} to {legacy_high})")
+        raise InvalidInputError(format_message(
+            f"The {'legacy' if args.legacy_exporter else 'torch.export-based'} ONNX exporter "
+            "cannot write this opset", where="--opset", got=args.opset,
+            expected=f"{low} to {high}{other}", hint="leave --opset out (18)"))
+
+
 def _cmd_export(ctx: _Context) -> int:
     from bnsurgery.onnx_export import export_onnx
     from bnsurgery.ort_session import resolve_providers
@@ -415,6 +454,7 @@ def _cmd_export(ctx: _Context) -> int:
     if args.validate and args.providers:
         resolve_providers(args.providers)  # an unavailable provider fails before the export
     _check_extra_outputs(ctx)
+    _check_onnx_output(ctx)
     loaded, model, inputs = _load(ctx)
     out = Path(args.output)
     ctx.progress(f"exporting to {out} (opset {args.opset}, "
@@ -451,6 +491,24 @@ def _cmd_export(ctx: _Context) -> int:
     return _finish(ctx, "\n".join(text), document, reports[0] if args.validate else None)
 
 
+def _input_shape_from_file(ctx: _Context, path: str) -> None:
+    """Default --input-shape to the ONNX file's own; refuse one the file cannot take."""
+    from bnsurgery.models import parse_input_shape
+    from bnsurgery.onnx_inputs import check_input_shape, format_shape, onnx_input_shapes
+
+    shapes = list(onnx_input_shapes(path).values())
+    if len(shapes) != 1:
+        return  # several inputs: the model's own example inputs decide
+    (declared,) = shapes
+    if ctx.args.input_shape:
+        check_input_shape(declared, parse_input_shape(ctx.args.input_shape), where=path,
+                          hint=f"pass --input-shape {format_shape(declared).replace('N', '1')}"
+                               " or leave it out to use the file's")
+    elif declared and all(d is not None for d in declared[1:]):
+        ctx.args.input_shape = ",".join(str(d or 1) for d in declared)  # batch 1 when dynamic
+        ctx.progress(f"input shape {ctx.args.input_shape} from {path}")
+
+
 def _cmd_validate(ctx: _Context) -> int:
     from bnsurgery.ort_session import resolve_providers
     from bnsurgery.validate import validate_onnx
@@ -462,6 +520,7 @@ def _cmd_validate(ctx: _Context) -> int:
             expected="a file written by bnsurgery export", hint="check the path"))
     resolve_providers(args.providers)
     _check_extra_outputs(ctx)
+    _input_shape_from_file(ctx, args.file)
     loaded, model, inputs = _load(ctx)
     ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
     report = validate_onnx(model, args.file, inputs, providers=args.providers, rtol=args.rtol,
@@ -683,15 +742,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Python keyword arguments in library hints, and how the command line spells them.
+_CLI_SPELLING: tuple[tuple[str, str], ...] = (
+    (r"print\(plan_fusion\(model, example_inputs\)\)", "bnsurgery inspect MODEL"),
+    (r"(?:pass )?strict=False", "drop --strict"),
+    (r"(?:pass )?dynamic_batch=False", "pass --static-batch"),
+    (r"(?:pass |use )?(?:the default )?exporter='dynamo'", "leave out --legacy-exporter"),
+    (r"(?:pass )?exporter='legacy'(?: explicitly)?", "pass --legacy-exporter"),
+    (r"providers=\['cpu'\]", "--providers cpu"),
+    (r"fuse=False", "--no-fuse"),
+    (r"(?:use |leave )?opset=(\d+)", r"pass --opset \1"),
+    (r"per_layer=True", "--per-layer"),
+    (r"num_batches=None", "no --num-batches"),
+    (r"export_onnx", "bnsurgery export"),
+    (r"example_inputs", "--input-shape"),
+)
+
+
+def cli_spelling(text: str) -> str:
+    """``text`` with the keyword arguments of each ``Hint:`` line in command-line spelling."""
+    import re
+
+    lines = []
+    for line in text.splitlines():
+        head, marker, hint = line.partition("Hint:")
+        if marker:
+            for pattern, flag in _CLI_SPELLING:
+                hint = re.sub(pattern, flag, hint)
+        lines.append(head + marker + hint)
+    return "\n".join(lines)
+
+
 def _error_text(exc: BaseException) -> tuple[str, str]:
     """The one-line summary of an error and, for a long message (a listing), the whole text."""
     from bnsurgery.messages import printable
 
-    text = str(exc) if str(exc).strip() else type(exc).__name__
+    text = cli_spelling(str(exc)) if str(exc).strip() else type(exc).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) <= 2:  # a sentence and its Hint: one line
         return printable(" ".join(" ".join(lines).split())), ""
     return printable(lines[0].strip()), "\n".join(printable(line) for line in lines[1:])
+
+
+@contextlib.contextmanager
+def _notes(command: str, stream: TextIO, *, quiet: bool) -> Iterator[None]:
+    """Show library warnings and log records as one line each: ``bnsurgery CMD: note: ...``.
+
+    bnsurgery's own warnings show also under ``-q`` (they say something about the result);
+    other packages' warnings (torch's deprecation notices on import) only without it.
+    """
+    import logging
+    import warnings
+
+    package = str(Path(__file__).resolve().parent)
+    seen: set[str] = set()
+
+    def note(text: str) -> None:
+        summary, _ = _error_text(RuntimeError(text))
+        if summary not in seen:  # a warning raised once per layer is said once
+            seen.add(summary)
+            stream.write(f"bnsurgery {command}: note: {summary}\n")
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if not quiet or str(Path(filename).resolve()).startswith(package):
+            note(str(message))
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            note(record.getMessage())
+
+    logger = logging.getLogger("bnsurgery")
+    handler = Handler(logging.WARNING)
+    saved = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # no second copy from logging's last-resort handler
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -714,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bnsurgery.files import Terminated, cleanup_on_termination
 
     try:
-        with cleanup_on_termination():
+        with cleanup_on_termination(), _notes(args.command, stderr, quiet=args.quiet):
             return handler(ctx)
     except Exception as exc:  # bugs too: the CLI ends with one line; --debug shows the traceback
         code = EXIT_MISMATCH if isinstance(exc, NumericMismatchError) else EXIT_BAD_INPUT
@@ -735,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "passed": None, "exit_code": code, "model": None, "input_shape": None,
                 "seed": getattr(args, "seed", None), "weights": getattr(args, "weights", None),
                 "reports": [], "plan": None, "output": None, "format": None,
-                "error": {"type": type(exc).__name__, "message": str(exc)}},
+                "error": {"type": type(exc).__name__, "message": cli_spelling(str(exc))}},
                 indent=2) + "\n")
         return code
     except Terminated as exc:

@@ -396,3 +396,115 @@ def test_a_failed_plot_keeps_the_finished_result(capsys, tmp_path, factories, mo
     assert any("disk full" in note for note in document["notes"])
     assert "error: The plot could not be written" in err
     assert (tmp_path / "f.pt").is_file()
+
+
+def test_validate_takes_the_input_shape_from_the_file(capsys, tmp_path, factories):
+    small, path = f"{factories}:small", tmp_path / "static.onnx"
+    code, _, err = _run(capsys, "export", small, "--input-shape", "1,3,8,8", "-o", str(path),
+                        "--static-batch", "-q")
+    assert code == 0, err
+    # No --input-shape: the file's 1,3,8,8, not the factory default, and the check passes.
+    code, out, err = _run(capsys, "validate", small, str(path), "--providers", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["input_shape"] == [1, 3, 8, 8] and "from " + str(path) in err
+    code, out, err = _run(capsys, "validate", small, str(path), "--providers", "cpu",
+                          "--input-shape", "2,3,8,8")
+    assert code == 2 and out == ""
+    (line,) = _error_lines(err)
+    assert "the file expects 1,3,8,8, got 2,3,8,8" in line and "--input-shape 1,3,8,8" in line
+    assert "building" not in err  # refused before the model was built
+
+
+@pytest.mark.parametrize(("command", "suffix"), [
+    ("export", ".onnx"), ("fuse", ".pt2"), ("replace", ".safetensors"), ("recalibrate", ".pt")])
+def test_an_existing_folder_as_output_is_refused_before_any_work(capsys, tmp_path, factories,
+                                                                 command, suffix):
+    folder = tmp_path / f"out{suffix}"
+    folder.mkdir()
+    data = tmp_path / "data.pt"
+    torch.save(torch.randn(2, 3, 8, 8), data)
+    extra = ["--data", str(data)] if command == "recalibrate" else []
+    code, _, err = _run(capsys, command, f"{factories}:small", "-o", str(folder), *extra)
+    assert code == 2 and "is a folder" in err and "building" not in err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    pytest.param(["-o", "x.txt"], "Unknown output file type", id="suffix"),
+    pytest.param(["-o", "x.onnx", "--opset", "17"], "expected 18 to", id="opset-low"),
+    pytest.param(["-o", "x.onnx", "--opset", "99"], "--legacy-exporter writes 7 to", id="high"),
+    pytest.param(["-o", "x.onnx", "--legacy-exporter", "--opset", "99"], "expected 7 to",
+                 id="legacy-opset"),
+    pytest.param(["-o", "x.onnx", "--validate", "--report", "."], "The report path has no file "
+                 "name", id="report-folder"),
+])
+def test_export_refuses_what_it_cannot_do_before_any_work(capsys, tmp_path, factories,
+                                                          monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "export", f"{factories}:small", *argv)
+    assert code == 2 and message in err and "building" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(capsys, tmp_path, factories,
+                                                             monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f.pt"),
+                        "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and "pip install 'bnsurgery[plot]'" in err and "building" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_with_an_unavailable_provider_is_refused_before_any_work(capsys, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    code, _, err = _run(capsys, "demo", "--out", str(tmp_path / "demo"), "--providers", "cuda")
+    assert code == 2 and "CUDAExecutionProvider" in err and "--providers cpu" in err
+    assert "providers=" not in err and not (tmp_path / "demo").exists()
+
+
+def test_hints_use_the_command_line_spelling():
+    from bnsurgery.cli import cli_spelling
+
+    text = ("Export failed (at model). Got x.\nHint: the model fixes its batch size; or pass "
+            "dynamic_batch=False; fuse=False or exporter='legacy' may get around it")
+    assert cli_spelling(text) == (
+        "Export failed (at model). Got x.\nHint: the model fixes its batch size; or pass "
+        "--static-batch; --no-fuse or pass --legacy-exporter may get around it")
+    assert cli_spelling("Hint: use opset=18 or newer, or pass exporter='legacy' explicitly") == (
+        "Hint: pass --opset 18 or newer, or pass --legacy-exporter")
+    assert cli_spelling("strict=False\nHint: x") == "strict=False\nHint: x"  # only Hint lines
+
+
+def test_strict_failure_hint_says_drop_strict(capsys, tmp_path, factories):
+    code, _, err = _run(capsys, "fuse", f"{factories}:mixed", "--input-shape", "2,3,8,8",
+                        "-o", str(tmp_path / "f.pt"), "--strict", "-q")
+    assert code == 2
+    assert "drop --strict" in err and "bnsurgery inspect MODEL" in err
+    assert "strict=False" not in err and "plan_fusion(" not in err
+
+
+def test_warnings_are_one_line_notes(capsys, tmp_path, monkeypatch):
+    import logging
+    import warnings
+
+    module = types.ModuleType("bnsurgery_cli_noisy")
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            warnings.warn("a foreign warning\nwith a second line", UserWarning, stacklevel=1)
+            logging.getLogger("bnsurgery.test").warning("a bnsurgery warning")
+            return x * 2
+
+    module.noisy = Noisy
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    argv = ["inspect", "bnsurgery_cli_noisy:noisy", "--input-shape", "2,3"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert "bnsurgery inspect: note: a foreign warning with a second line" in err
+    assert err.count("note: a bnsurgery warning") == 1  # said once, not once per forward
+    code, _, err = _run(capsys, *argv, "-q")
+    assert code == 0
+    assert err == "bnsurgery inspect: note: a bnsurgery warning\n"  # -q: only bnsurgery's own
