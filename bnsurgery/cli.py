@@ -44,7 +44,8 @@ EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
 
-_MODEL_HELP = "torchvision:NAME, timm:NAME or package.module:factory (e.g. torchvision:resnet18)"
+_MODEL_HELP = ("torchvision:NAME, timm:NAME, package.module:factory (also found in the current "
+               "folder) or path/to/file.py:factory (e.g. torchvision:resnet18)")
 _SAVE_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
 
 

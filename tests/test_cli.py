@@ -508,3 +508,20 @@ def test_warnings_are_one_line_notes(capsys, tmp_path, monkeypatch):
     code, _, err = _run(capsys, *argv, "-q")
     assert code == 0
     assert err == "bnsurgery inspect: note: a bnsurgery warning\n"  # -q: only bnsurgery's own
+
+
+def test_models_from_a_file_and_from_the_working_directory(capsys, tmp_path, monkeypatch):
+    source = ("import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, "
+              "3), torch.nn.BatchNorm2d(4))\n")
+    (tmp_path / "cli_file_model.py").write_text(source)
+    (tmp_path / "cli_cwd_pkg").mkdir()
+    (tmp_path / "cli_cwd_pkg" / "__init__.py").write_text(source)
+    code, out, err = _run(capsys, "inspect", f"{tmp_path}/cli_file_model.py:make",
+                          "--input-shape", "2,3,8,8", "-q")
+    assert code == 0, err
+    assert "1 BatchNorm layers, 1 fold" in out
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "inspect", "cli_cwd_pkg:make", "--input-shape", "2,3,8,8",
+                          "-q")
+    assert code == 0, err
+    assert "1 BatchNorm layers, 1 fold" in out
