@@ -101,7 +101,8 @@ def _document(ctx: _Context, *, reports: Sequence[Any] = (), loaded: Any = None,
             "model": loaded.to_dict() if loaded is not None else None,
             "input_shape": list(inputs.shape) if inputs is not None else None,
             "seed": getattr(ctx.args, "seed", None), "weights": weights or "random",
-            "reports": entries, "plan": plan.to_dict() if plan is not None else None,
+            "reports": entries,
+            "plan": plan if plan is None or isinstance(plan, dict) else plan.to_dict(),
             "output": output, "format": file_format, **extra}
 
 
