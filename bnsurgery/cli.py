@@ -169,8 +169,28 @@ def _check_save_path(path: Path, ctx: _Context | None = None) -> None:
                  ".safetensors/.pt for a state_dict"))
 
 
-def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
-    """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
+def _artifact_metadata(ctx: _Context, loaded: Any, plan: Any = None) -> dict[str, str]:
+    """What a saved file says about itself: how to rebuild the model, and what was folded."""
+    from bnsurgery import __version__
+
+    metadata = {"bnsurgery.version": __version__, "bnsurgery.command": str(ctx.args.command),
+                "bnsurgery.model": loaded.spec.text, "bnsurgery.weights": loaded.weights,
+                "bnsurgery.seed": str(ctx.args.seed)}
+    if plan is not None:
+        metadata["bnsurgery.folded"] = json.dumps(
+            [{"batchnorm": r.batchnorm, "into": r.target, "direction": r.direction}
+             for r in plan.folded])
+        metadata["bnsurgery.not_folded"] = json.dumps(dict(plan.skipped))
+    return metadata
+
+
+def _save_model(model: nn.Module, inputs: Tensor, path: Path,
+                metadata: dict[str, str] | None = None) -> str:
+    """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name.
+
+    ``metadata`` goes into the file: the ``.safetensors`` header, or ``bnsurgery.json`` among
+    a ``.pt2`` archive's extra files (``.pt`` state_dicts have no place for it).
+    """
     import io
 
     import torch
@@ -193,7 +213,8 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         # Serialised in memory, then written by Python: a full disk is one clear error, not an
         # abort inside the C++ archive writer.
         buffer = io.BytesIO()
-        torch.export.save(program, buffer)
+        torch.export.save(program, buffer,
+                          extra_files={"bnsurgery.json": json.dumps(metadata or {})})
         write_bytes(path, buffer.getbuffer())
         return "torch.export program; load it with torch.export.load"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -201,7 +222,7 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         from bnsurgery._lazy import require
 
         safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
-        data: Any = safetensors_torch.save(state, metadata={"format": "pt"})
+        data: Any = safetensors_torch.save(state, metadata={"format": "pt", **(metadata or {})})
     else:
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -391,7 +412,7 @@ def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Mo
     output = kind = None
     if report.passed:
         ctx.progress(f"saving {out}")
-        kind = _save_model(model, inputs, out)
+        kind = _save_model(model, inputs, out, _artifact_metadata(ctx, loaded, plan))
         output = str(out)
         text.append(f"saved {out} ({kind})")
     else:
@@ -399,6 +420,21 @@ def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Mo
     document = _document(ctx, reports=[report], loaded=loaded, inputs=inputs, plan=plan,
                          output=output, file_format=kind)
     return _finish(ctx, "\n".join(text), document, report)
+
+
+def _batchnorm_nodes(path: Path) -> int:
+    """How many BatchNormalization nodes the written ONNX file still has (subgraphs too)."""
+    from bnsurgery._lazy import require
+
+    onnx = require("onnx", purpose="Counting BatchNormalization nodes")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    count, graphs = 0, [graph]
+    while graphs:
+        for node in graphs.pop().node:
+            count += node.op_type == "BatchNormalization"
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
+            graphs += list(next((a.graphs for a in node.attribute if a.graphs), []))
+    return count
 
 
 def _opset_range(legacy: bool) -> tuple[int, int]:
@@ -465,13 +501,18 @@ def _cmd_export(ctx: _Context) -> int:
     export_onnx(model, inputs, out, fuse=not args.no_fuse, opset=args.opset,
                 dynamic_batch=not args.static_batch,
                 exporter="legacy" if args.legacy_exporter else "dynamo")
+    left = _batchnorm_nodes(out)
     payload: dict[str, Any] = {"onnx": str(out), "size_bytes": out.stat().st_size,
                                "fused": not args.no_fuse, "opset": args.opset,
-                               "exporter": "legacy" if args.legacy_exporter else "dynamo"}
+                               "exporter": "legacy" if args.legacy_exporter else "dynamo",
+                               "batchnorm_nodes": left}
     text = [f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, "
             f"{'fused' if not args.no_fuse else 'not fused'}; onnx.checker clean; batch 1 and "
             "a larger batch ran)" if not args.static_batch else
             f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, static batch)"]
+    if args.no_fuse and not left:
+        text.append("note: --no-fuse: bnsurgery folded nothing, but the file has no "
+                    "BatchNormalization node: torch.onnx's own optimiser folded Conv+BatchNorm")
     reports = []
     if args.validate:
         ctx.progress("validating in onnxruntime against the original model")
@@ -590,7 +631,8 @@ def _cmd_recalibrate(ctx: _Context) -> int:
     text = [str(report)]
     output = kind = None
     if finite:
-        kind = _save_model(recalibrated, batches[0], Path(args.output))
+        kind = _save_model(recalibrated, batches[0], Path(args.output),
+                           _artifact_metadata(ctx, loaded))
         output = args.output
         text.append(f"checked: finite outputs on the first batch; saved {args.output} ({kind})")
     else:
@@ -697,7 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export to one ONNX file (folded by default)")
     _model_options(export)
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file")
-    export.add_argument("--no-fuse", action="store_true", help="do not fold BatchNorm first")
+    export.add_argument("--no-fuse", action="store_true",
+                        help="do not fold BatchNorm first (torch.onnx's optimiser still folds "
+                             "the Conv+BatchNorm pairs it recognises; the JSON says how many "
+                             "BatchNormalization nodes are left)")
     export.add_argument("--validate", action="store_true",
                         help="run the file in onnxruntime and compare with the original model")
     export.add_argument("--providers", metavar="LIST",

@@ -525,3 +525,36 @@ def test_models_from_a_file_and_from_the_working_directory(capsys, tmp_path, mon
                           "-q")
     assert code == 0, err
     assert "1 BatchNorm layers, 1 fold" in out
+
+
+def test_saved_files_say_what_they_hold(capsys, tmp_path, factories):
+    from safetensors import safe_open
+
+    small = f"{factories}:small"
+    out = tmp_path / "fused.safetensors"
+    code, _, err = _run(capsys, "fuse", small, "--input-shape", "2,3,8,8", "-o", str(out), "-q")
+    assert code == 0, err
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["bnsurgery.model"] == small and metadata["bnsurgery.seed"] == "0"
+    assert metadata["bnsurgery.weights"] == "random" and metadata["bnsurgery.command"] == "fuse"
+    assert json.loads(metadata["bnsurgery.folded"]) == [
+        {"batchnorm": "1", "into": "0", "direction": "preceding"}]
+    program_path = tmp_path / "fused.pt2"
+    code, _, err = _run(capsys, "fuse", small, "--input-shape", "2,3,8,8", "-o",
+                        str(program_path), "-q")
+    assert code == 0, err
+    extra = {"bnsurgery.json": ""}
+    torch.export.load(program_path, extra_files=extra)
+    assert json.loads(extra["bnsurgery.json"])["bnsurgery.model"] == small
+
+
+def test_no_fuse_says_who_folded(capsys, tmp_path, factories):
+    code, out, err = _run(capsys, "export", f"{factories}:small", "--input-shape", "1,3,8,8",
+                          "-o", str(tmp_path / "plain.onnx"), "--no-fuse", "--json", "-q")
+    assert code == 0, err
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "plain.onnx")).graph
+    left = sum(node.op_type == "BatchNormalization" for node in graph.node)
+    assert json.loads(out)["batchnorm_nodes"] == left
