@@ -327,7 +327,20 @@ def _cmd_demo(ctx: _Context) -> int:
     return _document_exit(document)
 
 
+def _cmd_inspect_onnx(ctx: _Context) -> int:
+    """``inspect FILE.onnx``: the graph's summary, without a MODEL and without running it."""
+    from bnsurgery.onnx_inspect import inspect_onnx
+
+    summary = inspect_onnx(ctx.args.model)
+    document = _document(ctx, onnx=ctx.args.model, graph=summary.to_dict(), status="skipped")
+    document["seed"] = document["weights"] = None  # nothing was built
+    ctx.emit(str(summary), document)
+    return _document_exit(document)
+
+
 def _cmd_inspect(ctx: _Context) -> int:
+    if str(ctx.args.model).lower().endswith(".onnx"):
+        return _cmd_inspect_onnx(ctx)
     from bnsurgery._bn_registry import looks_like_batchnorm
     from bnsurgery.fuse import plan_fusion
 
@@ -708,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="list every BatchNorm with its fold status and "
-                                             "reason")
+                                             "reason; or summarise FILE.onnx (inputs, ops, "
+                                             "parameters, MACs, BatchNormalization nodes)")
     _model_options(inspect)
     _common(inspect, top=False)
     inspect.set_defaults(handler=_cmd_inspect)
