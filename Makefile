@@ -35,5 +35,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/reparam_latency.py
 	$(PY) benchmarks/recalibrate_throughput.py
 
+# Everything the targets above make: the venv, build and install metadata, tool caches, demo
+# output and bytecode. Files you wrote yourself (exports, reports) are left alone.
 clean:
-	rm -rf $(VENV) bnsurgery-demo .pytest_cache
+	rm -rf $(VENV) build dist bnsurgery-demo .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf *.egg-info bnsurgery/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -25,10 +25,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bnsurgery.errors import (
     BnSurgeryError,
@@ -42,13 +39,17 @@ from bnsurgery.errors import (
 from bnsurgery.messages import first_line
 from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:  # torch loads inside the commands: ``bnsurgery --help`` must not wait for it
+    from torch import Tensor, nn
+
+__all__ = ["build_parser", "cli_spelling", "main"]
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
 
-_MODEL_HELP = "torchvision:NAME, timm:NAME or package.module:factory (e.g. torchvision:resnet18)"
+_MODEL_HELP = ("torchvision:NAME, timm:NAME, package.module:factory (also found in the current "
+               "folder) or path/to/file.py:factory (e.g. torchvision:resnet18)")
 _SAVE_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
 
 
@@ -73,6 +74,7 @@ class _Context:
     def __init__(self, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> None:
         self.args = args
         self.stdout = stdout
+        self.stderr = stderr
         self.progress = _Progress(stderr, not args.quiet)
 
     def emit(self, text: str, payload: dict[str, Any]) -> None:
@@ -83,12 +85,43 @@ class _Context:
             self.stdout.write(text.rstrip("\n") + "\n")
 
 
+def _document(ctx: _Context, *, reports: Sequence[Any] = (), loaded: Any = None,
+              inputs: Any = None, plan: Any = None, output: str | None = None,
+              file_format: str | None = None, status: str | None = None,
+              **extra: Any) -> dict[str, Any]:
+    """The JSON document of a command, with the keys every command shares (report_schema.json).
+
+    ``status`` defaults to what the reports say: failed if one failed, passed if one ran,
+    skipped if none did (then ``passed`` is null: nothing was checked).
+    """
+    from bnsurgery.schema import SCHEMA_VERSION, overall_status, passed_value, report_entry
+
+    entries = [report_entry(r) for r in reports]
+    status = status or overall_status(e["status"] for e in entries)
+    weights = loaded.weights if loaded is not None else getattr(ctx.args, "weights", None)
+    return {"schema_version": SCHEMA_VERSION, "command": ctx.args.command, "status": status,
+            "passed": passed_value(status),
+            "exit_code": EXIT_MISMATCH if status == "failed" else EXIT_OK,
+            "model": loaded.to_dict() if loaded is not None else None,
+            "input_shape": list(inputs.shape) if inputs is not None else None,
+            "seed": getattr(ctx.args, "seed", None), "weights": weights or "random",
+            "reports": entries,
+            "plan": plan if plan is None or isinstance(plan, dict) else plan.to_dict(),
+            "output": output, "format": file_format, **extra}
+
+
+def _document_exit(document: dict[str, Any]) -> int:
+    return int(document["exit_code"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared steps.
 # ---------------------------------------------------------------------------------------------
 
 def _load(ctx: _Context) -> tuple[Any, nn.Module, Tensor]:
     """Build the MODEL (seeded), load or calibrate its weights, and draw example inputs."""
+    import torch
+
     from bnsurgery.calibrate import calibrate_batchnorm
     from bnsurgery.copying import copy_model
     from bnsurgery.models import (
@@ -177,9 +210,31 @@ def _check_side_outputs(ctx: _Context) -> None:
                     expected="a different file", hint=f"pass another path to {flag}"))
 
 
-def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
-    """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name."""
+def _artifact_metadata(ctx: _Context, loaded: Any, plan: Any = None) -> dict[str, str]:
+    """What a saved file says about itself: how to rebuild the model, and what was folded."""
+    from bnsurgery import __version__
+
+    metadata = {"bnsurgery.version": __version__, "bnsurgery.command": str(ctx.args.command),
+                "bnsurgery.model": loaded.spec.text, "bnsurgery.weights": loaded.weights,
+                "bnsurgery.seed": str(ctx.args.seed)}
+    if plan is not None:
+        metadata["bnsurgery.folded"] = json.dumps(
+            [{"batchnorm": r.batchnorm, "into": r.target, "direction": r.direction}
+             for r in plan.folded])
+        metadata["bnsurgery.not_folded"] = json.dumps(dict(plan.skipped))
+    return metadata
+
+
+def _save_model(model: nn.Module, inputs: Tensor, path: Path,
+                metadata: dict[str, str] | None = None) -> str:
+    """Save as a torch.export program (``.pt2``) or a state_dict; return the format's name.
+
+    ``metadata`` goes into the file: the ``.safetensors`` header, or ``bnsurgery.json`` among
+    a ``.pt2`` archive's extra files (``.pt`` state_dicts have no place for it).
+    """
     import io
+
+    import torch
 
     from bnsurgery.files import write_bytes
     from bnsurgery.tensors import export_inputs
@@ -199,7 +254,8 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         # Serialised in memory, then written by Python: a full disk is one clear error, not an
         # abort inside the C++ archive writer.
         buffer = io.BytesIO()
-        torch.export.save(program, buffer)
+        torch.export.save(program, buffer,
+                          extra_files={"bnsurgery.json": json.dumps(metadata or {})})
         write_bytes(path, buffer.getbuffer())
         return "torch.export program; load it with bnsurgery.pt2.load_exported_program"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -207,7 +263,7 @@ def _save_model(model: nn.Module, inputs: Tensor, path: Path) -> str:
         from bnsurgery._lazy import require
 
         safetensors_torch = require("safetensors.torch", purpose="Saving .safetensors")
-        data: Any = safetensors_torch.save(state, metadata={"format": "pt"})
+        data: Any = safetensors_torch.save(state, metadata={"format": "pt", **(metadata or {})})
     else:
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -232,16 +288,52 @@ def _plot(ctx: _Context, report: Any) -> None:
     ctx.progress(f"wrote {path}")
 
 
-def _reports_exit(reports: Sequence[Any]) -> int:
-    return EXIT_OK if all(r.passed for r in reports if r.skipped is None) else EXIT_MISMATCH
+def _check_extra_outputs(ctx: _Context) -> None:
+    """Refuse an unwritable --report or --plot path, or --plot without matplotlib, up front."""
+    _check_side_outputs(ctx)
+    if getattr(ctx.args, "plot", None):
+        from bnsurgery._lazy import require
+
+        require("matplotlib", purpose="--plot")
 
 
-def _write_reports(ctx: _Context, reports: Sequence[Any], extra: dict[str, Any]) -> None:
-    if getattr(ctx.args, "report", None):
-        from bnsurgery.report import write_report_json
+def _write_report(ctx: _Context, document: dict[str, Any]) -> None:
+    """Write the command's document, with the environment and a summary, to ``--report``."""
+    if not getattr(ctx.args, "report", None):
+        return
+    from bnsurgery.files import write_text
+    from bnsurgery.report import collect_environment
 
-        path = write_report_json(reports, ctx.args.report, extra=extra)
-        ctx.progress(f"wrote {path}")
+    statuses = [entry["status"] for entry in document["reports"]]
+    full = {**document, "summary": {key: statuses.count(key)
+                                    for key in ("passed", "failed", "skipped")},
+            "environment": collect_environment()}
+    path = write_text(ctx.args.report, json.dumps(full, indent=2) + "\n", what="report")
+    ctx.progress(f"wrote {path}")
+
+
+def _finish(ctx: _Context, text: str, document: dict[str, Any],
+            report: Any = None) -> int:
+    """Write --report and --plot, then print the result; a failure there keeps the result.
+
+    The check has finished when this runs: an error writing the report or the plot is printed
+    as one line and ends the command with exit code 2, but the result is still printed.
+    """
+    failed: BaseException | None = None
+    try:
+        _write_report(ctx, document)
+        if report is not None:
+            _plot(ctx, report)
+    except (BnSurgeryError, OSError) as exc:
+        failed = exc
+        document = {**document, "exit_code": EXIT_BAD_INPUT,
+                    "notes": [*document.get("notes", []), f"not written: {first_line(exc)}"]}
+    ctx.emit(text, document)
+    if failed is not None:
+        summary, _ = _error_text(failed)
+        ctx.stderr.write(f"bnsurgery {ctx.args.command}: error: {summary}\n")
+        return EXIT_BAD_INPUT
+    return _document_exit(document)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,15 +345,37 @@ def _cmd_demo(ctx: _Context) -> int:
     from bnsurgery.models import parse_input_shape
 
     args = ctx.args
+    if args.providers:
+        from bnsurgery.ort_session import resolve_providers
+
+        resolve_providers(args.providers)  # an unavailable provider fails before the demo
     result = run_demo(args.out, weights=args.weights,
                       input_shape=parse_input_shape(args.input_shape),
                       providers=args.providers, plot=not args.no_plot, seed=args.seed,
                       progress=ctx.progress)
-    ctx.emit(str(result), {"command": "demo", **result.to_dict()})
-    return EXIT_OK if result.passed else EXIT_MISMATCH
+    details = result.to_dict()
+    document = _document(ctx, reports=result.reports, output=details["report_path"],
+                         file_format="report", rows=details["rows"], notes=details["notes"],
+                         onnx=details["onnx_path"], plot=details["plot_path"],
+                         **{key: details[key] for key in ("model", "input_shape", "plan")})
+    ctx.emit(str(result), document)
+    return _document_exit(document)
+
+
+def _cmd_inspect_onnx(ctx: _Context) -> int:
+    """``inspect FILE.onnx``: the graph's summary, without a MODEL and without running it."""
+    from bnsurgery.onnx_inspect import inspect_onnx
+
+    summary = inspect_onnx(ctx.args.model)
+    document = _document(ctx, onnx=ctx.args.model, graph=summary.to_dict(), status="skipped")
+    document["seed"] = document["weights"] = None  # nothing was built
+    ctx.emit(str(summary), document)
+    return _document_exit(document)
 
 
 def _cmd_inspect(ctx: _Context) -> int:
+    if str(ctx.args.model).lower().endswith(".onnx"):
+        return _cmd_inspect_onnx(ctx)
     from bnsurgery._bn_registry import looks_like_batchnorm
     from bnsurgery.fuse import plan_fusion
 
@@ -292,9 +406,11 @@ def _cmd_inspect(ctx: _Context) -> int:
     for row in [header, *table]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
                      + "  " + row[3])
-    ctx.emit("\n".join(lines), {"command": "inspect", "model": loaded.to_dict(),
-                                "batchnorms": rows, "plan": plan.to_dict()})
-    return EXIT_OK
+    check = plan.check.status if plan.check is not None else "not run"
+    document = _document(ctx, loaded=loaded, inputs=inputs, plan=plan, batchnorms=rows,
+                         status={"passed": "passed", "failed": "failed"}.get(check, "skipped"))
+    ctx.emit("\n".join(lines), document)
+    return _document_exit(document)
 
 
 def _model_name(ctx: _Context) -> str:
@@ -307,7 +423,7 @@ def _cmd_replace(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
-    _check_side_outputs(ctx)
+    _check_extra_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("replacing BatchNorm with the from-scratch BatchNorm")
     replaced = replace_batchnorm(model, inplace=False).eval()
@@ -324,7 +440,7 @@ def _cmd_fuse(ctx: _Context) -> int:
     from bnsurgery.validate import compare_models
 
     _check_save_path(Path(ctx.args.output), ctx)
-    _check_side_outputs(ctx)
+    _check_extra_outputs(ctx)
     loaded, model, inputs = _load(ctx)
     ctx.progress("folding BatchNorm")
     plan = plan_fusion(model, inputs)
@@ -340,23 +456,67 @@ def _cmd_fuse(ctx: _Context) -> int:
 def _finish_model_command(ctx: _Context, command: str, loaded: Any, model: nn.Module,
                           inputs: Tensor, report: Any, plan: Any = None) -> int:
     out = Path(ctx.args.output)
-    payload: dict[str, Any] = {"command": command, "model": loaded.to_dict(),
-                               "report": report.to_dict(), "passed": report.passed}
-    if plan is not None:
-        payload["plan"] = plan.to_dict()
     text = ([str(plan)] if plan is not None else []) + [str(report)]
+    output = kind = None
     if report.passed:
         ctx.progress(f"saving {out}")
-        kind = _save_model(model, inputs, out)
-        payload.update(output=str(out), format=kind)
+        kind = _save_model(model, inputs, out, _artifact_metadata(ctx, loaded, plan))
+        output = str(out)
         text.append(f"saved {out} ({kind})")
     else:
-        payload["output"] = None
         text.append(f"not saved: the {command}d model does not match the original")
-    _write_reports(ctx, [report], {"command": command})
-    _plot(ctx, report)
-    ctx.emit("\n".join(text), payload)
-    return _reports_exit([report])
+    document = _document(ctx, reports=[report], loaded=loaded, inputs=inputs, plan=plan,
+                         output=output, file_format=kind)
+    return _finish(ctx, "\n".join(text), document, report)
+
+
+def _batchnorm_nodes(path: Path) -> int:
+    """How many BatchNormalization nodes the written ONNX file still has (subgraphs too)."""
+    from bnsurgery._lazy import require
+
+    onnx = require("onnx", purpose="Counting BatchNormalization nodes")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    count, graphs = 0, [graph]
+    while graphs:
+        for node in graphs.pop().node:
+            count += node.op_type == "BatchNormalization"
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
+            graphs += list(next((a.graphs for a in node.attribute if a.graphs), []))
+    return count
+
+
+def _opset_range(legacy: bool) -> tuple[int, int]:
+    """The opsets the chosen torch.onnx exporter can write."""
+    import torch.onnx
+
+    from bnsurgery.onnx_export import MIN_DYNAMO_OPSET
+
+    constants = getattr(torch.onnx, "_constants", None)  # torch keeps its limits there
+    if legacy:
+        return (getattr(constants, "ONNX_MIN_OPSET", 7),
+                getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    return MIN_DYNAMO_OPSET, getattr(constants, "ONNX_MAX_OPSET", 23)
+
+
+def _check_onnx_output(ctx: _Context) -> None:
+    """Refuse an -o that is not a writable .onnx path, or an --opset the exporter lacks."""
+    from bnsurgery.files import check_output_path
+
+    args = ctx.args
+    out = check_output_path(args.output, what="ONNX file", hint="pass another path to -o")
+    if out.suffix.lower() != ".onnx":
+        raise InvalidInputError(format_message(
+            "Unknown output file type", where=str(out), got=repr(out.suffix),
+            expected=".onnx", hint="pass -o FILE.onnx"))
+    low, high = _opset_range(args.legacy_exporter)
+    if not low <= args.opset <= high:
+        legacy_low, legacy_high = _opset_range(True)
+        other = ("" if args.legacy_exporter
+                 else f" (--legacy-exporter writes {legacy_low} to {legacy_high})")
+        raise InvalidInputError(format_message(
+            f"The {'legacy' if args.legacy_exporter else 'torch.export-based'} ONNX exporter "
+            "cannot write this opset", where="--opset", got=args.opset,
+            expected=f"{low} to {high}{other}", hint="leave --opset out (18)"))
 
 
 def _cmd_export(ctx: _Context) -> int:
@@ -379,10 +539,8 @@ def _cmd_export(ctx: _Context) -> int:
                 hint="pip install 'bnsurgery[gpu]' on a machine with an NVIDIA GPU and CUDA"))
     if args.validate and args.providers:
         resolve_providers(args.providers)  # an unavailable provider fails before the export
-    _check_side_outputs(ctx)
-    from bnsurgery.files import check_output_path
-
-    check_output_path(args.output, what="ONNX file", hint="pass another path to -o")
+    _check_extra_outputs(ctx)
+    _check_onnx_output(ctx)
     loaded, model, inputs = _load(ctx)
     out = Path(args.output)
     ctx.progress(f"exporting to {out} (opset {args.opset}, "
@@ -393,14 +551,18 @@ def _cmd_export(ctx: _Context) -> int:
                     dynamic_batch=not args.static_batch,
                     exporter="legacy" if args.legacy_exporter else "dynamo",
                     timeout=args.timeout)
-    payload: dict[str, Any] = {"command": "export", "model": loaded.to_dict(), "onnx": str(out),
-                               "size_bytes": out.stat().st_size, "fused": not args.no_fuse,
-                               "opset": args.opset,
-                               "exporter": "legacy" if args.legacy_exporter else "dynamo"}
+    left = _batchnorm_nodes(out)
+    payload: dict[str, Any] = {"onnx": str(out), "size_bytes": out.stat().st_size,
+                               "fused": not args.no_fuse, "opset": args.opset,
+                               "exporter": "legacy" if args.legacy_exporter else "dynamo",
+                               "batchnorm_nodes": left}
     text = [f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, "
             f"{'fused' if not args.no_fuse else 'not fused'}; onnx.checker clean; batch 1 and "
             "a larger batch ran)" if not args.static_batch else
             f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, static batch)"]
+    if args.no_fuse and not left:
+        text.append("note: --no-fuse: bnsurgery folded nothing, but the file has no "
+                    "BatchNormalization node: torch.onnx's own optimiser folded Conv+BatchNorm")
     reports = []
     if args.validate:
         ctx.progress("validating in onnxruntime against the original model")
@@ -409,7 +571,6 @@ def _cmd_export(ctx: _Context) -> int:
                                          rtol=args.rtol, atol=args.atol,
                                          per_layer=True if args.plot else None,
                                          timeout=args.timeout))
-        _plot(ctx, reports[-1])
     if args.tensorrt:
         trt_path = save_path_for(out, args.tensorrt)
         ctx.progress(f"compiling with TensorRT ({args.tensorrt})")
@@ -420,11 +581,27 @@ def _cmd_export(ctx: _Context) -> int:
         payload["tensorrt"] = str(trt_path)
         text.append(f"wrote {trt_path}")
     text += [str(r) for r in reports]
-    payload["reports"] = [r.to_dict() for r in reports]
-    payload["passed"] = all(r.passed for r in reports)
-    _write_reports(ctx, reports, {"command": "export", "onnx": str(out)})
-    ctx.emit("\n".join(text), payload)
-    return _reports_exit(reports)
+    document = _document(ctx, reports=reports, loaded=loaded, inputs=inputs, output=str(out),
+                         file_format="onnx", **payload)
+    return _finish(ctx, "\n".join(text), document, reports[0] if args.validate else None)
+
+
+def _input_shape_from_file(ctx: _Context, path: str) -> None:
+    """Default --input-shape to the ONNX file's own; refuse one the file cannot take."""
+    from bnsurgery.models import parse_input_shape
+    from bnsurgery.onnx_inputs import check_input_shape, format_shape, onnx_input_shapes
+
+    shapes = list(onnx_input_shapes(path).values())
+    if len(shapes) != 1:
+        return  # several inputs: the model's own example inputs decide
+    (declared,) = shapes
+    if ctx.args.input_shape:
+        check_input_shape(declared, parse_input_shape(ctx.args.input_shape), where=path,
+                          hint=f"pass --input-shape {format_shape(declared).replace('N', '1')}"
+                               " or leave it out to use the file's")
+    elif declared and all(d is not None for d in declared[1:]):
+        ctx.args.input_shape = ",".join(str(d or 1) for d in declared)  # batch 1 when dynamic
+        ctx.progress(f"input shape {ctx.args.input_shape} from {path}")
 
 
 def _cmd_validate(ctx: _Context) -> int:
@@ -437,7 +614,8 @@ def _cmd_validate(ctx: _Context) -> int:
             "The ONNX file does not exist", where=args.file, got="no such file",
             expected="a file written by bnsurgery export", hint="check the path"))
     resolve_providers(args.providers)
-    _check_side_outputs(ctx)
+    _check_extra_outputs(ctx)
+    _input_shape_from_file(ctx, args.file)
     loaded, model, inputs = _load(ctx)
     ctx.progress(f"validating {args.file} in onnxruntime against {args.model}")
     with _timeout_hint():
@@ -445,11 +623,8 @@ def _cmd_validate(ctx: _Context) -> int:
                                rtol=args.rtol, atol=args.atol,
                                per_layer=True if args.per_layer or args.plot else None,
                                timeout=args.timeout)
-    _write_reports(ctx, [report], {"command": "validate"})
-    _plot(ctx, report)
-    ctx.emit(str(report), {"command": "validate", "model": loaded.to_dict(),
-                           "report": report.to_dict(), "passed": report.passed})
-    return _reports_exit([report])
+    document = _document(ctx, reports=[report], loaded=loaded, inputs=inputs, onnx=args.file)
+    return _finish(ctx, str(report), document, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,12 +633,14 @@ def _cmd_validate(ctx: _Context) -> int:
 
 def _cmd_recalibrate(ctx: _Context) -> int:
     """Re-estimate BatchNorm statistics from a tensor file, check the result runs, save it."""
+    import torch
+    from torch import Tensor
+
     from bnsurgery.recalibrate import recalibrate_batchnorm
-    from bnsurgery.report import atomic_output
 
     args = ctx.args
     _check_save_path(Path(args.output))
-    _check_side_outputs(ctx)
+    _check_extra_outputs(ctx)
     if args.batch_size < 1 or (args.num_batches is not None and args.num_batches < 1):
         raise InvalidInputError(format_message(
             "--batch-size and --num-batches must be positive", where="--batch-size",
@@ -505,30 +682,28 @@ def _cmd_recalibrate(ctx: _Context) -> int:
     finite = all(bool(torch.isfinite(t).all()) for t in
                  (output if isinstance(output, (tuple, list)) else [output])
                  if isinstance(t, Tensor))
-    payload: dict[str, Any] = {"command": "recalibrate", "model": loaded.to_dict(),
-                               "data": str(path), "report": report.to_dict(),
-                               "passed": finite}
     text = [str(report)]
+    output = kind = None
     if finite:
-        kind = _save_model(recalibrated, batches[0], Path(args.output))
-        payload.update(output=args.output, format=kind)
+        kind = _save_model(recalibrated, batches[0], Path(args.output),
+                           _artifact_metadata(ctx, loaded))
+        output = args.output
         text.append(f"checked: finite outputs on the first batch; saved {args.output} ({kind})")
     else:
-        payload["output"] = None
         text.append("not saved: the recalibrated model gives non-finite outputs")
-    if args.report:
-        with atomic_output(args.report) as temp:
-            Path(temp).write_text(json.dumps(payload, indent=2) + "\n")
-    ctx.emit("\n".join(text), payload)
-    return EXIT_OK if finite else EXIT_MISMATCH
+    document = _document(ctx, loaded=loaded, inputs=batches[0], output=output,
+                         file_format=kind, status="passed" if finite else "failed",
+                         data=str(path), recalibration=report.to_dict())
+    return _finish(ctx, "\n".join(text), document)
 
 
 def _cmd_kernels(ctx: _Context) -> int:
-    import warnings
+    """``kernels``: which BatchNorm backend runs on each device, and why the others do not."""
+    import torch
 
     from bnsurgery.kernels import kernel_info
 
-    payload: dict[str, Any] = {"command": "kernels"}
+    payload: dict[str, Any] = {}
     text = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reasons are printed below, or raised
@@ -547,8 +722,11 @@ def _cmd_kernels(ctx: _Context) -> int:
     for info in infos:
         text.append(f"{info.device}: {info.backend} ({info.reason})")
         text.extend(f"  {name}: not used: {why}" for name, why in info.unavailable.items())
-    ctx.emit("\n".join(text), payload)
-    return EXIT_OK
+    # Nothing is compared here, so the status is "skipped" (``passed`` null), as for inspect.
+    document = _document(ctx, status="skipped", **payload)
+    document["seed"] = document["weights"] = None  # no model was built
+    ctx.emit("\n".join(text), document)
+    return _document_exit(document)
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -641,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="list every BatchNorm with its fold status and "
-                                             "reason")
+                                             "reason; or summarise FILE.onnx (inputs, ops, "
+                                             "parameters, MACs, BatchNormalization nodes)")
     _model_options(inspect)
     _common(inspect, top=False)
     inspect.set_defaults(handler=_cmd_inspect)
@@ -672,7 +851,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export to one ONNX file (folded by default)")
     _model_options(export)
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file")
-    export.add_argument("--no-fuse", action="store_true", help="do not fold BatchNorm first")
+    export.add_argument("--no-fuse", action="store_true",
+                        help="do not fold BatchNorm first (torch.onnx's optimiser still folds "
+                             "the Conv+BatchNorm pairs it recognises; the JSON says how many "
+                             "BatchNormalization nodes are left)")
     export.add_argument("--validate", action="store_true",
                         help="run the file in onnxruntime and compare with the original model")
     export.add_argument("--providers", metavar="LIST",
@@ -726,15 +908,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Python keyword arguments in library hints, and how the command line spells them.
+_CLI_SPELLING: tuple[tuple[str, str], ...] = (
+    (r"print\(plan_fusion\(model, example_inputs\)\)", "bnsurgery inspect MODEL"),
+    (r"(?:pass )?strict=False", "drop --strict"),
+    (r"(?:pass )?dynamic_batch=False", "pass --static-batch"),
+    (r"(?:pass |use )?(?:the default )?exporter='dynamo'", "leave out --legacy-exporter"),
+    (r"(?:pass )?exporter='legacy'(?: explicitly)?", "pass --legacy-exporter"),
+    (r"providers=\['cpu'\]", "--providers cpu"),
+    (r"fuse=False", "--no-fuse"),
+    (r"(?:use |leave )?opset=(\d+)", r"pass --opset \1"),
+    (r"per_layer=True", "--per-layer"),
+    (r"num_batches=None", "no --num-batches"),
+    (r"export_onnx", "bnsurgery export"),
+    (r"example_inputs", "--input-shape"),
+)
+
+
+def cli_spelling(text: str) -> str:
+    """``text`` with the keyword arguments of each ``Hint:`` line in command-line spelling."""
+    import re
+
+    lines = []
+    for line in text.splitlines():
+        head, marker, hint = line.partition("Hint:")
+        if marker:
+            for pattern, flag in _CLI_SPELLING:
+                hint = re.sub(pattern, flag, hint)
+        lines.append(head + marker + hint)
+    return "\n".join(lines)
+
+
 def _error_text(exc: BaseException) -> tuple[str, str]:
     """The one-line summary of an error and, for a long message (a listing), the whole text."""
     from bnsurgery.messages import printable
 
-    text = str(exc) if str(exc).strip() else type(exc).__name__
+    text = cli_spelling(str(exc)) if str(exc).strip() else type(exc).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) <= 2:  # a sentence and its Hint: one line
         return printable(" ".join(" ".join(lines).split())), ""
     return printable(lines[0].strip()), "\n".join(printable(line) for line in lines[1:])
+
+
+@contextlib.contextmanager
+def _notes(command: str, stream: TextIO, *, quiet: bool) -> Iterator[None]:
+    """Show library warnings and log records as one line each: ``bnsurgery CMD: note: ...``.
+
+    bnsurgery's own warnings show also under ``-q`` (they say something about the result);
+    other packages' warnings (torch's deprecation notices on import) only without it.
+    """
+    import logging
+    import warnings
+
+    package = str(Path(__file__).resolve().parent)
+    seen: set[str] = set()
+
+    def note(text: str) -> None:
+        summary, _ = _error_text(RuntimeError(text))
+        if summary not in seen:  # a warning raised once per layer is said once
+            seen.add(summary)
+            stream.write(f"bnsurgery {command}: note: {summary}\n")
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if not quiet or str(Path(filename).resolve()).startswith(package):
+            note(str(message))
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            note(record.getMessage())
+
+    logger = logging.getLogger("bnsurgery")
+    handler = Handler(logging.WARNING)
+    saved = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # no second copy from logging's last-resort handler
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -757,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bnsurgery.files import Terminated, cleanup_on_termination
 
     try:
-        with cleanup_on_termination():
+        with cleanup_on_termination(), _notes(args.command, stderr, quiet=args.quiet):
             return handler(ctx)
     except Exception as exc:  # bugs too: the CLI ends with one line; --debug shows the traceback
         code = EXIT_MISMATCH if isinstance(exc, NumericMismatchError) else EXIT_BAD_INPUT
@@ -771,8 +1027,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             stderr.write(rest + "\n")
         if args.json:
-            stdout.write(json.dumps({"command": args.command, "error": {
-                "type": type(exc).__name__, "message": str(exc)}, "exit_code": code},
+            from bnsurgery.schema import SCHEMA_VERSION
+
+            stdout.write(json.dumps({
+                "schema_version": SCHEMA_VERSION, "command": args.command, "status": "error",
+                "passed": None, "exit_code": code, "model": None, "input_shape": None,
+                "seed": getattr(args, "seed", None), "weights": getattr(args, "weights", None),
+                "reports": [], "plan": None, "output": None, "format": None,
+                "error": {"type": type(exc).__name__, "message": cli_spelling(str(exc))}},
                 indent=2) + "\n")
         return code
     except Terminated as exc:

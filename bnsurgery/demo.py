@@ -18,10 +18,11 @@ the returned :class:`DemoResult` as a table.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ class DemoRow:
         status: ``"passed"``, ``"FAILED"``, ``"skipped: ..."`` or ``"done"``.
         max_rel_error: Worst output error relative to the output scale (``None``: not a check).
         latency_ms: Median forward time at the demo batch, when measured.
-        seconds: Wall time the step took.
+        seconds: Wall time of all the work of the step (building, checking, comparing).
         detail: A short remark (what was compared with what, speed ratio, ...).
+        latency_spread_ms: First and third quartile of the forward times behind
+            ``latency_ms``: how much a busy machine moved them.
     """
 
     step: str
@@ -56,11 +59,16 @@ class DemoRow:
     latency_ms: float | None = None
     seconds: float = 0.0
     detail: str = ""
+    latency_spread_ms: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"step": self.step, "status": self.status, "max_rel_error": self.max_rel_error,
-                "latency_ms": self.latency_ms, "seconds": self.seconds, "detail": self.detail}
+        """JSON-ready form (a non-finite error becomes a string, which JSON can hold)."""
+        error = self.max_rel_error
+        return {"step": self.step, "status": self.status,
+                "max_rel_error": error if error is None or math.isfinite(error) else str(error),
+                "latency_ms": self.latency_ms, "seconds": self.seconds, "detail": self.detail,
+                "latency_spread_ms": None if self.latency_spread_ms is None
+                else list(self.latency_spread_ms)}
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class DemoResult:
         plot_path: Where the per-layer PNG was written (``None`` without matplotlib).
         onnx_path: The exported ONNX file.
         notes: Remarks (plot skipped, weights used, ...).
+        model: What was built (spec, weights, class), as ``LoadedModel.to_dict()``.
+        input_shape: The shape of the demo batch every step ran on.
+        plan: The fusion plan, JSON-ready.
     """
 
     rows: tuple[DemoRow, ...]
@@ -82,6 +93,9 @@ class DemoResult:
     plot_path: Path | None
     onnx_path: Path
     notes: tuple[str, ...] = field(default_factory=tuple)
+    model: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    input_shape: tuple[int, ...] = ()
+    plan: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def passed(self) -> bool:
@@ -95,13 +109,14 @@ class DemoResult:
                 "reports": [r.to_dict() for r in self.reports],
                 "report_path": str(self.report_path),
                 "plot_path": None if self.plot_path is None else str(self.plot_path),
-                "onnx_path": str(self.onnx_path), "notes": list(self.notes)}
+                "onnx_path": str(self.onnx_path), "notes": list(self.notes),
+                "model": dict(self.model), "input_shape": list(self.input_shape),
+                "plan": dict(self.plan)}
 
     def __str__(self) -> str:
         header = ("step", "status", "max rel err", "latency", "time", "detail")
         rows = [(r.step, r.status, "-" if r.max_rel_error is None else f"{r.max_rel_error:.2e}",
-                 "-" if r.latency_ms is None else f"{r.latency_ms:.1f} ms", f"{r.seconds:.1f} s",
-                 r.detail) for r in self.rows]
+                 _latency_text(r), f"{r.seconds:.1f} s", r.detail) for r in self.rows]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
         lines = []
         for row in [header, tuple("-" * w for w in widths) + ("-" * 6,), *rows]:
@@ -115,8 +130,29 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def _latencies(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each entry, after one warm-up round.
+def _latency_text(row: DemoRow) -> str:
+    if row.latency_ms is None:
+        return "-"
+    if row.latency_spread_ms is None:
+        return f"{row.latency_ms:.1f} ms"
+    low, high = row.latency_spread_ms
+    return f"{row.latency_ms:.1f} ms ({low:.1f}-{high:.1f})"
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """Median and quartiles, in seconds, of one call's timed runs."""
+
+    median: float
+    quartiles: tuple[float, float]
+
+    @property
+    def spread_ms(self) -> tuple[float, float]:
+        return (1e3 * self.quartiles[0], 1e3 * self.quartiles[1])
+
+
+def _latencies(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, _Timing]:
+    """Median and quartiles of the seconds per call of each entry, after one warm-up round.
 
     The calls are timed round-robin, one of each per round, so a busy period on a shared
     machine slows all of them alike instead of skewing their ratio.
@@ -124,12 +160,16 @@ def _latencies(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, f
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(max(1, repeats)):
+    for _ in range(max(2, repeats)):
         for name, call in calls.items():
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    timings = {}
+    for name, values in times.items():
+        first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+        timings[name] = _Timing(statistics.median(values), (first, third))
+    return timings
 
 
 def run_demo(
@@ -138,7 +178,7 @@ def run_demo(
     weights: str | None = None,
     input_shape: Sequence[int] = (2, 3, 224, 224),
     providers: Sequence[str] | str | None = None,
-    repeats: int = 3,
+    repeats: int = 20,
     plot: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -151,7 +191,9 @@ def run_demo(
             torchvision's pretrained weights (downloads), or a state_dict file.
         input_shape: Shape of the demo batch, batch first.
         providers: onnxruntime providers (default: CUDA when available, then CPU).
-        repeats: Timed forward passes per latency figure (median reported).
+        repeats: Timed rounds per latency figure (median and quartiles reported); the eager
+            original, the fused model and onnxruntime are timed in the same interleaved rounds,
+            so every ratio in the table comes from the figures shown next to it.
         plot: Write the per-layer PNG (needs matplotlib; skipped with a note without it).
         seed: Seed for the random weights, calibration and inputs.
         progress: Called with a short message as each step starts.
@@ -207,47 +249,59 @@ def run_demo(
     start = time.perf_counter()
     plan = plan_fusion(model, inputs)
     fused = fuse_batchnorm(model, inputs, plan=plan).eval()
-    fuse_seconds = time.perf_counter() - start
-    with torch.no_grad():
-        timed = _latencies({"original": lambda: model(inputs), "fused": lambda: fused(inputs)},
-                           repeats)
-    original_s, fused_s = timed["original"], timed["fused"]
-    report = compare_models(model, fused, inputs, per_layer=True,
-                            reference_name="original resnet18",
-                            candidate_name="fused resnet18 (PyTorch eager)")
-    reports.append(report)
-    rows.append(DemoRow("eager original", "done", latency_ms=1e3 * original_s,
-                        detail="PyTorch eager, float32"))
-    rows.append(DemoRow(
-        "fuse BatchNorm", report.status, report.max_rel_error, 1e3 * fused_s, fuse_seconds,
-        f"{len(plan.folded)} folded, {len(plan.skipped)} skipped; "
-        f"{fused_s / original_s:.2f}x the original's time"))
+    fuse_report = compare_models(model, fused, inputs, per_layer=True,
+                                 reference_name="original resnet18",
+                                 candidate_name="fused resnet18 (PyTorch eager)")
+    reports.append(fuse_report)
+    fuse_seconds = time.perf_counter() - start  # planning, its check, folding and comparing
 
     say("exporting to ONNX (torch.onnx.export, dynamo=True, opset 18)")
     start = time.perf_counter()
     onnx_path = export_onnx(model, inputs, out / "resnet18.onnx", fuse=True)
-    rows.append(DemoRow("export ONNX", "done", seconds=time.perf_counter() - start,
+    export_row = (DemoRow("export ONNX", "done", seconds=time.perf_counter() - start,
                         detail=f"{onnx_path.name}, {onnx_path.stat().st_size / 1e6:.1f} MB, "
                                "one file, checker clean, batch 1 and larger ran"))
 
     say("validating the ONNX file in onnxruntime")
     start = time.perf_counter()
-    report = validate_onnx(model, onnx_path, inputs, providers=providers, per_layer=plot)
-    reports.append(report)
-    ort_ms = None
-    if report.details.get("providers_used"):
-        runner = OnnxRunner(onnx_path, report.details["providers_requested"])
+    ort_report = validate_onnx(model, onnx_path, inputs, providers=providers, per_layer=plot)
+    reports.append(ort_report)
+    ort_seconds = time.perf_counter() - start
+
+    say(f"timing the original, the fused model and onnxruntime ({repeats} interleaved rounds)")
+    start = time.perf_counter()
+    calls: dict[str, Callable[[], Any]] = {"original": lambda: model(inputs),
+                                           "fused": lambda: fused(inputs)}
+    if ort_report.details.get("providers_used"):
+        runner = OnnxRunner(onnx_path, ort_report.details["providers_requested"])
         feed = runner.feed((inputs,))
-        with torch.no_grad():
-            timed = _latencies({"original": lambda: model(inputs),
-                                "onnxruntime": lambda: runner.run(feed)}, repeats)
-        ort_ms = 1e3 * timed["onnxruntime"]
-        original_s = timed["original"]
-    sizes = ", ".join(str(s) for s in report.details.get("batch_sizes", []))
+        calls["onnxruntime"] = lambda: runner.run(feed)
+    with torch.no_grad():
+        timed = _latencies(calls, repeats)
+    timing_seconds = time.perf_counter() - start
+    original = timed["original"]
+
+    def against_original(name: str) -> str:
+        return f"{timed[name].median / original.median:.2f}x the eager original's median"
+
+    rows.append(DemoRow("eager original", "done", latency_ms=1e3 * original.median,
+                        seconds=timing_seconds, latency_spread_ms=original.spread_ms,
+                        detail=f"PyTorch eager, float32; time: {max(2, repeats)} interleaved "
+                               "rounds of every latency in this table (median, quartiles)"))
     rows.append(DemoRow(
-        "onnxruntime", report.status, report.max_rel_error, ort_ms, time.perf_counter() - start,
-        f"{report.backend}, batches {sizes}"
-        + (f"; {ort_ms / (1e3 * original_s):.2f}x eager original" if ort_ms else "")))
+        "fuse BatchNorm", fuse_report.status, fuse_report.max_rel_error,
+        1e3 * timed["fused"].median, fuse_seconds,
+        f"{len(plan.folded)} folded, {len(plan.skipped)} skipped; {against_original('fused')}",
+        latency_spread_ms=timed["fused"].spread_ms))
+    rows.append(export_row)
+    sizes = ", ".join(str(s) for s in ort_report.details.get("batch_sizes", []))
+    ort = timed.get("onnxruntime")
+    rows.append(DemoRow(
+        "onnxruntime", ort_report.status, ort_report.max_rel_error,
+        None if ort is None else 1e3 * ort.median, ort_seconds,
+        f"{ort_report.backend}, batches {sizes}"
+        + ("" if ort is None else f"; {against_original('onnxruntime')}"),
+        latency_spread_ms=None if ort is None else ort.spread_ms))
 
     for precision in ("fp32", "fp16"):
         say(f"TensorRT {precision}")
@@ -275,7 +329,10 @@ def run_demo(
                      "(pip install 'bnsurgery[plot]')")
     say("writing report.json")
     report_path = write_report_json(reports, out / "report.json", extra={
+        "model": loaded.to_dict(), "seed": seed, "weights": loaded.weights,
+        "input_shape": list(shape),
         "demo": {"rows": [r.to_dict() for r in rows], "notes": notes,
                  "onnx_path": str(onnx_path), "fusion_plan": plan.to_dict()}})
     return DemoResult(tuple(rows), tuple(reports), report_path, plot_path, onnx_path,
-                      tuple(notes))
+                      tuple(notes), model=loaded.to_dict(), input_shape=shape,
+                      plan=plan.to_dict())

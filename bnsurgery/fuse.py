@@ -611,6 +611,14 @@ def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: 
         plan = _outside_references(model, plan)
     if strict and plan.skipped:
         raise _strict_error(plan)
+    if not plan.folded and model.training and plan.skipped:
+        # The usual slip: a model straight from training folds nothing, and silence would
+        # look like success.
+        warnings.warn(
+            f"fuse_batchnorm folded none of {len(plan.skipped)} BatchNorm layer(s): the model "
+            "is in training mode, where BatchNorm normalises with the statistics of each batch, "
+            "which cannot be folded into weights; call model.eval() first", UserWarning,
+            stacklevel=2)
     if args is None and plan.folded:
         logger.warning("fuse_batchnorm without example_inputs: the fused model was not "
                        "compared with the original")

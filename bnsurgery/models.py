@@ -21,15 +21,19 @@ refused, and float tensors of another float dtype are reported as cast.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.util
 import inspect
 import os
 import pickle
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -78,8 +82,9 @@ class ModelSpec:
     """A parsed MODEL argument.
 
     Attributes:
-        source: ``"torchvision"``, ``"timm"`` or ``"python"``.
-        name: The model name, or ``"package.module:factory"`` for ``"python"``.
+        source: ``"torchvision"``, ``"timm"``, ``"python"`` or ``"file"``.
+        name: The model name, ``"package.module:factory"`` for ``"python"`` or
+            ``"path/to/file.py:factory"`` for ``"file"``.
         text: The argument as given.
     """
 
@@ -127,7 +132,10 @@ class WeightsCastWarning(UserWarning):
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Parse ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``.
+    """Parse ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or ``file.py:factory``.
+
+    ``package.module`` is also looked up in the working directory; a ``.py`` path is imported
+    from that file.
 
     Raises:
         InvalidInputError: The text has no ``:`` or an empty part.
@@ -137,7 +145,8 @@ def parse_model_spec(text: str) -> ModelSpec:
             "A MODEL is written SOURCE:NAME", where="MODEL", got=repr(text),
             expected="torchvision:NAME, timm:NAME or package.module:factory",
             hint="for example torchvision:resnet18"))
-    source, _, name = text.partition(":")
+    # A file path may hold ':' itself; the factory name never does.
+    source, _, name = text.rpartition(":") if ".py:" in text else text.partition(":")
     source, name = source.strip(), name.strip()
     if not source or not name:
         raise InvalidInputError(format_message(
@@ -146,6 +155,8 @@ def parse_model_spec(text: str) -> ModelSpec:
             hint="for example torchvision:resnet18"))
     if source in _SOURCES:
         return ModelSpec(source, name, text)
+    if source.endswith(".py") and name.isidentifier():
+        return ModelSpec("file", f"{source}:{name}", text)
     if not all(part.isidentifier() for part in source.split(".")) or not name.isidentifier():
         raise InvalidInputError(format_message(
             "Unknown MODEL source", where="MODEL", got=repr(text),
@@ -230,12 +241,14 @@ def _build_python(target: str, weights: str | None) -> nn.Module:
             got="--weights DEFAULT", expected="--weights PATH",
             hint="pass --weights PATH to a state_dict file"))
     try:
-        module = importlib.import_module(module_name)
+        module = (_import_file(module_name) if module_name.endswith(".py")
+                  else _import_from_here(module_name))
     except ImportError as exc:
         raise InvalidInputError(format_message(
             "Cannot import the model's module", where=target, got=f"{type(exc).__name__}: {exc}",
-            expected="an importable package.module", hint="check PYTHONPATH and the spelling"
-        )) from exc
+            expected="an importable package.module or path/to/file.py",
+            hint="check the spelling, run from the folder that holds the package, or write "
+                 "path/to/file.py:factory")) from exc
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise InvalidInputError(format_message(
@@ -266,6 +279,49 @@ def _build_python(target: str, weights: str | None) -> nn.Module:
             got=type(model).__name__, expected="an nn.Module",
             hint="return the model object from the factory"))
     return model
+
+
+@contextlib.contextmanager
+def _on_path(folder: str) -> Iterator[None]:
+    """``folder`` at the end of ``sys.path`` for the duration (installed packages still win)."""
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_from_here(module_name: str) -> ModuleType:
+    """Import ``package.module``, also from the working directory.
+
+    ``python -m`` puts the working directory on ``sys.path``, the ``bnsurgery`` console script
+    does not: a model package next to the user should be found either way.
+    """
+    with _on_path(os.getcwd()):
+        return importlib.import_module(module_name)
+
+
+def _import_file(path: str) -> ModuleType:
+    """Import a ``.py`` file by path, with its folder importable for its own imports."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file: {path}")
+    name = f"bnsurgery_model_file_{file.stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
+    try:
+        with _on_path(str(file.parent)):
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def _unpickler_reason(exc: Exception) -> str:

@@ -288,7 +288,8 @@ def test_recalibrate_from_tensor_file(tmp_path, capsys):
                  "--batch-size", "3", "-o", str(out), "--report", str(report), "-q"])
     assert code == 0, capsys.readouterr()
     payload = json.loads(capsys.readouterr().out)
-    assert payload["report"]["batches"] == 2 and len(payload["report"]["layers"]) == 20
+    recalibration = payload["recalibration"]
+    assert recalibration["batches"] == 2 and len(recalibration["layers"]) == 20
     assert out.exists() and json.loads(report.read_text())["passed"] is True
 
 
@@ -539,3 +540,244 @@ def test_kernels_build_prints_where_the_kernel_lives(capsys):
     payload = json.loads(out)
     assert code == 0 and payload["cpp_library"] == str(library)
     assert os.path.isfile(payload["cpp_library"])
+
+
+def _conforming(text: str) -> dict:
+    from bnsurgery.schema import check_document
+
+    document = json.loads(text)
+    assert check_document(document) == []
+    return document
+
+
+def test_every_command_prints_the_documented_schema(capsys, tmp_path, factories):
+    small, shape = f"{factories}:small", "2,3,8,8"
+    onnx_path, data = tmp_path / "small.onnx", tmp_path / "data.pt"
+    torch.save(torch.randn(4, 3, 8, 8), data)
+    runs = {
+        "inspect": ["inspect", small, "--input-shape", shape],
+        "replace": ["replace", small, "--input-shape", shape, "-o", str(tmp_path / "r.pt")],
+        "fuse": ["fuse", small, "--input-shape", shape, "-o", str(tmp_path / "f.safetensors"),
+                 "--report", str(tmp_path / "fuse.json")],
+        "export": ["export", small, "--input-shape", shape, "-o", str(onnx_path), "--validate",
+                   "--providers", "cpu"],
+        "validate": ["validate", small, str(onnx_path), "--input-shape", shape,
+                     "--providers", "cpu", "--report", str(tmp_path / "validate.json")],
+        "recalibrate": ["recalibrate", small, "--data", str(data), "--batch-size", "2",
+                        "--input-shape", shape, "-o", str(tmp_path / "c.pt")],
+        "kernels": ["kernels"],
+        "error": ["inspect", "torchvision:resnet1"],
+    }
+    documents = {}
+    for name, argv in runs.items():
+        code, out, err = _run(capsys, *argv, "--json", "-q")
+        documents[name] = _conforming(out)
+        assert documents[name]["exit_code"] == code, (name, err)
+    assert documents["error"]["status"] == "error" and documents["error"]["exit_code"] == 2
+    assert documents["kernels"]["status"] == "skipped" and documents["kernels"]["devices"]
+    for name in ("inspect", "replace", "fuse", "export", "validate", "recalibrate"):
+        document = documents[name]
+        assert document["status"] == "passed" and document["passed"] is True, name
+        assert document["command"] == name and document["exit_code"] == 0
+        assert document["input_shape"] == [2, 3, 8, 8], name  # the shape actually used
+        assert document["seed"] == 0 and document["weights"] == "random"
+        assert document["model"]["spec"]["text"] == small
+    assert documents["recalibrate"]["input_shape"] == [2, 3, 8, 8]
+    assert documents["fuse"]["plan"]["folded"] and documents["export"]["output"] == str(onnx_path)
+    assert [r["status"] for r in documents["validate"]["reports"]] == ["passed"]
+    for report in ("fuse.json", "validate.json"):  # --report: the same document, reproducible
+        written = _conforming((tmp_path / report).read_text())
+        assert written["model"]["spec"]["text"] == small and written["seed"] == 0
+        assert written["weights"] == "random" and written["summary"]["passed"] == 1
+        assert written["environment"]["versions"]["torch"]
+    assert json.loads((tmp_path / "fuse.json").read_text())["plan"]["folded"]
+
+
+def test_export_without_a_check_is_skipped_not_passed(capsys, tmp_path, factories):
+    code, out, err = _run(capsys, "export", f"{factories}:small", "--input-shape", "1,3,8,8",
+                          "-o", str(tmp_path / "x.onnx"), "--json", "-q")
+    assert code == 0, err
+    document = _conforming(out)
+    assert document["status"] == "skipped" and document["passed"] is None
+
+
+def test_a_failed_plot_keeps_the_finished_result(capsys, tmp_path, factories, monkeypatch):
+    from bnsurgery import report as report_module
+    from bnsurgery.errors import FileWriteError
+
+    def broken(*_args, **_kwargs):
+        raise FileWriteError("The plot could not be written: disk full")
+
+    monkeypatch.setattr(report_module, "plot_layer_errors", broken)
+    pytest.importorskip("matplotlib")
+    code, out, err = _run(capsys, "fuse", f"{factories}:small", "--input-shape", "2,3,8,8",
+                          "-o", str(tmp_path / "f.pt"), "--plot", str(tmp_path / "p.png"),
+                          "--json", "-q")
+    assert code == 2
+    document = _conforming(out)
+    assert document["status"] == "passed" and document["exit_code"] == 2
+    assert any("disk full" in note for note in document["notes"])
+    assert "error: The plot could not be written" in err
+    assert (tmp_path / "f.pt").is_file()
+
+
+def test_validate_takes_the_input_shape_from_the_file(capsys, tmp_path, factories):
+    small, path = f"{factories}:small", tmp_path / "static.onnx"
+    code, _, err = _run(capsys, "export", small, "--input-shape", "1,3,8,8", "-o", str(path),
+                        "--static-batch", "-q")
+    assert code == 0, err
+    # No --input-shape: the file's 1,3,8,8, not the factory default, and the check passes.
+    code, out, err = _run(capsys, "validate", small, str(path), "--providers", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["input_shape"] == [1, 3, 8, 8] and "from " + str(path) in err
+    code, out, err = _run(capsys, "validate", small, str(path), "--providers", "cpu",
+                          "--input-shape", "2,3,8,8")
+    assert code == 2 and out == ""
+    (line,) = _error_lines(err)
+    assert "the file expects 1,3,8,8, got 2,3,8,8" in line and "--input-shape 1,3,8,8" in line
+    assert "building" not in err  # refused before the model was built
+
+
+@pytest.mark.parametrize(("command", "suffix"), [
+    ("export", ".onnx"), ("fuse", ".pt2"), ("replace", ".safetensors"), ("recalibrate", ".pt")])
+def test_an_existing_folder_as_output_is_refused_before_any_work(capsys, tmp_path, factories,
+                                                                 command, suffix):
+    folder = tmp_path / f"out{suffix}"
+    folder.mkdir()
+    data = tmp_path / "data.pt"
+    torch.save(torch.randn(2, 3, 8, 8), data)
+    extra = ["--data", str(data)] if command == "recalibrate" else []
+    code, _, err = _run(capsys, command, f"{factories}:small", "-o", str(folder), *extra)
+    assert code == 2 and "is a folder" in err and "building" not in err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    pytest.param(["-o", "x.txt"], "Unknown output file type", id="suffix"),
+    pytest.param(["-o", "x.onnx", "--opset", "17"], "expected 18 to", id="opset-low"),
+    pytest.param(["-o", "x.onnx", "--opset", "99"], "--legacy-exporter writes 7 to", id="high"),
+    pytest.param(["-o", "x.onnx", "--legacy-exporter", "--opset", "99"], "expected 7 to",
+                 id="legacy-opset"),
+    pytest.param(["-o", "x.onnx", "--validate", "--report", "."], "The report path has no file "
+                 "name", id="report-folder"),
+])
+def test_export_refuses_what_it_cannot_do_before_any_work(capsys, tmp_path, factories,
+                                                          monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "export", f"{factories}:small", *argv)
+    assert code == 2 and message in err and "building" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(capsys, tmp_path, factories,
+                                                             monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code, _, err = _run(capsys, "fuse", f"{factories}:small", "-o", str(tmp_path / "f.pt"),
+                        "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and "pip install 'bnsurgery[plot]'" in err and "building" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_with_an_unavailable_provider_is_refused_before_any_work(capsys, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    code, _, err = _run(capsys, "demo", "--out", str(tmp_path / "demo"), "--providers", "cuda")
+    assert code == 2 and "CUDAExecutionProvider" in err and "--providers cpu" in err
+    assert "providers=" not in err and not (tmp_path / "demo").exists()
+
+
+def test_hints_use_the_command_line_spelling():
+    from bnsurgery.cli import cli_spelling
+
+    text = ("Export failed (at model). Got x.\nHint: the model fixes its batch size; or pass "
+            "dynamic_batch=False; fuse=False or exporter='legacy' may get around it")
+    assert cli_spelling(text) == (
+        "Export failed (at model). Got x.\nHint: the model fixes its batch size; or pass "
+        "--static-batch; --no-fuse or pass --legacy-exporter may get around it")
+    assert cli_spelling("Hint: use opset=18 or newer, or pass exporter='legacy' explicitly") == (
+        "Hint: pass --opset 18 or newer, or pass --legacy-exporter")
+    assert cli_spelling("strict=False\nHint: x") == "strict=False\nHint: x"  # only Hint lines
+
+
+def test_strict_failure_hint_says_drop_strict(capsys, tmp_path, factories):
+    code, _, err = _run(capsys, "fuse", f"{factories}:mixed", "--input-shape", "2,3,8,8",
+                        "-o", str(tmp_path / "f.pt"), "--strict", "-q")
+    assert code == 2
+    assert "drop --strict" in err and "bnsurgery inspect MODEL" in err
+    assert "strict=False" not in err and "plan_fusion(" not in err
+
+
+def test_warnings_are_one_line_notes(capsys, tmp_path, monkeypatch):
+    import logging
+    import warnings
+
+    module = types.ModuleType("bnsurgery_cli_noisy")
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            warnings.warn("a foreign warning\nwith a second line", UserWarning, stacklevel=1)
+            logging.getLogger("bnsurgery.test").warning("a bnsurgery warning")
+            return x * 2
+
+    module.noisy = Noisy
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    argv = ["inspect", "bnsurgery_cli_noisy:noisy", "--input-shape", "2,3"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert "bnsurgery inspect: note: a foreign warning with a second line" in err
+    assert err.count("note: a bnsurgery warning") == 1  # said once, not once per forward
+    code, _, err = _run(capsys, *argv, "-q")
+    assert code == 0
+    assert err == "bnsurgery inspect: note: a bnsurgery warning\n"  # -q: only bnsurgery's own
+
+
+def test_models_from_a_file_and_from_the_working_directory(capsys, tmp_path, monkeypatch):
+    source = ("import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, "
+              "3), torch.nn.BatchNorm2d(4))\n")
+    (tmp_path / "cli_file_model.py").write_text(source)
+    (tmp_path / "cli_cwd_pkg").mkdir()
+    (tmp_path / "cli_cwd_pkg" / "__init__.py").write_text(source)
+    code, out, err = _run(capsys, "inspect", f"{tmp_path}/cli_file_model.py:make",
+                          "--input-shape", "2,3,8,8", "-q")
+    assert code == 0, err
+    assert "1 BatchNorm layers, 1 fold" in out
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "inspect", "cli_cwd_pkg:make", "--input-shape", "2,3,8,8",
+                          "-q")
+    assert code == 0, err
+    assert "1 BatchNorm layers, 1 fold" in out
+
+
+def test_saved_files_say_what_they_hold(capsys, tmp_path, factories):
+    from safetensors import safe_open
+
+    small = f"{factories}:small"
+    out = tmp_path / "fused.safetensors"
+    code, _, err = _run(capsys, "fuse", small, "--input-shape", "2,3,8,8", "-o", str(out), "-q")
+    assert code == 0, err
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["bnsurgery.model"] == small and metadata["bnsurgery.seed"] == "0"
+    assert metadata["bnsurgery.weights"] == "random" and metadata["bnsurgery.command"] == "fuse"
+    assert json.loads(metadata["bnsurgery.folded"]) == [
+        {"batchnorm": "1", "into": "0", "direction": "preceding"}]
+    program_path = tmp_path / "fused.pt2"
+    code, _, err = _run(capsys, "fuse", small, "--input-shape", "2,3,8,8", "-o",
+                        str(program_path), "-q")
+    assert code == 0, err
+    extra = {"bnsurgery.json": ""}
+    torch.export.load(program_path, extra_files=extra)
+    assert json.loads(extra["bnsurgery.json"])["bnsurgery.model"] == small
+
+
+def test_no_fuse_says_who_folded(capsys, tmp_path, factories):
+    code, out, err = _run(capsys, "export", f"{factories}:small", "--input-shape", "1,3,8,8",
+                          "-o", str(tmp_path / "plain.onnx"), "--no-fuse", "--json", "-q")
+    assert code == 0, err
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "plain.onnx")).graph
+    left = sum(node.op_type == "BatchNormalization" for node in graph.node)
+    assert json.loads(out)["batchnorm_nodes"] == left

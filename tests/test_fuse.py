@@ -869,3 +869,14 @@ def test_a_check_that_cannot_run_says_so():
     assert plan.check.passed and len(plan.check.inputs) == 1
     assert any("no check at another batch size" in note for note in plan.check.notes)
     assert "note: no check at another batch size" in str(plan)
+
+
+def test_training_mode_model_that_folds_nothing_warns():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # training mode, as built
+    inputs = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"folded none of 1 BatchNorm.*training mode.*eval\(\)"):
+        fused = fuse_batchnorm(model, inputs)
+    assert isinstance(fused[1], nn.BatchNorm2d)  # nothing was folded, as the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in eval mode the same model folds without a warning
+        fuse_batchnorm(model.eval(), inputs)

@@ -21,6 +21,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import bnsurgery
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,3 +243,58 @@ def test_no_private_name_is_imported_across_modules():
     _, private = import_graph(ROOT / "bnsurgery", "bnsurgery")
     unexpected = [p for p in private if p[:2] not in KNOWN_PRIVATE_IMPORTS]
     assert unexpected == [], unexpected
+
+
+def test_help_imports_no_torch():
+    # ``bnsurgery --help`` answers before torch is imported: the parser and ``main`` import
+    # nothing heavy and ``import bnsurgery`` is lazy (PEP 562).
+    result = _python(textwrap.dedent("""
+        import contextlib, io, json, sys
+        from bnsurgery.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            codes = [main(["--help"]), main(["--version"]),
+                     *[main([c, "--help"]) for c in ("demo", "inspect", "replace", "fuse",
+                                                     "export", "validate", "recalibrate")]]
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "onnx"))
+        print(json.dumps({"codes": codes, "heavy": heavy, "usage": out.getvalue().count(
+            "usage: bnsurgery")}))
+    """))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout.splitlines()[-1])
+    assert document["codes"] == [0] * 9
+    assert document["usage"] == 8  # --version prints no usage
+    assert document["heavy"] == []
+
+
+def test_python_dash_m_help_imports_no_torch():
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "bnsurgery", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "bnsurgery.cli" in imported  # the -X importtime listing is really there
+    assert not [name for name in imported if name.split(".")[0] == "torch"]
+
+
+def test_package_is_lazy_and_complete():
+    import ast
+    import importlib
+
+    assert bnsurgery.__all__ == sorted(bnsurgery.__all__)
+    tree = ast.parse((ROOT / "bnsurgery" / "__init__.py").read_text())
+    # What type checkers see (the TYPE_CHECKING imports) is what the lazy attributes return.
+    checked = {alias.name: f"bnsurgery.{node.module.split('.', 1)[1]}"
+               for block in tree.body if isinstance(block, ast.If)
+               for node in block.body if isinstance(node, ast.ImportFrom)
+               for alias in node.names}
+    assert sorted(checked) == bnsurgery.__all__
+    for name, module in checked.items():
+        assert getattr(bnsurgery, name) is getattr(importlib.import_module(module), name), name
+    assert set(bnsurgery.__all__) <= set(dir(bnsurgery))
+    assert bnsurgery.fuse.fuse_batchnorm is bnsurgery.fuse_batchnorm  # submodules still resolve
+    with pytest.raises(AttributeError, match="no attribute 'fuse_batchnorms'"):
+        bnsurgery.fuse_batchnorms  # noqa: B018
+
+    result = _python("import sys, bnsurgery; print('torch' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import urllib.error
 
 import pytest
@@ -343,3 +344,41 @@ def test_matching_dtypes_are_not_reported(tmp_path, small_factory, recwarn):
     torch.save(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).state_dict(), path)
     assert load_model(small_factory, weights=path).cast == ()
     assert not [w for w in recwarn if "cast" in str(w.message)]
+
+
+_MODEL_SOURCE = """
+import torch
+from {helper} import width
+
+
+def make():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, width(), 3), torch.nn.BatchNorm2d(width()))
+"""
+
+
+def test_a_factory_in_a_file_by_path(tmp_path):
+    folder = tmp_path / "models dir"
+    folder.mkdir()
+    (folder / "helpers_for_file.py").write_text("def width():\n    return 5\n")
+    (folder / "net.py").write_text(_MODEL_SOURCE.format(helper="helpers_for_file"))
+    spec = parse_model_spec(f"{folder}/net.py:make")
+    assert (spec.source, spec.name) == ("file", f"{folder}/net.py:make")
+    loaded = load_model(f"{folder}/net.py:make")
+    assert loaded.model[0].out_channels == 5  # its sibling import worked
+    assert str(folder) not in sys.path  # the folder was only on the path while importing
+    with pytest.raises(InvalidInputError, match=r"(?s)no such file.*path/to/file.py:factory"):
+        load_model(f"{folder}/missing.py:make")
+
+
+def test_a_package_in_the_working_directory(tmp_path, monkeypatch):
+    package = tmp_path / "cwd_models_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "width.py").write_text("def width():\n    return 7\n")
+    (package / "nets.py").write_text(_MODEL_SOURCE.format(helper="cwd_models_pkg.width"))
+    with pytest.raises(InvalidInputError, match="Cannot import the model's module"):
+        load_model("cwd_models_pkg.nets:make")  # not found from elsewhere
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "cwd_models_pkg", raising=False)
+    assert load_model("cwd_models_pkg.nets:make").model[0].out_channels == 7
+    assert str(tmp_path) not in sys.path

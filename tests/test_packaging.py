@@ -1,0 +1,38 @@
+"""The package metadata says what is shipped and tested: licence, type information, torch range."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; 3.10 has no TOML reader of its own
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _release(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def test_license_is_an_spdx_expression_with_its_file():
+    project = PROJECT["project"]
+    assert isinstance(project["license"], str)  # the table form is deprecated by setuptools
+    assert project["license"] == "BSD-3-Clause"
+    for name in project["license-files"]:
+        assert "BSD 3-Clause License" in (ROOT / name).read_text()
+
+
+def test_py_typed_is_shipped():
+    assert (ROOT / "bnsurgery" / "py.typed").is_file()
+    assert "py.typed" in PROJECT["tool"]["setuptools"]["package-data"]["bnsurgery"]
+
+
+def test_torch_floor_is_the_tested_release():
+    # The suite runs on one torch release; the floor claims no older one than that.
+    requirement = next(r for r in PROJECT["project"]["dependencies"] if r.startswith("torch>="))
+    floor = _release(requirement.removeprefix("torch>="))
+    assert floor <= _release(version("torch"))
+    assert floor >= (2, 14)
