@@ -37,7 +37,6 @@ from bnsurgery.errors import (
     format_message,
 )
 from bnsurgery.messages import first_line
-from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:  # torch loads inside the commands: ``bnsurgery --help`` must not wait for it
     from torch import Tensor, nn
@@ -765,6 +764,11 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+#: ``ort_session.DEFAULT_TIMEOUT_S``, repeated because importing that module imports torch, which
+#: ``bnsurgery --help`` must not wait for; a test keeps the two equal.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def _timeout_option(parser: argparse.ArgumentParser) -> None:

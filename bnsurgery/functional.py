@@ -268,7 +268,15 @@ def batch_norm(
                   "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
                   "use torch.export.export, which keeps the shapes symbolic")))
     if has_tangent(running_mean, running_var):
-        # Ignored, as torch ignores them: the buffers are not inputs one differentiates by.
+        if has_tangent(input, weight, bias):
+            # A forward-mode derivative is being computed, and the buffers are not inputs one
+            # can differentiate by: refused, with torch's own words.
+            raise BatchNormRuntimeError(format_message(
+                "batch_norm is not differentiable wrt running_mean and running_var, they "
+                "cannot have forward grad defined", where="running_mean/running_var",
+                got="a dual tensor (forward_ad.make_dual) with a tangent",
+                expected="plain buffers", hint="pass the buffers without a tangent"))
+        # No derivative is computed, so the tangents are unused: ignored, as torch does.
         running_mean, running_var = (None if t is None else forward_ad.unpack_dual(t).primal
                                      for t in (running_mean, running_var))
     if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):

@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from bnsurgery import kernel_tensor
 from bnsurgery.errors import InvalidInputError, KernelUnavailableError, format_message
 
 __all__ = ["BACKENDS", "ENV_VAR", "KernelInfo", "kernel_info", "select_backend"]
@@ -48,7 +49,9 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "reference"),
 }
 
-_modules: dict[str, ModuleType] = {}
+# The reference backend is loaded up front: graph capture selects it, and an import under
+# torch.compile would break the graph.
+_modules: dict[str, ModuleType] = {"reference": kernel_tensor}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # (device type, ENV_VAR's value) -> the backend chosen: availability does not change within a
 # process, and choosing costs more than a small BatchNorm itself.
@@ -113,11 +116,15 @@ def _capturing(x: torch.Tensor) -> bool:
     proxy tensor of ``torch.export`` and ``make_fx``, or a tensor subclass such as ``DTensor``)
     or an active dispatch mode means the operators are being recorded or reinterpreted.
     """
-    # Cheapest checks first: this runs on every call, and small inputs feel every microsecond.
+    # The compiler's flag first: under Dynamo the checks below would be traced themselves, and
+    # the dispatch-stack query breaks the graph. Then the cheapest: this runs on every call, and
+    # small inputs feel every microsecond.
+    if torch.compiler.is_compiling():
+        return True
     if type(x) not in _PLAIN or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or is_fx_symbolic_tracing())
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or is_fx_symbolic_tracing())
 
 
 def _choose(device: torch.device) -> tuple[str, str, dict[str, str]]:

@@ -781,3 +781,9 @@ def test_no_fuse_says_who_folded(capsys, tmp_path, factories):
     graph = onnx.load(str(tmp_path / "plain.onnx")).graph
     left = sum(node.op_type == "BatchNormalization" for node in graph.node)
     assert json.loads(out)["batchnorm_nodes"] == left
+
+
+def test_the_cli_time_limit_default_is_the_library_default():
+    from bnsurgery import cli, ort_session
+
+    assert cli.DEFAULT_TIMEOUT_S == ort_session.DEFAULT_TIMEOUT_S

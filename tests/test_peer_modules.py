@@ -45,7 +45,7 @@ DTYPES = (torch.float32, torch.float64)
 #: Cases that need the autograd node's function-transform support (vmap for batched gradients,
 #: forward AD): strict expected failures until it lands, so each one shows up when it starts to
 #: pass and must be removed from this list.
-NEEDS_FUNC_TRANSFORMS = {"test_grad"}
+NEEDS_FUNC_TRANSFORMS: set[str] = set()
 #: Samples of those checks that pass already: an empty batch has no gradient values to batch.
 PASSES_WITHOUT_FUNC_TRANSFORMS = {"zero_batch"}
 

@@ -51,9 +51,6 @@ IMPLS = {
 #: Cases that need the autograd node's function-transform support: forward AD (a jvp) and
 #: vmap (batched gradients). Strict expected failures for bnsurgery until it lands.
 NEEDS_FUNC_TRANSFORMS = {
-    "test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad[0,1]",
-    "test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad[0,1,2]",
-    "test_batchnorm_grad_cpu",
 }
 
 #: Cases torch's own implementation fails here (with the suite's seed): recorded, not counted.
