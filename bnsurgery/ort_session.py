@@ -204,6 +204,21 @@ def check_timeout(timeout: object, *, where: str = "timeout") -> float:
     return float(timeout)
 
 
+def _terminate(options: Any, done: threading.Event) -> bool:
+    """Tell a run to stop, again and again until it has, for at most the grace period.
+
+    The flag is set more than once because an interruption can come before the worker's run has
+    begun reading it; whether the run started before or after, one of the settings lands.
+    """
+    deadline = time.monotonic() + _STOP_GRACE_S
+    while True:
+        options.terminate = True
+        if done.wait(0.05):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
 def run_with_limit(session: Any, feed: dict[str, Any], *, timeout: float, where: str
                    ) -> list[Any]:
     """``session.run(None, feed)``, stopped after ``timeout`` seconds or on Ctrl-C.
@@ -247,12 +262,10 @@ def run_with_limit(session: Any, feed: dict[str, Any], *, timeout: float, where:
     try:
         finished = done.wait(timeout)
     except BaseException:  # Ctrl-C or SIGTERM: stop the run, then let the interruption through
-        options.terminate = True
-        done.wait(_STOP_GRACE_S)
+        _terminate(options, done)
         raise
     if not finished:
-        options.terminate = True
-        stopped = done.wait(_STOP_GRACE_S)
+        stopped = _terminate(options, done)
         raise RunTimeoutError(format_message(
             f"onnxruntime did not finish within the time limit of {timeout:g} s"
             + ("" if stopped else f" and did not stop within {_STOP_GRACE_S:g} s of being told"),

@@ -143,8 +143,10 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("entry", ZOO, ids=[z.name for z in ZOO])
+# RT-DETR takes longer than the rest together: it runs with `make test-all` only.
+@pytest.mark.parametrize("entry", [
+    pytest.param(z, id=z.name, marks=[pytest.mark.slow] if z.name == "ultralytics_rtdetr" else [])
+    for z in ZOO])
 def test_library_model_fuses_as_accurately_as_the_original(entry):
     pytest.importorskip(entry.requires)
     torch.manual_seed(0)
