@@ -57,6 +57,8 @@ DEFAULT_TIMEOUT_S = 300.0
 #: How long a run may take to stop once told to: onnxruntime checks the flag between nodes, so a
 #: single huge node finishes first.
 _STOP_GRACE_S = 30.0
+# How often a waiting thread wakes to take a signal that another thread received.
+_WAKE_S = 0.1
 
 #: Short provider names accepted wherever providers are given.
 PROVIDER_ALIASES: dict[str, str] = {
@@ -219,6 +221,23 @@ def _terminate(options: Any, done: threading.Event) -> bool:
             return False
 
 
+def _wait_in_slices(done: threading.Event, timeout: float) -> bool:
+    """``done.wait(timeout)``, woken every :data:`_WAKE_S` seconds to take pending signals.
+
+    A process-directed SIGINT may be delivered to any thread that does not block it (an
+    onnxruntime pool thread, the worker, a timer). Python then only flags it, and the main thread
+    would not see the flag until one long wait returned: Ctrl-C could be ignored for the whole
+    time limit. Short waits let the main thread raise ``KeyboardInterrupt`` within a slice.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return done.is_set()
+        if done.wait(min(left, _WAKE_S)):
+            return True
+
+
 def run_with_limit(session: Any, feed: dict[str, Any], *, timeout: float, where: str
                    ) -> list[Any]:
     """``session.run(None, feed)``, stopped after ``timeout`` seconds or on Ctrl-C.
@@ -258,9 +277,9 @@ def run_with_limit(session: Any, feed: dict[str, Any], *, timeout: float, where:
             done.set()
 
     worker = threading.Thread(target=work, name="bnsurgery-onnxruntime", daemon=True)
-    worker.start()
     try:
-        finished = done.wait(timeout)
+        worker.start()
+        finished = _wait_in_slices(done, timeout)
     except BaseException:  # Ctrl-C or SIGTERM: stop the run, then let the interruption through
         _terminate(options, done)
         raise
