@@ -21,7 +21,9 @@ from typing import BinaryIO
 from bnsurgery.errors import InvalidInputError, format_message
 
 __all__ = [
+    "INFLATION_SLACK",
     "ArchiveEntry",
+    "check_not_inflating",
     "declared_bytes",
     "read_safetensors_header",
     "read_zip_entries",
@@ -30,6 +32,10 @@ __all__ = [
 # safetensors itself refuses headers over 100 MB; a real header is a few kilobytes per hundred
 # tensors, so anything larger is refused before it is read into memory.
 _SAFETENSORS_HEADER_LIMIT = 100_000_000
+
+#: Bytes a file may declare beyond its own size before it counts as inflating: zip directories,
+#: pickles and alignment padding are far smaller.
+INFLATION_SLACK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -142,3 +148,35 @@ def declared_bytes(path: str | os.PathLike[str]) -> int:
     if zipfile.is_zipfile(path):
         return sum(entry.size for entry in read_zip_entries(path))
     return path.stat().st_size
+
+
+def check_not_inflating(path: str | os.PathLike[str], *, what: str, hint: str) -> int:
+    """Refuse a file that declares more bytes than it holds, before anything is inflated.
+
+    For files with no model to size them against (a tensor of input data): ``torch.save`` and
+    safetensors store tensors uncompressed, so what a genuine file declares is at most its own
+    size plus :data:`INFLATION_SLACK`; more is a compressed archive made by hand.
+
+    Args:
+        path: The file.
+        what: What the file is, for the message (``"data file"``).
+        hint: How to make an acceptable file, in the spelling of the caller's interface.
+
+    Returns:
+        The bytes the file declares.
+
+    Raises:
+        InvalidInputError: The file declares more than its size plus the slack, or its directory
+            cannot be read.
+    """
+    path = Path(path)
+    declared = declared_bytes(path)
+    size = path.stat().st_size
+    if declared > size + INFLATION_SLACK:
+        raise InvalidInputError(format_message(
+            f"Refused to load the {what}: it declares more data than it holds (a compressed "
+            "archive that inflates far beyond its size); nothing was inflated", where=str(path),
+            got=f"{declared} bytes declared in a file of {size} bytes",
+            expected=f"at most {size + INFLATION_SLACK} bytes (torch.save and safetensors "
+                     "never compress)", hint=hint))
+    return declared

@@ -648,6 +648,10 @@ def _cmd_recalibrate(ctx: _Context) -> int:
     if not path.is_file():
         raise InvalidInputError(format_message(
             "The data file does not exist", where=str(path), hint="pass --data FILE"))
+    from bnsurgery.archive import check_not_inflating
+
+    check_not_inflating(path, what="data file",
+                        hint="save the inputs with torch.save(images, FILE) or as .safetensors")
     ctx.progress(f"loading {path}")
     try:
         if path.suffix.lower() == ".safetensors":

@@ -9,7 +9,13 @@ import pytest
 import torch
 from hostile_files import zip_bomb_pt
 
-from bnsurgery.archive import declared_bytes, read_safetensors_header, read_zip_entries
+from bnsurgery.archive import (
+    INFLATION_SLACK,
+    check_not_inflating,
+    declared_bytes,
+    read_safetensors_header,
+    read_zip_entries,
+)
 from bnsurgery.errors import InvalidInputError
 
 
@@ -86,3 +92,23 @@ def test_damaged_zip_directory_is_refused(tmp_path):
     path.write_bytes(data[:-30] + b"\0" * 30)  # the end-of-directory record is destroyed
     with pytest.raises(InvalidInputError, match="directory cannot be read"):
         read_zip_entries(path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_genuine_files_do_not_count_as_inflating(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"data{suffix}"
+    data = {"x": torch.randn(64, 3, 32, 32)}
+    save_file(data, str(path)) if suffix == ".safetensors" else torch.save(data["x"], path)
+    assert check_not_inflating(path, what="data file", hint="h") == declared_bytes(path)
+    assert declared_bytes(path) >= data["x"].numel() * 4
+
+
+def test_an_inflating_archive_is_refused_before_loading(tmp_path):
+    path = tmp_path / "bomb.pt"
+    zip_bomb_pt(path, 1 << 22)
+    size = path.stat().st_size
+    assert declared_bytes(path) > size + INFLATION_SLACK
+    with pytest.raises(InvalidInputError, match=rf"(?s)data file.*bomb.pt.*{size} bytes.*Hint: hh"):
+        check_not_inflating(path, what="data file", hint="hh")

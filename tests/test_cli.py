@@ -305,6 +305,20 @@ def test_recalibrate_refuses_pickled_code(tmp_path, capsys):
     assert code == 2 and "without unpickling code" in err and len(err.strip().splitlines()) == 1
 
 
+def test_recalibrate_refuses_a_zip_bomb_before_inflating_it(tmp_path, capsys, factories):
+    from hostile_files import zip_bomb_pt
+
+    data = tmp_path / "bomb.pt"
+    zip_bomb_pt(data, 1 << 28)  # 1 GiB declared in a file of about 1 MB
+    code, out, err = _run(capsys, "recalibrate", f"{factories}:small", "--data", str(data),
+                          "-o", str(tmp_path / "m.pt"))
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "declares more data than it holds" in lines[0] and "bomb.pt" in lines[0]
+    assert "Hint: save the inputs with torch.save" in lines[0]
+    assert out == "" and not (tmp_path / "m.pt").exists()
+
+
 def test_fuse_refuses_its_own_input_as_output(capsys, tmp_path, factories):
     weights = tmp_path / "w.pt"
     torch.save(sys.modules[factories].small().state_dict(), weights)
