@@ -223,7 +223,7 @@ def _derived(target: type, source: type) -> type:
         def __init__(self: nn.Module, *args: object, **kwargs: object) -> None:
             # The source's constructor builds the state a swap would hand over, so
             # ``type(layer)(...)`` takes the arguments the replaced class takes.
-            source.__init__(self, *args, **kwargs)
+            source.__init__(self, *args, **kwargs)  # type: ignore[misc]  # source is a base
 
         try:
             cls = type(target.__name__, (target, source), {
@@ -256,7 +256,7 @@ def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
 
 
 def _rebuild_swapped(target: type, source: type) -> nn.Module:
-    cls = _derived(target, source)
+    cls: type[nn.Module] = _derived(target, source)
     return cls.__new__(cls)
 
 

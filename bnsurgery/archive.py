@@ -16,7 +16,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from bnsurgery.errors import InvalidInputError, format_message
 
@@ -143,8 +143,11 @@ def declared_bytes(path: str | os.PathLike[str]) -> int:
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         header = read_safetensors_header(path)
-        return sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0])  # type: ignore[index]
-                   for e in header.values())
+        total = 0
+        for entry in header.values():
+            start, end = cast("list[int]", entry["data_offsets"])  # checked by the reader
+            total += end - start
+        return total
     if zipfile.is_zipfile(path):
         return sum(entry.size for entry in read_zip_entries(path))
     return path.stat().st_size

@@ -50,9 +50,12 @@ def randomize_batchnorm_affine(model: nn.Module, *, seed: int = 0, inplace: bool
             if isinstance(bias, torch.Tensor):
                 bias.copy_(torch.randn(bias.shape, generator=gen) * 0.2)
             if not isinstance(module, nn.modules.batchnorm._NormBase):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(shape, generator=gen) + 0.5)
+                running_mean, running_var = module.running_mean, module.running_var
+                if not isinstance(running_mean, torch.Tensor) or not isinstance(
+                        running_var, torch.Tensor):
+                    continue  # looks_like_batchnorm checked them; this only narrows the types
+                running_mean.copy_(torch.randn(running_mean.shape, generator=gen) * 0.1)
+                running_var.copy_(torch.rand(running_var.shape, generator=gen) + 0.5)
     return model
 
 
@@ -116,12 +119,16 @@ def calibrate_batchnorm(
                          .to(t.device) if t.is_floating_point() else t for t in inputs]
                 model(*batch)
             for norm in norms:
-                std = norm.running_var.clamp_min(0).sqrt()
+                running_mean, running_var = norm.running_mean, norm.running_var
+                batches = norm.num_batches_tracked
+                if running_mean is None or running_var is None or batches is None:
+                    continue  # never: track_running_stats is set; this narrows the types
+                std = running_var.clamp_min(0).sqrt()
                 noise = torch.randn(std.shape, generator=gen).to(std)
-                norm.running_mean.add_(noise * std * nudge)
+                running_mean.add_(noise * std * nudge)
                 factor = 1 + (torch.rand(std.shape, generator=gen).to(std) * 2 - 1) * nudge
-                norm.running_var.mul_(factor)
-                norm.num_batches_tracked.fill_(1000)
+                running_var.mul_(factor)
+                batches.fill_(1000)
     finally:
         for module in model.modules():
             training, momentum = saved[id(module)]

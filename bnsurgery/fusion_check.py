@@ -109,21 +109,22 @@ def _other_batch(args: tuple[object, ...]) -> tuple[object, ...] | None:
 
 def _other_sizes(args: tuple[object, ...]) -> list[tuple[object, ...]]:
     """The inputs with every axis after the channel axis halved, or else made 1.5x larger."""
-    if not all(isinstance(a, Tensor) for a in args) or not any(a.dim() >= 3 for a in args):
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(tensors) != len(args) or not any(t.dim() >= 3 for t in tensors):
         return []
     gen = torch.Generator().manual_seed(2)
-    options = []
+    options: list[tuple[object, ...]] = []
     for resize in (lambda n: n // 2, lambda n: n + max(1, n // 2)):
-        new = []
-        for tensor in args:
-            if not isinstance(tensor, Tensor) or tensor.dim() < 3 or not tensor.is_floating_point():
+        new: list[Tensor] = []
+        for tensor in tensors:
+            if tensor.dim() < 3 or not tensor.is_floating_point():
                 new.append(tensor)
                 continue
             shape = (*tensor.shape[:2], *(max(1, resize(n)) for n in tensor.shape[2:]))
             std = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
             new.append((torch.randn(shape, generator=gen) * std + float(tensor.float().mean()))
                        .to(tensor))
-        if any(tuple(n.shape) != tuple(o.shape) for n, o in zip(new, args, strict=True)):
+        if any(tuple(n.shape) != tuple(o.shape) for n, o in zip(new, tensors, strict=True)):
             options.append(tuple(new))
     return options
 

@@ -152,6 +152,10 @@ def _export_dynamo(model: nn.Module, inputs: tuple[Tensor, ...], destination: Pa
             "torch.onnx.export (torch.export-based exporter) failed",
             where=type(model).__name__, got=f"{type(exc).__name__}: {first_line}",
             hint=hint)) from exc
+    if program is None:  # only the legacy exporter returns nothing
+        raise ExportError(format_message(
+            "torch.onnx.export (torch.export-based exporter) returned no ONNX program",
+            where=type(model).__name__, hint="pass exporter='legacy' to use the other exporter"))
     program.model.metadata_props.update(metadata)
     # Weights stay inside the file below 2 GB; above, the ONNX protobuf limit forces a sidecar.
     program.save(str(destination), external_data=False)
@@ -273,8 +277,9 @@ def _verify(staged: Path, model: nn.Module, original: nn.Module, example: tuple[
             shown: Path, timeout: float) -> None:
     """Check the staged file: onnx.checker, runs at each batch size, agrees with the original."""
     _check_file(staged, opset, shown=shown)
-    sizes: list[int | None] = sorted({1, max(5, 2 * export_batch)}) \
-        if dynamic_batch and export_batch is not None else [None]
+    sizes: list[int | None] = [None]
+    if dynamic_batch and export_batch is not None:
+        sizes = [*sorted({1, max(5, 2 * export_batch)})]
     runner = _load_runner(staged, shown=shown, timeout=timeout)
     _check_runs(runner, example, sizes, leading, export_batch, shown=shown,
                 batch_hint=_batch_hint(model))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -204,7 +205,7 @@ def find_fold_pairs(model: nn.Module, example_inputs: object = None, *,
 
 def _padded_with_zeros(conv: nn.Module) -> bool:
     """True when ``conv`` pads its input with zeros by a non-zero amount."""
-    amounts = getattr(conv, "_reversed_padding_repeated_twice", None)
+    amounts: Any = getattr(conv, "_reversed_padding_repeated_twice", None)
     if amounts is None:
         padding = conv.padding
         amounts = () if isinstance(padding, str) and padding == "valid" else padding
@@ -253,11 +254,13 @@ def global_hooks_reason() -> str | None:
 
 def channels_out(module: nn.Module) -> int:
     """Output channels of a convolution (plain or transposed) or features of a linear layer."""
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    return int(module.out_features if isinstance(module, nn.Linear)
+               else module.out_channels)  # type: ignore[arg-type]  # a conv's int attribute
 
 
 def _channels_in(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    return int(module.in_features if isinstance(module, nn.Linear)
+               else module.in_channels)  # type: ignore[arg-type]  # a conv's int attribute
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:

@@ -198,7 +198,8 @@ def _swap(module: nn.Module, target: type, *, restoring: bool, extra: dict) -> n
     so hook handles the caller holds still remove their hooks and optimizers keep their Parameter
     objects.
     """
-    new = target.__new__(target)
+    module_class: type[nn.Module] = target
+    new = module_class.__new__(module_class)
     state = dict(module.__dict__)
     if restoring:
         _, added = state.pop(_ORIGIN, (None, ()))

@@ -93,10 +93,10 @@ def check_eval_mode(model: nn.Module, *, what: str) -> None:
 
 def first_tensor(model: nn.Module) -> Tensor | None:
     """The model's first parameter, else its first buffer, else ``None``."""
-    for tensor in model.parameters():
-        return tensor
-    for tensor in model.buffers():
-        return tensor
+    for parameter in model.parameters():
+        return parameter
+    for buffer in model.buffers():
+        return buffer
     return None
 
 
