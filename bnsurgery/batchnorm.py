@@ -33,6 +33,20 @@ torch.fx.wrap("batch_norm")
 class _FromScratchBatchNorm:
     """The forward shared by the 1d/2d/3d classes; mixed in before the torch base class."""
 
+    # Set by the torch BatchNorm base class this is mixed into; declared for type checkers only
+    # (annotations without values create no class attributes, so nn.Module's lookup is intact).
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    training: bool
+    weight: nn.Parameter  # as torch's own class declares them, although None without affine
+    bias: nn.Parameter
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
     #: Accepted input ranks and the layout each means, for error messages.
     _ranks: dict[int, str] = {}
 

@@ -164,8 +164,8 @@ def _dims(shape: Sequence[int | str]) -> list[int]:
 def _macs(node: Any, shapes: Mapping[str, tuple[int | str, ...]]) -> int | None:
     """Multiply-accumulates of one node from its weight and output shapes, or None."""
     output = shapes.get(node.output[0])
-    inputs = [shapes.get(name) for name in node.input[:2]]
-    if output is None or any(s is None or not s for s in inputs) or not output:
+    inputs = [shape for shape in (shapes.get(name) for name in node.input[:2]) if shape]
+    if not output or len(inputs) != len(node.input[:2]):
         return None
     if node.op_type in ("Conv", "ConvTranspose"):
         weight = _dims(inputs[1])  # (Cout, Cin/groups, k...) / (Cin, Cout/groups, k...)
@@ -202,8 +202,9 @@ def _batchnorms(graph: Any, initializers: Mapping[str, Any]) -> list[OnnxBatchNo
             reason = f"the output of {producer.name or producer.op_type} is also used elsewhere"
         elif len(producer.input) < 2 or producer.input[1] not in initializers:
             reason = f"the weight of {producer.name or producer.op_type} is not constant"
+        producer_name = None if producer is None else (producer.name or producer.output[0])
+        producer_op = None if producer is None else producer.op_type
         found.append(OnnxBatchNorm(
-            name, None if producer is None else (producer.name or producer.output[0]),
-            None if producer is None else producer.op_type, reason is None,
-            reason or f"folds into {producer.op_type} {producer.name or producer.output[0]}"))
+            name, producer_name, producer_op, reason is None,
+            reason or f"folds into {producer_op} {producer_name}"))
     return found
