@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     )
     from bnsurgery.kernels import kernel_info
     from bnsurgery.models import load_model, load_state_dict_file
+    from bnsurgery.onnx_compare import compare_onnx
     from bnsurgery.onnx_export import export_onnx
+    from bnsurgery.onnx_fold import fold_onnx_batchnorm
     from bnsurgery.pairs import FoldPair, find_fold_pairs
     from bnsurgery.pt2 import load_exported_program
     from bnsurgery.recalibrate import RecalibrationReport, recalibrate_batchnorm
@@ -132,6 +134,8 @@ _EXPORTS: dict[str, str] = {
     "replace_batchnorm": "bnsurgery.replace",
     "restore_batchnorm": "bnsurgery.replace",
     "validate_onnx": "bnsurgery.validate",
+    "compare_onnx": "bnsurgery.onnx_compare",
+    "fold_onnx_batchnorm": "bnsurgery.onnx_fold",
     "validate_tensorrt": "bnsurgery.tensorrt",
     "write_report_json": "bnsurgery.report",
 }
@@ -195,10 +199,12 @@ __all__ = [
     "batch_norm",
     "calibrate_batchnorm",
     "compare_models",
+    "compare_onnx",
     "convert_sync_batchnorm",
     "export_onnx",
     "export_tensorrt",
     "find_fold_pairs",
+    "fold_onnx_batchnorm",
     "fuse_batchnorm",
     "kernel_info",
     "load_exported_program",

@@ -435,6 +435,8 @@ def _cmd_replace(ctx: _Context) -> int:
 
 
 def _cmd_fuse(ctx: _Context) -> int:
+    if str(ctx.args.model).lower().endswith(".onnx"):
+        return _cmd_fuse_onnx(ctx)
     from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.validate import compare_models
 
@@ -604,6 +606,8 @@ def _input_shape_from_file(ctx: _Context, path: str) -> None:
 
 
 def _cmd_validate(ctx: _Context) -> int:
+    if str(ctx.args.model).lower().endswith(".onnx"):
+        return _cmd_validate_onnx(ctx)
     from bnsurgery.ort_session import resolve_providers
     from bnsurgery.validate import validate_onnx
 
@@ -624,6 +628,75 @@ def _cmd_validate(ctx: _Context) -> int:
                                timeout=args.timeout)
     document = _document(ctx, reports=[report], loaded=loaded, inputs=inputs, onnx=args.file)
     return _finish(ctx, str(report), document, report)
+
+
+def _onnx_only_options(ctx: _Context) -> Any:
+    """Refuse --weights for an ONNX MODEL (its weights are in the file); the --input-shape."""
+    from bnsurgery.models import parse_input_shape
+
+    if getattr(ctx.args, "weights", None):
+        raise InvalidInputError(format_message(
+            "--weights applies to a MODEL built in Python, not to an ONNX file",
+            where=ctx.args.model, got=f"--weights {ctx.args.weights}",
+            expected="no --weights (the file holds its weights)", hint="drop --weights"))
+    return parse_input_shape(ctx.args.input_shape) if ctx.args.input_shape else None
+
+
+def _onnx_inputs_entry(report: Any) -> list[dict[str, Any]]:
+    return [{"name": name, **spec} for name, spec in report.details["inputs"].items()]
+
+
+def _cmd_validate_onnx(ctx: _Context) -> int:
+    """``validate A.onnx B.onnx``: two ONNX files against each other, no MODEL built."""
+    from bnsurgery.onnx_compare import compare_onnx
+
+    args = ctx.args
+    shape = _onnx_only_options(ctx)
+    _check_extra_outputs(ctx)
+    ctx.progress(f"comparing {args.file} with {args.model} in onnxruntime")
+    with _timeout_hint():
+        report = compare_onnx(args.model, args.file, input_shape=shape, providers=args.providers,
+                              rtol=args.rtol, atol=args.atol,
+                              per_tensor=True if args.per_layer or args.plot else None,
+                              seed=args.seed, timeout=args.timeout)
+    inputs = _onnx_inputs_entry(report)
+    document = _document(ctx, reports=[report], onnx=args.file, onnx_reference=args.model,
+                         onnx_inputs=inputs)
+    document["weights"] = None  # nothing was built: the files hold their weights
+    document["input_shape"] = inputs[0]["shape"] if len(inputs) == 1 else None
+    return _finish(ctx, str(report), document, report)
+
+
+def _cmd_fuse_onnx(ctx: _Context) -> int:
+    """``fuse X.onnx -o Y.onnx``: fold BatchNormalization nodes inside the graph, check, write."""
+    from bnsurgery.files import check_output_path
+    from bnsurgery.onnx_fold import fold_onnx_batchnorm
+
+    args = ctx.args
+    shape = _onnx_only_options(ctx)
+    out = check_output_path(args.output, what="ONNX file", hint="pass another path to -o")
+    if out.suffix.lower() != ".onnx":
+        raise InvalidInputError(format_message(
+            "Unknown output file type for an ONNX MODEL", where=str(out), got=repr(out.suffix),
+            expected=".onnx", hint="pass -o FILE.onnx"))
+    _check_extra_outputs(ctx)
+    ctx.progress(f"folding BatchNormalization nodes of {args.model}")
+    with _timeout_hint():
+        result = fold_onnx_batchnorm(args.model, output=out, input_shape=shape,
+                                     strict=args.strict, providers=args.providers,
+                                     rtol=args.rtol, atol=args.atol,
+                                     seed=args.seed, timeout=args.timeout)
+    rows = [{"name": b.name, "type": "BatchNormalization",
+             "status": "folded" if b.folded else "skipped",
+             "into": b.producer if b.folded else None, "direction": "after" if b.folded else None,
+             "reason": b.reason} for b in result.batchnorms]
+    text = [str(result), f"saved {out}" if result.output else
+            f"not saved: the folded graph does not match {args.model}"]
+    reports = [result.check] if result.check is not None else []
+    document = _document(ctx, reports=reports, onnx=args.model, batchnorms=rows,
+                         output=result.output, file_format="onnx" if result.output else None)
+    document["weights"] = None
+    return _finish(ctx, "\n".join(text), document, result.check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,15 +916,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(replace, top=False)
     replace.set_defaults(handler=_cmd_replace)
 
-    fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save")
+    fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save; "
+                                       "a MODEL.onnx has its BatchNormalization nodes folded "
+                                       "inside the graph (-o OUT.onnx)")
     _model_options(fuse)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT",
                       help="output: .pt2 (torch.export program; load it with "
                            "bnsurgery.pt2.load_exported_program, which refuses archives that "
-                           "would run code), .safetensors or .pt (state_dict of the fused model)")
+                           "would run code), .safetensors or .pt (state_dict of the fused model); "
+                           ".onnx for a MODEL.onnx")
     fuse.add_argument("--strict", action="store_true",
                       help="fail if any BatchNorm cannot be folded")
+    fuse.add_argument("--providers", metavar="LIST",
+                      help="MODEL.onnx only: onnxruntime providers of the check, e.g. cpu")
     _tolerances(fuse)
+    _timeout_option(fuse)
     _report_options(fuse)
     _common(fuse, top=False)
     fuse.set_defaults(handler=_cmd_fuse)
@@ -881,7 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(export, top=False)
     export.set_defaults(handler=_cmd_export)
 
-    validate = sub.add_parser("validate", help="compare an ONNX file with the original model")
+    validate = sub.add_parser("validate", help="compare an ONNX file with the original model, "
+                                               "or two ONNX files (validate A.onnx B.onnx)")
     _model_options(validate)
     validate.add_argument("file", metavar="FILE.onnx", help="the ONNX file to check")
     validate.add_argument("--providers", metavar="LIST",

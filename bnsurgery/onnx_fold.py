@@ -1,0 +1,413 @@
+"""Folding ``BatchNormalization`` nodes into the Conv, ConvTranspose or Gemm before them, in an
+ONNX graph: ``bnsurgery fuse model.onnx -o folded.onnx``.
+
+For files that still carry BatchNorm (legacy exports, other frameworks), when the PyTorch model
+is not at hand. The arithmetic is :mod:`bnsurgery.fold`'s (float64, rounded once to the weight's
+dtype); this module only decides which nodes may fold and moves initializers. A node folds only
+when nothing else can see the difference: the producer's output feeds the BatchNorm alone, the
+producer's weight and bias are initializers no other node uses (and no graph input overrides),
+the BatchNorm is in inference form (one output, constant statistics) and the producer's
+attributes allow a per-output-channel scale. Every BatchNormalization node is reported, folded or
+with the reason it was not. The folded graph is run in onnxruntime against the unfolded one
+(:func:`bnsurgery.onnx_compare.compare_onnx`, the package's tolerances) before anything is
+written, and it is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from bnsurgery._lazy import require
+from bnsurgery.errors import FusionError, InvalidInputError, format_message
+from bnsurgery.files import write_bytes
+from bnsurgery.fold import batchnorm_scale_shift, fold_layer_weights
+from bnsurgery.messages import first_line
+from bnsurgery.onnx_compare import compare_onnx
+from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
+from bnsurgery.report import EquivalenceReport
+from bnsurgery.results import JsonResult
+
+__all__ = ["OnnxBatchNormFold", "OnnxFoldResult", "fold_graph_batchnorms", "fold_onnx_batchnorm"]
+
+_TARGETS = ("Conv", "ConvTranspose", "Gemm")
+#: Element types the fold arithmetic can round back to (numpy has no bfloat16).
+_FLOAT_TYPES = ("float16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class OnnxBatchNormFold(JsonResult):
+    """One ``BatchNormalization`` node: folded into its producer, or why not.
+
+    Attributes:
+        name: The node's name (its output's name when it has none).
+        producer: The node before it, when there is one.
+        producer_op: That node's op type.
+        folded: Whether the BatchNorm was folded away.
+        reason: ``"folded into Conv conv1"`` or why it was kept.
+    """
+
+    name: str
+    producer: str | None
+    producer_op: str | None
+    folded: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class OnnxFoldResult(JsonResult):
+    """What :func:`fold_onnx_batchnorm` did.
+
+    Attributes:
+        source: The file read, or ``"<ModelProto>"``.
+        batchnorms: Every BatchNormalization node of the main graph, in graph order.
+        check: onnxruntime comparison of the folded graph with the unfolded one; ``None`` when
+            nothing was folded (the graph is unchanged).
+        output: The file written; ``None`` when none was asked for or the check failed.
+        model: The folded ``onnx.ModelProto`` (not part of the JSON form).
+    """
+
+    json_omitted: ClassVar[tuple[str, ...]] = ("model",)
+    json_derived: ClassVar[tuple[str, ...]] = ("folded", "passed")
+
+    source: str
+    batchnorms: tuple[OnnxBatchNormFold, ...]
+    check: EquivalenceReport | None
+    output: str | None
+    model: Any = None
+
+    @property
+    def folded(self) -> int:
+        """How many BatchNormalization nodes were folded."""
+        return sum(b.folded for b in self.batchnorms)
+
+    @property
+    def passed(self) -> bool:
+        """The folded graph matches the unfolded one (trivially when nothing was folded)."""
+        return self.check is None or self.check.passed
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {len(self.batchnorms)} BatchNormalization nodes, "
+                 f"{self.folded} folded"]
+        lines += [f"  {b.name}: {b.reason}" for b in self.batchnorms]
+        if self.check is not None:
+            lines.append(str(self.check))
+        return "\n".join(lines)
+
+
+class _Graph:
+    """Lookups over one graph, rebuilt after each fold (a fold changes producers)."""
+
+    def __init__(self, onnx: Any, graph: Any) -> None:
+        self.onnx, self.graph = onnx, graph
+        self.initializers = {t.name: index for index, t in enumerate(graph.initializer)}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.producers = {value: node for node in graph.node for value in node.output if value}
+        self.consumers: Counter[str] = Counter(v.name for v in graph.output)
+        for node in _all_nodes(graph):
+            self.consumers.update(name for name in node.input if name)
+
+    def constant(self, name: str) -> bool:
+        """An initializer no graph input of the same name can override at run time."""
+        return name in self.initializers and name not in self.graph_inputs
+
+    def array(self, name: str) -> Tensor:
+        proto = self.graph.initializer[self.initializers[name]]
+        return torch.from_numpy(self.onnx.numpy_helper.to_array(proto).copy())
+
+    def dtype(self, name: str) -> str:
+        proto = self.graph.initializer[self.initializers[name]]
+        return self.onnx.helper.tensor_dtype_to_np_dtype(proto.data_type).name
+
+    def set_array(self, name: str, value: Tensor) -> None:
+        """Store ``value`` under ``name``, replacing an initializer or adding one."""
+        proto = self.onnx.numpy_helper.from_array(value.numpy(), name)
+        if name in self.initializers:
+            self.graph.initializer[self.initializers[name]].CopyFrom(proto)
+        else:
+            self.graph.initializer.append(proto)
+            self.initializers[name] = len(self.graph.initializer) - 1
+
+
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    """Every node, subgraphs (If/Loop/Scan bodies) included: they may read outer tensors."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_nodes(subgraph)
+
+
+def _attributes(onnx: Any, node: Any) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _label(node: Any) -> str:
+    return f"{node.op_type} {node.name or node.output[0]}"
+
+
+def _batchnorm_reason(g: _Graph, node: Any) -> str | None:
+    """Why this BatchNormalization node cannot be folded whatever precedes it, or ``None``."""
+    attrs = _attributes(g.onnx, node)
+    if any(node.output[1:]) or attrs.get("training_mode", 0) or attrs.get("is_test", 1) == 0:
+        return "training-mode node (it outputs or updates running statistics)"
+    if attrs.get("spatial", 1) == 0:
+        return "spatial=0: statistics per activation, not per channel"
+    if len(node.input) < 5 or not all(g.constant(name) for name in node.input[1:5]):
+        return "its scale, bias, mean or variance is not a constant initializer"
+    if node.domain not in ("", "ai.onnx"):
+        return f"a BatchNormalization of domain {node.domain!r}, not ONNX's"
+    return None
+
+
+def _weight_reason(g: _Graph, producer: Any, name: str, what: str) -> str | None:
+    if not g.constant(name):
+        return (f"the {what} of {_label(producer)} is not a constant initializer (computed in "
+                "the graph, or a graph input can override it)")
+    if g.consumers[name] != 1:
+        return f"the {what} of {_label(producer)} is shared with another node"
+    if g.dtype(name) not in _FLOAT_TYPES:
+        return f"the {what} of {_label(producer)} is {g.dtype(name)}, not a float type"
+    return None
+
+
+def _out_channels(g: _Graph, producer: Any) -> tuple[int | None, str | None]:
+    """The producer's output channels (its output's axis 1), or why they are not foldable."""
+    attrs = _attributes(g.onnx, producer)
+    weight = g.array(producer.input[1])
+    if producer.op_type == "Gemm":
+        if attrs.get("transA", 0):
+            return None, f"{_label(producer)} has transA=1 (only transA=0 is folded)"
+        if weight.dim() != 2:
+            return None, f"the weight of {_label(producer)} is not 2-D"
+        channels = weight.shape[0] if attrs.get("transB", 0) else weight.shape[1]
+        if len(producer.input) > 2 and producer.input[2]:
+            shape = tuple(g.array(producer.input[2]).shape)
+            if shape not in ((channels,), (1, channels)):
+                return None, (f"the C of {_label(producer)} has shape {list(shape)}, not one "
+                              f"value per output channel ([{channels}] or [1, {channels}])")
+        return int(channels), None
+    group = int(attrs.get("group", 1))
+    if weight.dim() < 3 or group < 1 or weight.shape[0] % group:
+        return None, (f"the weight of {_label(producer)} has shape {list(weight.shape)}, which "
+                      f"does not fit group={group}")
+    if producer.op_type == "ConvTranspose":
+        return int(weight.shape[1] * group), None  # (in, out/group, k...): axis 1 per group
+    return int(weight.shape[0]), None
+
+
+def _fold_reason(g: _Graph, node: Any) -> tuple[Any, str | None]:
+    """The producer this BatchNorm folds into, or the reason it does not."""
+    reason = _batchnorm_reason(g, node)
+    producer = g.producers.get(node.input[0])
+    if reason is not None:
+        return producer, reason
+    if producer is None:
+        return None, "its input is a graph input, not a layer's output"
+    if producer.op_type not in _TARGETS or producer.domain not in ("", "ai.onnx"):
+        return producer, f"it follows {producer.op_type}, not one of {', '.join(_TARGETS)}"
+    if g.consumers[node.input[0]] != 1:
+        return producer, f"the output of {_label(producer)} is also used elsewhere"
+    if len(producer.output) != 1:
+        return producer, f"{_label(producer)} has more than one output"
+    for index, what in ((1, "weight"), (2, "bias")):
+        if len(producer.input) > index and producer.input[index]:
+            reason = _weight_reason(g, producer, producer.input[index], what)
+            if reason is not None:
+                return producer, reason
+    channels, reason = _out_channels(g, producer)
+    if reason is not None:
+        return producer, reason
+    statistics = g.array(node.input[3])
+    if tuple(statistics.shape) != (channels,):
+        return producer, (f"it has {list(statistics.shape)} statistics, {_label(producer)} "
+                          f"{channels} output channels")
+    return producer, None
+
+
+def _fold_into(g: _Graph, node: Any, producer: Any) -> None:
+    """Fold ``node`` into ``producer`` in place (checked foldable by :func:`_fold_reason`)."""
+    onnx = g.onnx
+    bn = _attributes(onnx, node)
+    scale, shift = batchnorm_scale_shift(g.array(node.input[3]), g.array(node.input[4]),
+                                         eps=float(bn.get("epsilon", 1e-5)),
+                                         weight=g.array(node.input[1]),
+                                         bias=g.array(node.input[2]))
+    attrs = _attributes(onnx, producer)
+    weight_name = producer.input[1]
+    weight = g.array(weight_name)
+    has_bias = len(producer.input) > 2 and bool(producer.input[2])
+    bias = g.array(producer.input[2]).to(torch.float64).reshape(-1) if has_bias else None
+    if producer.op_type == "Gemm":
+        transposed_b = bool(attrs.get("transB", 0))
+        # Y = alpha * A @ B' + beta * C; scaling B' per output column and C into the new C
+        # (beta folded in, so beta becomes 1) gives scale * Y + shift.
+        bias = None if bias is None else bias * float(attrs.get("beta", 1.0))
+        rows = weight if transposed_b else weight.t().contiguous()
+        folded = fold_layer_weights(rows, bias, after=(scale, shift), dtype=weight.dtype)
+        new_weight = folded.weight if transposed_b else folded.weight.t().contiguous()
+        _set_attribute(onnx, producer, "beta", 1.0)
+    else:
+        folded = fold_layer_weights(weight, bias, after=(scale, shift),
+                                    transposed=producer.op_type == "ConvTranspose",
+                                    groups=int(attrs.get("group", 1)), dtype=weight.dtype)
+        new_weight = folded.weight
+    g.set_array(weight_name, new_weight)
+    bias_name = producer.input[2] if has_bias else _fresh_name(g, f"{weight_name}.folded_bias")
+    g.set_array(bias_name, folded.bias)
+    if not has_bias:
+        del producer.input[2:]
+        producer.input.append(bias_name)
+    old_output = producer.output[0]
+    producer.output[0] = node.output[0]
+    g.graph.node.remove(node)
+    for index in reversed([i for i, v in enumerate(g.graph.value_info) if v.name == old_output]):
+        del g.graph.value_info[index]
+
+
+def _set_attribute(onnx: Any, node: Any, name: str, value: float) -> None:
+    for index in reversed([i for i, a in enumerate(node.attribute) if a.name == name]):
+        del node.attribute[index]
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _fresh_name(g: _Graph, base: str) -> str:
+    taken = set(g.initializers) | set(g.producers) | g.graph_inputs
+    name, count = base, 1
+    while name in taken:
+        count += 1
+        name = f"{base}.{count}"
+    return name
+
+
+def _prune(g: _Graph, names: Sequence[str]) -> None:
+    """Remove the initializers in ``names`` nothing reads any more (folded statistics)."""
+    fresh = _Graph(g.onnx, g.graph)
+    unused = {n for n in names if fresh.consumers[n] == 0 and n not in fresh.graph_inputs}
+    for index in reversed([i for i, t in enumerate(g.graph.initializer) if t.name in unused]):
+        del g.graph.initializer[index]
+
+
+def fold_graph_batchnorms(onnx: Any, model: Any) -> list[OnnxBatchNormFold]:
+    """Fold every foldable BatchNormalization of ``model``'s main graph, in place.
+
+    A BatchNorm after another one folds too once the first has folded into the layer before
+    them both: the lookups are rebuilt after every fold.
+    """
+    records = []
+    released: list[str] = []
+    for node in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        g = _Graph(onnx, model.graph)
+        producer, reason = _fold_reason(g, node)
+        name = node.name or node.output[0]
+        producer_name = None if producer is None else (producer.name or producer.output[0])
+        producer_op = None if producer is None else producer.op_type
+        folds = reason is None
+        if folds:
+            released += list(node.input[1:5])
+            _fold_into(g, node, producer)
+        records.append(OnnxBatchNormFold(name, producer_name, producer_op, folds,
+                                         reason or f"folded into {_label(producer)}"))
+    _prune(_Graph(onnx, model.graph), released)
+    return records
+
+
+def _read(onnx: Any, path_or_model: Any) -> tuple[Any, str, Path | None]:
+    """A copy of the model to fold, how to name it, and the file it came from."""
+    if isinstance(path_or_model, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(path_or_model)
+        return model, "<ModelProto>", None
+    path = Path(os.fspath(path_or_model))
+    if not path.is_file():
+        raise InvalidInputError(format_message(
+            "The ONNX file does not exist", where=str(path), got="no such file",
+            expected="an .onnx file", hint="check the path"))
+    try:
+        return onnx.load(str(path)), str(path), path
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError ...
+        raise InvalidInputError(format_message(
+            "The file is not a readable ONNX model", where=str(path),
+            got=f"{type(exc).__name__}: {first_line(exc)}", expected="a .onnx file",
+            hint="check that it is not truncated")) from exc
+
+
+def _check_folded(onnx: Any, original: Any, source: Path | None, folded: Any,
+                  options: Mapping[str, Any]) -> EquivalenceReport:
+    """The folded graph against the unfolded one in onnxruntime, through temporary files."""
+    with tempfile.TemporaryDirectory(prefix="bnsurgery-fold-") as folder:
+        reference = source
+        if reference is None:
+            reference = Path(folder) / "unfolded.onnx"
+            onnx.save(original, str(reference))
+        candidate = Path(folder) / "folded.onnx"
+        onnx.save(folded, str(candidate))
+        return compare_onnx(reference, candidate, **options)
+
+
+def fold_onnx_batchnorm(
+    path_or_model: str | os.PathLike[str] | Any,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    providers: Sequence[str] | str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> OnnxFoldResult:
+    """Fold BatchNormalization nodes into the Conv/ConvTranspose/Gemm before them (see module).
+
+    Args:
+        path_or_model: An ONNX file or an ``onnx.ModelProto`` (not changed either way).
+        output: Where to write the folded file; written only when the check passes, atomically
+            (an existing file keeps its permissions).
+        strict: Raise instead of returning when a BatchNormalization node cannot be folded.
+        providers: onnxruntime execution providers of the check (default CUDA, then CPU).
+        rtol: Override the documented relative tolerance of the check.
+        atol: Override the documented absolute tolerance.
+        input_shape: Shape of the check's random inputs (see
+            :func:`bnsurgery.onnx_compare.compare_onnx`).
+        seed: Seed of the check's random inputs.
+        timeout: Seconds one onnxruntime run may take.
+
+    Returns:
+        What was folded, the check, and the file written.
+
+    Raises:
+        InvalidInputError: The file is missing or unreadable, or the check's inputs do not fit.
+        FusionError: ``strict`` and a node cannot be folded (nothing is written).
+        RunTimeoutError: An onnxruntime run took longer than ``timeout``.
+    """
+    onnx = require("onnx", purpose="Folding BatchNorm in ONNX files")
+    original, source, path = _read(onnx, path_or_model)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(original)
+    records = fold_graph_batchnorms(onnx, folded)
+    kept = [r for r in records if not r.folded]
+    if strict and kept:
+        raise FusionError(format_message(
+            f"{len(kept)} BatchNormalization nodes cannot be folded: "
+            + "; ".join(f"{r.name}: {r.reason}" for r in kept), where=source,
+            hint="pass strict=False to fold what can be folded and keep the rest"))
+    check = None
+    if any(r.folded for r in records):
+        check = _check_folded(onnx, original, path, folded, {
+            "providers": providers, "rtol": rtol, "atol": atol, "input_shape": input_shape,
+            "seed": seed, "timeout": timeout})
+    written = None
+    if output is not None and (check is None or check.passed):
+        written = str(write_bytes(output, folded.SerializeToString(), what="ONNX file"))
+    return OnnxFoldResult(source=source, batchnorms=tuple(records), check=check,
+                          output=written, model=folded)
