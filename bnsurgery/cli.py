@@ -631,15 +631,25 @@ def _cmd_validate(ctx: _Context) -> int:
 
 
 def _onnx_only_options(ctx: _Context) -> Any:
-    """Refuse --weights for an ONNX MODEL (its weights are in the file); the --input-shape."""
+    """Refuse --weights for an ONNX MODEL (its weights are in the file), and a --report or
+    --plot that would overwrite it; the --input-shape."""
+    from bnsurgery.files import same_file
     from bnsurgery.models import parse_input_shape
 
-    if getattr(ctx.args, "weights", None):
+    args = ctx.args
+    if getattr(args, "weights", None):
         raise InvalidInputError(format_message(
             "--weights applies to a MODEL built in Python, not to an ONNX file",
-            where=ctx.args.model, got=f"--weights {ctx.args.weights}",
+            where=args.model, got=f"--weights {args.weights}",
             expected="no --weights (the file holds its weights)", hint="drop --weights"))
-    return parse_input_shape(ctx.args.input_shape) if ctx.args.input_shape else None
+    for flag in ("--report", "--plot"):
+        path = getattr(args, flag[2:], None)
+        if path and same_file(path, args.model):
+            raise InvalidInputError(format_message(
+                f"{flag} would overwrite the ONNX file read", where=str(path),
+                got=f"{flag} {path} is MODEL {args.model}", expected="a different file",
+                hint=f"pass another path to {flag}"))
+    return parse_input_shape(args.input_shape) if args.input_shape else None
 
 
 def _onnx_inputs_entry(report: Any) -> list[dict[str, Any]]:

@@ -77,7 +77,8 @@ def graph_signature(proto: Any) -> tuple[tuple[Signature, ...], tuple[Signature,
 def _same_dims(first: tuple[int | str, ...], second: tuple[int | str, ...]) -> bool:
     """Equal ranks and fixed sizes; two symbolic dims match whatever their names."""
     return len(first) == len(second) and all(
-        x == y or (isinstance(x, str) and isinstance(y, str)) for x, y in zip(first, second))
+        x == y or (isinstance(x, str) and isinstance(y, str))
+        for x, y in zip(first, second, strict=True))
 
 
 def _signature_differences(kind: str, first: Sequence[Signature], second: Sequence[Signature]
@@ -310,8 +311,8 @@ def _open(a_path: str | os.PathLike[str], b_path: str | os.PathLike[str],
     a, b = _load(onnx, a_path), _load(onnx, b_path)
     _check_signatures(os.fspath(a_path), os.fspath(b_path), a, b)
     requested = resolve_providers(providers)
-    return (onnx, a, b, requested, OnnxRunner(a_path, requested, timeout=timeout),
-            OnnxRunner(b_path, requested, timeout=timeout))
+    return (onnx, a, b, requested, OnnxRunner(Path(a_path), requested, timeout=timeout),
+            OnnxRunner(Path(b_path), requested, timeout=timeout))
 
 
 def _compare_outputs(runner_a: OnnxRunner, runner_b: OnnxRunner, feed: Mapping[str, Tensor],
@@ -392,7 +393,9 @@ def compare_onnx(
     failures = _provider_failures(requested, [runner_a, runner_b]) + list(run.failures)
     failed = bool(failures) or not all(o.passed for o in outputs)
     layers: list[LayerError] = []
-    first, suspects, notes = None, (), list(run.notes)
+    first: str | None = None
+    suspects: tuple[str, ...] = ()
+    notes = list(run.notes)
     if per_tensor or (per_tensor is None and failed):
         layers, first, suspects, note = _tensor_divergence(
             onnx, a, b, list(feed.values()), names=(runner_a.path.stem, runner_b.path.stem),

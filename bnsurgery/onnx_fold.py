@@ -119,6 +119,18 @@ class _Graph:
         """An initializer no graph input of the same name can override at run time."""
         return name in self.initializers and name not in self.graph_inputs
 
+    def resolve(self, name: str) -> str:
+        """The initializer behind a chain of Identity nodes (legacy exporters add them to share
+        one copy of equal tensors); ``name`` itself when there is none."""
+        seen = set()
+        while name not in self.initializers and name not in seen:
+            seen.add(name)
+            node = self.producers.get(name)
+            if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                break
+            name = node.input[0]
+        return name
+
     def array(self, name: str) -> Tensor:
         proto = self.graph.initializer[self.initializers[name]]
         return torch.from_numpy(self.onnx.numpy_helper.to_array(proto).copy())
@@ -163,17 +175,23 @@ def _batchnorm_reason(g: _Graph, node: Any) -> str | None:
         return "training-mode node (it outputs or updates running statistics)"
     if attrs.get("spatial", 1) == 0:
         return "spatial=0: statistics per activation, not per channel"
-    if len(node.input) < 5 or not all(g.constant(name) for name in node.input[1:5]):
-        return "its scale, bias, mean or variance is not a constant initializer"
+    params = [g.resolve(name) for name in node.input[1:5]]
+    if len(params) < 4 or not all(name in g.initializers for name in params):
+        return "its scale, bias, mean or variance is computed in the graph, not an initializer"
+    if not all(g.constant(name) for name in params):
+        return ("its scale, bias, mean or variance is also a graph input, which a caller can "
+                "override at run time (export with keep_initializers_as_inputs=False)")
     if node.domain not in ("", "ai.onnx"):
         return f"a BatchNormalization of domain {node.domain!r}, not ONNX's"
     return None
 
 
 def _weight_reason(g: _Graph, producer: Any, name: str, what: str) -> str | None:
+    if name not in g.initializers:
+        return f"the {what} of {_label(producer)} is computed in the graph, not an initializer"
     if not g.constant(name):
-        return (f"the {what} of {_label(producer)} is not a constant initializer (computed in "
-                "the graph, or a graph input can override it)")
+        return (f"the {what} of {_label(producer)} is also a graph input, which a caller can "
+                "override at run time (export with keep_initializers_as_inputs=False)")
     if g.consumers[name] != 1:
         return f"the {what} of {_label(producer)} is shared with another node"
     if g.dtype(name) not in _FLOAT_TYPES:
@@ -228,7 +246,7 @@ def _fold_reason(g: _Graph, node: Any) -> tuple[Any, str | None]:
     channels, reason = _out_channels(g, producer)
     if reason is not None:
         return producer, reason
-    statistics = g.array(node.input[3])
+    statistics = g.array(g.resolve(node.input[3]))
     if tuple(statistics.shape) != (channels,):
         return producer, (f"it has {list(statistics.shape)} statistics, {_label(producer)} "
                           f"{channels} output channels")
@@ -239,10 +257,9 @@ def _fold_into(g: _Graph, node: Any, producer: Any) -> None:
     """Fold ``node`` into ``producer`` in place (checked foldable by :func:`_fold_reason`)."""
     onnx = g.onnx
     bn = _attributes(onnx, node)
-    scale, shift = batchnorm_scale_shift(g.array(node.input[3]), g.array(node.input[4]),
-                                         eps=float(bn.get("epsilon", 1e-5)),
-                                         weight=g.array(node.input[1]),
-                                         bias=g.array(node.input[2]))
+    weight_bn, bias_bn, mean, var = (g.array(g.resolve(name)) for name in node.input[1:5])
+    scale, shift = batchnorm_scale_shift(mean, var, eps=float(bn.get("epsilon", 1e-5)),
+                                         weight=weight_bn, bias=bias_bn)
     attrs = _attributes(onnx, producer)
     weight_name = producer.input[1]
     weight = g.array(weight_name)
@@ -290,12 +307,20 @@ def _fresh_name(g: _Graph, base: str) -> str:
     return name
 
 
-def _prune(g: _Graph, names: Sequence[str]) -> None:
-    """Remove the initializers in ``names`` nothing reads any more (folded statistics)."""
-    fresh = _Graph(g.onnx, g.graph)
-    unused = {n for n in names if fresh.consumers[n] == 0 and n not in fresh.graph_inputs}
-    for index in reversed([i for i, t in enumerate(g.graph.initializer) if t.name in unused]):
-        del g.graph.initializer[index]
+def _prune(onnx: Any, graph: Any, names: Sequence[str]) -> None:
+    """Remove what fed only the folded statistics (``names``): Identity nodes, then
+    initializers, once nothing reads them any more."""
+    pending = set(names)
+    while pending:
+        g = _Graph(onnx, graph)
+        unused = {n for n in pending if g.consumers[n] == 0 and n not in g.graph_inputs}
+        identities = [node for node in graph.node if node.op_type == "Identity"
+                      and node.output[0] in unused]
+        for node in identities:
+            graph.node.remove(node)
+        for index in reversed([i for i, t in enumerate(graph.initializer) if t.name in unused]):
+            del graph.initializer[index]
+        pending = {node.input[0] for node in identities}
 
 
 def fold_graph_batchnorms(onnx: Any, model: Any) -> list[OnnxBatchNormFold]:
@@ -318,7 +343,7 @@ def fold_graph_batchnorms(onnx: Any, model: Any) -> list[OnnxBatchNormFold]:
             _fold_into(g, node, producer)
         records.append(OnnxBatchNormFold(name, producer_name, producer_op, folds,
                                          reason or f"folded into {_label(producer)}"))
-    _prune(_Graph(onnx, model.graph), released)
+    _prune(onnx, model.graph, released)
     return records
 
 

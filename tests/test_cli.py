@@ -801,3 +801,125 @@ def test_the_cli_time_limit_default_is_the_library_default():
     from bnsurgery import cli, ort_session
 
     assert cli.DEFAULT_TIMEOUT_S == ort_session.DEFAULT_TIMEOUT_S
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX files only: validate A.onnx B.onnx, fuse X.onnx -o Y.onnx.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def onnx_files(tmp_path):
+    from onnx_graphs import conv_net, save
+
+    return (save(conv_net(0), tmp_path / "a.onnx"), save(conv_net(0), tmp_path / "same.onnx"),
+            save(conv_net(0, scale_channel=1.05), tmp_path / "off.onnx"))
+
+
+def test_validate_two_onnx_files_exit_codes(capsys, onnx_files):
+    a, same, off = onnx_files
+    code, out, err = _run(capsys, "validate", str(a), str(same), "--providers", "cpu", "-q")
+    assert code == 0, err
+    assert "onnxruntime check passed: same.onnx in onnxruntime vs a.onnx" in out
+    code, out, _ = _run(capsys, "validate", str(a), str(off), "--providers", "cpu", "-q")
+    assert code == 1
+    assert "first diverging tensor: conv.out" in out and "Conv conv" in out
+
+
+def test_validate_two_onnx_files_as_json(capsys, onnx_files, tmp_path):
+    a, _, off = onnx_files
+    code, out, _ = _run(capsys, "validate", str(a), str(off), "--providers", "cpu",
+                        "--input-shape", "2,3,8,8", "--json", "-q",
+                        "--report", str(tmp_path / "report.json"))
+    document = _conforming(out)
+    assert code == 1 and document["exit_code"] == 1 and document["status"] == "failed"
+    assert document["onnx_reference"] == str(a) and document["onnx"] == str(off)
+    assert document["onnx_inputs"] == [{"name": "x", "dtype": "float32", "shape": [2, 3, 8, 8]}]
+    assert document["input_shape"] == [2, 3, 8, 8] and document["model"] is None
+    assert document["weights"] is None and document["seed"] == 0
+    (report,) = document["reports"]
+    assert report["first_divergence"] == "conv.out"
+    assert [layer["name"] for layer in report["layers"]][0] == "conv.out"
+    assert _conforming((tmp_path / "report.json").read_text())["summary"]["failed"] == 1
+
+
+def test_validate_two_onnx_files_that_differ_in_inputs_exits_2(capsys, onnx_files, tmp_path):
+    import onnx
+
+    a, _, _ = onnx_files
+    model = onnx.load(str(a))
+    model.graph.input[0].name = "image"
+    model.graph.node[0].input[0] = "image"
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    code, _, err = _run(capsys, "validate", str(a), str(other), "--providers", "cpu", "-q")
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "input only in the first file: x; input only in the second file: image" in lines[0]
+    code, _, err = _run(capsys, "validate", str(a), str(a), "--weights", "w.pt", "-q")
+    assert code == 2 and "--weights applies to a MODEL built in Python" in err
+    assert "Hint: drop --weights" in err
+    code, _, err = _run(capsys, "validate", str(a), str(a), "--input-shape", "1,3,9,9", "-q")
+    assert code == 2 and "the file expects N,3,8,8, got 1,3,9,9" in err
+    before = a.read_bytes()
+    code, _, err = _run(capsys, "validate", str(a), str(other), "--report", str(a), "-q")
+    assert code == 2 and "--report would overwrite the ONNX file read" in err
+    assert a.read_bytes() == before
+
+
+def test_fuse_an_onnx_file(capsys, onnx_files, tmp_path):
+    import onnx
+
+    a, _, _ = onnx_files
+    out = tmp_path / "folded.onnx"
+    code, text, err = _run(capsys, "fuse", str(a), "-o", str(out), "--providers", "cpu",
+                           "--json", "-q")
+    document = _conforming(text)
+    assert code == 0 and document["status"] == "passed", err
+    assert document["output"] == str(out) and document["format"] == "onnx"
+    assert document["batchnorms"] == [{"name": "bn", "type": "BatchNormalization",
+                                       "status": "folded", "into": "conv", "direction": "after",
+                                       "reason": "folded into Conv conv"}]
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv", "Relu", "Flatten",
+                                                                   "Gemm"]
+    code, text, _ = _run(capsys, "validate", str(a), str(out), "--providers", "cpu", "-q")
+    assert code == 0, text  # the written file checks out against the original, independently
+
+
+def test_fuse_an_onnx_file_refuses_bad_output_and_strict_misses(capsys, onnx_files, tmp_path):
+    from onnx_graphs import Graph, TensorProto, save
+
+    a, _, _ = onnx_files
+    code, _, err = _run(capsys, "fuse", str(a), "-o", str(tmp_path / "x.pt"), "-q")
+    assert code == 2 and "Unknown output file type for an ONNX MODEL" in err
+    assert "Hint: pass -o FILE.onnx" in err
+    g = Graph(0)
+    g.batchnorm("bn", g.node("Relu", ["x"], ["r"], "relu"), 3, output="y")
+    kept = save(g.model([("x", TensorProto.FLOAT, ["N", 3, 2, 2])],
+                        [("y", TensorProto.FLOAT, ["N", 3, 2, 2])]), tmp_path / "kept.onnx")
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "fuse", str(kept), "-o", str(out), "--strict", "-q")
+    assert code == 2 and "bn: it follows Relu" in err and "Hint: drop --strict" in err
+    assert not out.exists()
+    code, text, _ = _run(capsys, "fuse", str(kept), "-o", str(out), "--json", "-q")
+    document = _conforming(text)
+    assert code == 0 and document["status"] == "skipped" and document["passed"] is None
+    assert document["batchnorms"][0]["status"] == "skipped" and out.exists()
+
+
+def test_fuse_an_onnx_file_that_folds_wrongly_exits_1_and_writes_nothing(capsys, onnx_files,
+                                                                         tmp_path, monkeypatch):
+    import bnsurgery.onnx_fold as onnx_fold
+
+    real = onnx_fold.fold_layer_weights
+
+    def off_by_five_percent(*args, **kwargs):
+        folded = real(*args, **kwargs)
+        return type(folded)(folded.weight * 1.05, folded.bias, folded.weight64, folded.bias64)
+
+    monkeypatch.setattr(onnx_fold, "fold_layer_weights", off_by_five_percent)
+    a, _, _ = onnx_files
+    out = tmp_path / "folded.onnx"
+    code, text, _ = _run(capsys, "fuse", str(a), "-o", str(out), "--providers", "cpu", "-q")
+    assert code == 1 and not out.exists()
+    assert f"not saved: the folded graph does not match {a}" in text
+    assert "first diverging tensor: bn.out" in text
