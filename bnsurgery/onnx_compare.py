@@ -273,15 +273,18 @@ def _suspects(b: Any, tensor: str, agreeing: set[str]) -> tuple[str, ...]:
 
 
 def _tensor_divergence(onnx: Any, a: Any, b: Any, feed: Sequence[Tensor], *,
-                       names: tuple[str, str], providers: Sequence[str], tolerance: Tolerance,
-                       timeout: float) -> tuple[list[LayerError], str | None, tuple[str, ...],
-                                                str]:
-    """Per-tensor errors of the shared tensors, the first diverging one, its suspects, a note."""
+                       runners: tuple[OnnxRunner, OnnxRunner], providers: Sequence[str],
+                       tolerance: Tolerance, output_failed: bool
+                       ) -> tuple[list[LayerError], str | None, tuple[str, ...], list[str]]:
+    """Per-tensor errors of the shared tensors, the first diverging one, its suspects, notes.
+
+    When every shared tensor agrees but an output does not (``output_failed``), the divergence
+    is ``"output"``: it happens after the last shared tensor.
+    """
     shared = _shared_tensors(a, b)
-    values_a = _run_exposed(onnx, a, shared, feed, providers=providers, timeout=timeout,
-                            stem=names[0])
-    values_b = _run_exposed(onnx, b, shared, feed, providers=providers, timeout=timeout,
-                            stem=names[1])
+    values_a, values_b = (
+        _run_exposed(onnx, proto, shared, feed, providers=providers, timeout=runner.timeout,
+                     stem=runner.path.stem) for proto, runner in zip((a, b), runners, strict=True))
     layers: list[LayerError] = []
     agreeing: set[str] = set()
     first: str | None = None
@@ -295,11 +298,17 @@ def _tensor_divergence(onnx: Any, a: Any, b: Any, feed: Sequence[Tensor], *,
             agreeing.add(name)
         elif first is None:
             first = name
+    notes = [f"per-tensor errors of {len(layers)} of the {len(shared)} tensors both graphs "
+             "compute under the same name (debug copies exposing them as outputs; the files "
+             "were not changed)"]
     suspects = _suspects(b, first, agreeing) if first is not None else ()
-    note = (f"per-tensor errors of {len(layers)} of the {len(shared)} tensors both graphs "
-            "compute under the same name (debug copies exposing them as outputs; the files "
-            "were not changed)")
-    return layers, first, suspects, note
+    if first is not None:
+        notes.append(f"first diverging tensor: {first} (shared tensors compared by name in "
+                     f"{runners[0].path.name}'s order); {runners[1].path.name} computes it from "
+                     f"tensors that still agree with {', '.join(suspects) or 'no node'}")
+    elif output_failed:
+        first = "output"  # every shared tensor agreed: the difference is after them
+    return layers, first, suspects, notes
 
 
 def _open(a_path: str | os.PathLike[str], b_path: str | os.PathLike[str],
@@ -392,27 +401,19 @@ def compare_onnx(
     outputs, run = _compare_outputs(runner_a, runner_b, feed, tolerance)
     failures = _provider_failures(requested, [runner_a, runner_b]) + list(run.failures)
     failed = bool(failures) or not all(o.passed for o in outputs)
-    layers: list[LayerError] = []
-    first: str | None = None
-    suspects: tuple[str, ...] = ()
-    notes = list(run.notes)
+    diagnosis: tuple[list[LayerError], str | None, tuple[str, ...], list[str]] = (
+        [], None, (), [])
     if per_tensor or (per_tensor is None and failed):
-        layers, first, suspects, note = _tensor_divergence(
-            onnx, a, b, list(feed.values()), names=(runner_a.path.stem, runner_b.path.stem),
-            providers=requested, tolerance=tolerance, timeout=timeout)
-        notes.append(note)
-        if first is not None:
-            notes.append(f"first diverging tensor: {first} (shared tensors compared by name in "
-                         f"{runner_a.path.name}'s order); {runner_b.path.name} computes it from "
-                         f"tensors that still agree with {', '.join(suspects) or 'no node'}")
-        if first is None and failed:
-            first = "output"  # every shared tensor agreed: the difference is after them
+        diagnosis = _tensor_divergence(onnx, a, b, list(feed.values()),
+                                       runners=(runner_a, runner_b), providers=requested,
+                                       tolerance=tolerance, output_failed=failed)
+    layers, first, suspects, notes = diagnosis
     return EquivalenceReport(
         check="onnxruntime", reference=f"{runner_a.path.name} in onnxruntime",
         candidate=f"{runner_b.path.name} in onnxruntime",
         backend=f"onnxruntime:{runner_b.providers_used[0]}", tolerance=tolerance,
         outputs=tuple(outputs), failures=tuple(failures), first_divergence=first,
-        divergence_suspects=suspects, layers=tuple(layers), notes=tuple(notes),
+        divergence_suspects=suspects, layers=tuple(layers), notes=(*run.notes, *notes),
         details={"reference_file": str(runner_a.path), "candidate_file": str(runner_b.path),
                  "inputs": _describe(feed), "seed": None if inputs is not None else seed,
                  "providers_requested": requested, "providers_used": runner_b.providers_used},
