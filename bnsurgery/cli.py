@@ -695,6 +695,7 @@ def _cmd_fuse_onnx(ctx: _Context) -> int:
         result = fold_onnx_batchnorm(args.model, output=out, input_shape=shape,
                                      strict=args.strict, providers=args.providers,
                                      rtol=args.rtol, atol=args.atol,
+                                     per_tensor=True if args.plot else None,
                                      seed=args.seed, timeout=args.timeout)
     rows = [{"name": b.name, "type": "BatchNormalization",
              "status": "folded" if b.folded else "skipped",

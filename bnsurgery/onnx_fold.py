@@ -389,6 +389,7 @@ def fold_onnx_batchnorm(
     rtol: float | None = None,
     atol: float | None = None,
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    per_tensor: bool | None = None,
     seed: int = 0,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> OnnxFoldResult:
@@ -404,6 +405,7 @@ def fold_onnx_batchnorm(
         atol: Override the documented absolute tolerance.
         input_shape: Shape of the check's random inputs (see
             :func:`bnsurgery.onnx_compare.compare_onnx`).
+        per_tensor: Compare the tensors both graphs share too (``None``: when the check fails).
         seed: Seed of the check's random inputs.
         timeout: Seconds one onnxruntime run may take.
 
@@ -430,7 +432,7 @@ def fold_onnx_batchnorm(
     if any(r.folded for r in records):
         check = _check_folded(onnx, original, path, folded, {
             "providers": providers, "rtol": rtol, "atol": atol, "input_shape": input_shape,
-            "seed": seed, "timeout": timeout})
+            "per_tensor": per_tensor, "seed": seed, "timeout": timeout})
     written = None
     if output is not None and (check is None or check.passed):
         written = str(write_bytes(output, folded.SerializeToString(), what="ONNX file"))

@@ -923,3 +923,17 @@ def test_fuse_an_onnx_file_that_folds_wrongly_exits_1_and_writes_nothing(capsys,
     assert code == 1 and not out.exists()
     assert f"not saved: the folded graph does not match {a}" in text
     assert "first diverging tensor: bn.out" in text
+
+
+def test_fuse_and_validate_onnx_files_plot_the_error_per_tensor(capsys, onnx_files, tmp_path):
+    pytest.importorskip("matplotlib")
+    a, _, off = onnx_files
+    plot = tmp_path / "tensors.png"
+    code, _, err = _run(capsys, "fuse", str(a), "-o", str(tmp_path / "f.onnx"), "--providers",
+                        "cpu", "--plot", str(plot), "-q")
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot.unlink()
+    code, _, err = _run(capsys, "validate", str(a), str(off), "--providers", "cpu", "--plot",
+                        str(plot), "-q")
+    assert code == 1 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err

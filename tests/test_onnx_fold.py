@@ -291,3 +291,23 @@ def test_the_result_round_trips_through_json(tmp_path):
     assert data["folded"] == 1 and data["passed"] is True and data["check"]["passed"] is True
     assert data["batchnorms"] == [{"name": "bn", "producer": "conv", "producer_op": "Conv",
                                    "folded": True, "reason": "folded into Conv conv"}]
+
+
+def test_float16_files_fold_in_float16_with_the_fp16_tolerance():
+    g = Graph(10)
+    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 3, 3, dtype=np.float16),
+                           g.constant("b", 4, dtype=np.float16)], ["conv.out"], "conv",
+                  pads=[1, 1, 1, 1])
+    g.batchnorm("bn", conv, 4, output="y", dtype=np.float16)
+    model = g.model([("x", TensorProto.FLOAT16, ["N", 4, 5, 5])],
+                    [("y", TensorProto.FLOAT16, ["N", 4, 5, 5])])
+    result = fold_onnx_batchnorm(model, providers="cpu")
+    assert result.passed and result.check.tolerance.label == "fp16"
+    weights = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert weights == {"w": TensorProto.FLOAT16, "b": TensorProto.FLOAT16}
+    x = np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float16)
+    (expected,), (got,) = _run(model, {"x": x}), _run(result.model, {"x": x})
+    scale = float(np.abs(expected.astype(np.float64)).max())
+    torch.testing.assert_close(torch.from_numpy(got).double(),
+                               torch.from_numpy(expected).double(),
+                               rtol=0, atol=1e-3 + 5e-2 * scale)
