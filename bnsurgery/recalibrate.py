@@ -173,12 +173,11 @@ def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     would allocate a converted copy of its input on the CPU) and reduced while they are hot. One
     pass gathers ``sum(d)`` and ``sum(d^2)`` of ``d = x - K``, shifted by ``K``, the float64 mean
     of the first chunk (the squares are summed as row norms, so no ``d * d`` is written).
-    ``sum(d^2) - sum(d)^2 / n``
-    cancels by the factor ``sum(d^2) / sq_dev = 1 + n (mean - K)^2 / sq_dev``, and since the first
-    chunk's own ``n0`` values contribute at least ``n0 (K - mean)^2`` to ``sq_dev``, that factor is
-    at most ``1 + n / n0``, about the number of chunks: the variance keeps all but a few of
-    float64's 16 digits, however large the mean is next to the spread (the naive
-    ``E[x^2] - E[x]^2`` loses them all).
+    ``sum(d^2) - sum(d)^2 / n`` cancels by the factor ``sum(d^2) / sq_dev = 1 + n (mean - K)^2 /
+    sq_dev``, and since the first chunk's own ``n0`` values contribute at least
+    ``n0 (K - mean)^2`` to ``sq_dev``, that factor is at most ``1 + n / n0``, about the number of
+    chunks: the variance keeps all but a few of float64's 16 digits, however large the mean is
+    next to the spread (the naive ``E[x^2] - E[x]^2`` loses them all).
 
     Args:
         x: A BatchNorm input ``(N, C, ...)`` of any float dtype and layout.
