@@ -505,9 +505,10 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
 
     Only the BatchNorm layers are switched to training mode (so they normalise with batch
     statistics, as during training; see the module's documentation for how); every other module
-    keeps its mode, so a model in eval mode runs without dropout or stochastic depth. Each layer's running mean and (unbiased) variance
-    become those of every value it saw over all batches (and all ranks), computed in float64;
-    ``num_batches_tracked`` becomes the number of batches. The layers' modes are restored.
+    keeps its mode, so a model in eval mode runs without dropout or stochastic depth. Each
+    layer's running mean and (unbiased) variance become those of every value it saw over all
+    batches (and all ranks), computed in float64; ``num_batches_tracked`` becomes the number of
+    batches. The layers' modes are restored.
 
     Args:
         model: The model; put it in eval mode so dropout and stochastic depth stay off.
