@@ -7,9 +7,14 @@ momentum-free average of per-batch variances (and runs dropout in training mode)
 ``recalibrate_batchnorm`` computes the exact dataset statistics in float64, so some cost over
 the forward pass is expected.
 
+``--breakdown`` adds two rows that say where the cost over a forward pass goes: the forward with
+the BatchNorms in training mode and nothing measured (what batch statistics cost by themselves),
+and ``recalibrate_batchnorm(..., inplace=True)`` (the same without the deep copy of the model).
+
 Rerun with::
 
     .venv/bin/python benchmarks/recalibrate_throughput.py
+    .venv/bin/python benchmarks/recalibrate_throughput.py --breakdown --rounds 9
     .venv/bin/python benchmarks/recalibrate_throughput.py --model resnet50 --batches 8
 """
 
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time a training-mode BatchNorm forward and inplace=True")
     args = parser.parse_args(argv)
     import torchvision
 
@@ -60,19 +69,39 @@ def main(argv: list[str] | None = None) -> int:
     def recalibrate() -> None:
         recalibrate_batchnorm(model, data)
 
+    training = copy.deepcopy(model)
+    for module in training.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            module.train()
+    in_place = copy.deepcopy(model)
+
+    def training_forward() -> None:
+        with torch.no_grad():
+            for x in data:
+                training(x)
+
     runners = {"forward only": forward_only, "update_bn": update_bn,
                "recalibrate_batchnorm": recalibrate}
+    if args.breakdown:
+        runners["BatchNorms training"] = training_forward
+        runners["recalibrate, inplace"] = lambda: recalibrate_batchnorm(in_place, data,
+                                                                        inplace=True)
     times: dict[str, list[float]] = {k: [] for k in runners}
     names = list(runners)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for name in names:
         runners[name]()
     for index in range(args.rounds):
-        for name in names[index % 3:] + names[:index % 3]:
+        turn = index % len(names)
+        for name in names[turn:] + names[:turn]:
             start = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - start)
     print(f"# {COMMAND} --model {args.model} --batches {args.batches} --batch {args.batch} "
-          f"--size {args.size} --rounds {args.rounds} --threads {args.threads}")
+          f"--size {args.size} --rounds {args.rounds} --threads {args.threads}"
+          + (" --breakdown" if args.breakdown else ""))
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# load average (1 min) before {load_before:.1f}, after {load_after:.1f}")
     base = statistics.median(times["forward only"])
     images = args.batches * args.batch
     for name in names:

@@ -13,23 +13,33 @@ statistic of the whole dataset, not a momentum average. Under ``torch.distribute
 moments are merged the same way, so every rank ends with identical buffers equal to a single
 process seeing all the data. Layers that should not change (frozen classes, layers without running
 statistics, layers the caller excludes) are left alone and listed in the report.
+
+What a layer hands on during the pass is what training would: its input normalised with *this
+batch's* mean and biased variance (not the running estimate). A plain ``nn.BatchNorm1d/2d/3d``
+takes them from the float64 moments it is being measured with, rounded once to its dtype, and
+normalises in one pass, instead of measuring the batch a second time in its own training-mode
+forward; its output then differs from that forward's only by the rounding of the statistics
+(torch's are float32). Any other BatchNorm class (a subclass that does more after normalising,
+bnsurgery's own classes) runs its own training-mode forward, its input measured by a hook.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm
 from bnsurgery.errors import InvalidInputError, format_message
-from bnsurgery.kernel_tensor import channel_block
+from bnsurgery.kernel_tensor import channel_block, channel_dot, channel_sum
 
 __all__ = [
     "LayerRecalibration",
@@ -149,22 +159,25 @@ class RecalibrationReport:
         return "\n".join(lines)
 
 
-#: Values converted to float64 at a time: small enough (2 MiB) to stay in cache, large enough
-#: that the loop over chunks costs nothing next to the arithmetic.
-_CHUNK_VALUES = 1 << 18
+#: Values converted to float64 at a time: 1 MiB, so the float64 buffer stays in a core's L2
+#: cache and is reused for every chunk (fresh large allocations cost more than the arithmetic),
+#: yet few enough chunks that the per-chunk calls cost little.
+_CHUNK_VALUES = 1 << 17
+
 
 def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     """Per-channel count, mean and sum of squared deviations of ``x``, exact to float64.
 
     The float64 copy of a large activation costs more than the arithmetic, so the values are
-    converted a cache-sized chunk at a time and reduced while they are hot. One pass gathers
-    ``sum(d)`` and ``sum(d^2)`` of ``d = x - K``, shifted by ``K``, the float64 mean of the first
-    chunk. ``sum(d^2) - sum(d)^2 / n`` cancels by the factor
-    ``sum(d^2) / sq_dev = 1 + n (mean - K)^2 / sq_dev``, and since the first chunk's own ``n0``
-    values contribute at least ``n0 (K - mean)^2`` to ``sq_dev``, that factor is at most
-    ``1 + n / n0``, about the number of chunks: the variance keeps all but a few of float64's 16
-    digits, however large the mean is next to the spread (the naive ``E[x^2] - E[x]^2`` loses
-    them all).
+    converted a cache-sized chunk at a time into one reused buffer (a mixed-dtype operation
+    would allocate a converted copy of its input on the CPU) and reduced while they are hot. One
+    pass gathers ``sum(d)`` and ``sum(d^2)`` of ``d = x - K``, shifted by ``K``, the float64 mean
+    of the first chunk (the squares are summed as row norms, so no ``d * d`` is written).
+    ``sum(d^2) - sum(d)^2 / n`` cancels by the factor ``sum(d^2) / sq_dev = 1 + n (mean - K)^2 /
+    sq_dev``, and since the first chunk's own ``n0`` values contribute at least
+    ``n0 (K - mean)^2`` to ``sq_dev``, that factor is at most ``1 + n / n0``, about the number of
+    chunks: the variance keeps all but a few of float64's 16 digits, however large the mean is
+    next to the spread (the naive ``E[x^2] - E[x]^2`` loses them all).
 
     Args:
         x: A BatchNorm input ``(N, C, ...)`` of any float dtype and layout.
@@ -173,16 +186,22 @@ def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
         ``(count, mean, sq_dev)``: values per channel, and two float64 ``(C,)`` tensors.
     """
     block = channel_block(x.detach())
-    count = block.shape[0] * block.shape[2]
-    rows = max(1, _CHUNK_VALUES // max(1, block.shape[1] * block.shape[2]))
-    chunks = [block[i:i + rows] for i in range(0, block.shape[0], rows)]
-    shift = chunks[0].to(_F64).mean((0, 2)).view(1, -1, 1)
-    total = torch.zeros(block.shape[1], dtype=_F64, device=x.device)
+    rows, channels, length = block.shape
+    count = rows * length
+    step = min(rows, max(1, _CHUNK_VALUES // max(1, channels * length)))
+    buffer = torch.empty((step, channels, length), dtype=_F64, device=x.device)
+    buffer.copy_(block[:step])
+    shift = (channel_sum(buffer, _F64) / (step * length)).view(1, -1, 1)
+    total = torch.zeros(channels, dtype=_F64, device=x.device)
     squares = torch.zeros_like(total)
-    for chunk in chunks:
-        deviation = chunk.to(_F64) - shift
-        total += deviation.sum((0, 2))
-        squares += deviation.square_().sum((0, 2))
+    for start in range(0, rows, step):
+        chunk = block[start:start + step]
+        deviation = buffer[:chunk.shape[0]]
+        if start:  # the first chunk is in the buffer already
+            deviation.copy_(chunk)
+        deviation.sub_(shift)
+        total += channel_sum(deviation, _F64)
+        squares += channel_dot(deviation, deviation)
     mean = shift.flatten() + total / count
     sq_dev = squares - total.square() / count
     return count, mean, sq_dev.clamp(min=0)
@@ -192,25 +211,66 @@ class _Moments:
     """Float64 count, mean and sum of squared deviations of one layer's input, per channel."""
 
     def __init__(self) -> None:
-        self.count = torch.zeros((), dtype=_F64)
+        self.count = 0
         self.mean: Tensor | None = None
         self.sq_dev: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor) -> tuple[int, Tensor, Tensor] | None:
+        """Measure one batch, merge it in, and return its own moments (``None`` when empty)."""
         if x.dim() < 2:
             raise InvalidInputError(format_message(
                 "A BatchNorm input needs a batch and a channel axis", got=tuple(x.shape),
                 expected="(N, C, ...)"))
         if x.numel() == 0:
-            return
+            return None
         count, mean, sq_dev = batch_moments(x)
-        if self.mean is None:
-            self.count = torch.tensor(float(count), dtype=_F64, device=x.device)
-            self.mean, self.sq_dev = mean, sq_dev
-            return
-        self.count, self.mean, self.sq_dev = merge_moments(
-            torch.stack([self.count, torch.tensor(float(count), dtype=_F64, device=x.device)]),
-            torch.stack([self.mean, mean]), torch.stack([self.sq_dev, sq_dev]))
+        if self.mean is None or self.sq_dev is None:
+            self.count, self.mean, self.sq_dev = count, mean, sq_dev
+            return count, mean, sq_dev
+        # Chan's merge of two parts, written out: no stacking, no device synchronisation.
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.sq_dev = self.sq_dev + sq_dev + delta.square_() * (self.count * count / total)
+        self.count = total
+        return count, mean, sq_dev
+
+
+#: BatchNorm classes whose training-mode forward is exactly ``F.batch_norm`` with batch statistics
+#: (exact types: a subclass such as timm's ``BatchNormAct2d`` does more after normalising).
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _BatchStatisticsForward:
+    """A plain BatchNorm's training-mode output, normalised with the batch moments just measured.
+
+    During recalibration a BatchNorm must still hand the next layers what training would: its
+    input normalised with *this batch's* mean and biased variance. Its own training-mode forward
+    would measure them a second time (and move its running buffers, which are overwritten
+    afterwards anyway); here they come from the float64 moments the layer is being measured with,
+    and the input is normalised by the one-pass evaluation kernel fed those batch statistics.
+    Installed as the instance's ``forward`` for the pass only, so the module's hooks still run.
+    """
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, moments: _Moments) -> None:
+        self.module, self.moments = module, moments
+
+    def __call__(self, x: Tensor) -> Tensor:
+        module = self.module
+        module._check_input_dim(x)
+        measured = self.moments.add(x)
+        if measured is None or measured[0] < 2:  # torch's own forward says what is wrong
+            return type(module).forward(module, x)
+        count, mean, sq_dev = measured
+        dtype = module.running_mean.dtype
+        return F.batch_norm(x, mean.to(dtype), (sq_dev / count).to(dtype), module.weight,
+                            module.bias, training=False, momentum=0.0, eps=module.eps)
+
+
+def _measure_input(moments: _Moments, _module: nn.Module, args: tuple[object, ...]) -> None:
+    """A forward pre-hook (bound with ``functools.partial``): measure a BatchNorm's input."""
+    if args and isinstance(args[0], Tensor):
+        moments.add(args[0])
 
 
 def _skip_reason(module: nn.Module) -> str | None:
@@ -300,6 +360,143 @@ def _relative(new: Tensor, old: Tensor, scale: float) -> float:
     return difference / scale if scale > 0 else (0.0 if difference == 0 else math.inf)
 
 
+def _check_options(model: nn.Module, num_batches: int | None, exclude: Sequence[str]
+                   ) -> list[str]:
+    """The model's module names, in order, once the options are known to be usable."""
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise InvalidInputError(format_message(
+            "num_batches must be a positive integer", where="num_batches", got=num_batches,
+            hint="pass num_batches=None to use all of data"))
+    names = [name for name, _ in model.named_modules()]
+    known = set(names)
+    unknown = [name for name in exclude if name not in known]
+    if unknown:
+        raise InvalidInputError(format_message(
+            "exclude names modules the model does not have", where="exclude", got=unknown,
+            hint="use qualified names from model.named_modules()"))
+    return names
+
+
+def _select_layers(model: nn.Module, exclude: Sequence[str]
+                   ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The BatchNorms to re-estimate, and every other one with why it is left alone."""
+    skipped: dict[str, str] = {}
+    targets: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not looks_like_batchnorm(module):
+            continue
+        if any(name == e or name.startswith(e + ".") for e in exclude if e):
+            skipped[name] = "excluded by the caller (exclude=...)"
+        elif (reason := _skip_reason(module)) is not None:
+            skipped[name] = reason
+        else:
+            targets[name] = module
+    return targets, skipped
+
+
+def _instrument(targets: Mapping[str, nn.Module], moments: Mapping[str, _Moments]
+                ) -> Callable[[], None]:
+    """Make every target measure its input, in training mode; returns what undoes it.
+
+    A plain ``nn.BatchNorm1d/2d/3d`` normalises with the moments it was just measured with
+    (:class:`_BatchStatisticsForward`); any other class runs its own training-mode forward after
+    a pre-hook has measured its input.
+    """
+    modes = {name: module.training for name, module in targets.items()}
+    handles, patched = [], []
+    for name, module in targets.items():
+        if type(module) in _PLAIN_BATCHNORMS and "forward" not in module.__dict__:
+            module.forward = _BatchStatisticsForward(module, moments[name])
+            patched.append(module)
+        else:
+            handles.append(module.register_forward_pre_hook(
+                functools.partial(_measure_input, moments[name])))
+        module.train()
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        for module in patched:
+            del module.forward
+        for name, module in targets.items():
+            module.train(modes[name])
+
+    return undo
+
+
+def _feed(model: nn.Module, data: Iterable[object], num_batches: int | None,
+          progress: bool) -> int:
+    """Run the batches through ``model`` without gradients; returns how many ran."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else None
+    total = num_batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)  # type: ignore[arg-type]
+    bar = _Progress(progress, total)
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                if num_batches is not None and batches >= num_batches:
+                    break
+                _run(model, batch, device)
+                batches += 1
+                bar.update(batches)
+    finally:
+        bar.close()
+    return batches
+
+
+def _gather(moments: list[tuple[str, _Moments, int]], batches: int, process_group: object,
+            device: torch.device) -> tuple[list[tuple[object, Tensor | None, Tensor | None]],
+                                            int, int]:
+    """Every layer's moments over all ranks, the batches over all ranks, and the world size."""
+    world_size, rank = _world(process_group)
+    if world_size == 1:
+        return [(m.count, m.mean, m.sq_dev) for _, m, _ in moments], batches, 1
+    import torch.distributed as dist
+
+    merged = _merge_across_ranks(moments, process_group, world_size, rank, device)
+    counts = torch.tensor([float(batches)], dtype=_F64, device=device)
+    dist.all_reduce(counts, group=process_group)
+    return list(merged), int(counts.item()), world_size
+
+
+def _apply(name: str, module: nn.Module, count: int, mean: Tensor, sq_dev: Tensor,
+           batches: int) -> LayerRecalibration:
+    """Write one layer's new statistics and describe the change."""
+    variance = sq_dev / (count - 1)
+    old_mean = module.running_mean.detach().to(_F64)
+    old_var = module.running_var.detach().to(_F64)
+    module.running_mean.copy_(mean)
+    module.running_var.copy_(variance)
+    tracked = getattr(module, "num_batches_tracked", None)
+    if isinstance(tracked, Tensor):
+        tracked.fill_(batches)
+    old_norm = float(torch.linalg.vector_norm(old_mean))
+    old_scale = max(old_norm, float(torch.linalg.vector_norm(old_var.clamp(min=0).sqrt())))
+    eps = float(getattr(module, "eps", 1e-5))
+    return LayerRecalibration(
+        name=name, samples=count, old_mean=old_norm,
+        new_mean=float(torch.linalg.vector_norm(mean)),
+        mean_change=_relative(mean, old_mean, old_scale),
+        var_change=_relative(variance, old_var, float(torch.linalg.vector_norm(old_var))),
+        near_zero_variance=tuple(torch.nonzero(variance < eps).flatten().tolist()))
+
+
+def _save_buffers(model: nn.Module, names: Iterable[str]) -> dict[str, dict[str, Tensor]]:
+    return {name: {key: value.detach().clone()
+                   for key, value in model.get_submodule(name).named_buffers(recurse=False)}
+            for name in names}
+
+
+def _restore_buffers(model: nn.Module, saved: Mapping[str, Mapping[str, Tensor]]) -> None:
+    for name, buffers in saved.items():
+        module = model.get_submodule(name)
+        for key, value in buffers.items():
+            getattr(module, key).copy_(value)
+
+
 def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
                           num_batches: int | None = None, inplace: bool = False,
                           exclude: Sequence[str] = (), progress: bool = False,
@@ -307,10 +504,11 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
     """Re-estimate every BatchNorm's running statistics from ``data``, exactly.
 
     Only the BatchNorm layers are switched to training mode (so they normalise with batch
-    statistics, as during training); every other module keeps its mode, so a model in eval mode
-    runs without dropout or stochastic depth. Each layer's running mean and (unbiased) variance
-    become those of every value it saw over all batches (and all ranks), computed in float64;
-    ``num_batches_tracked`` becomes the number of batches. The layers' modes are restored.
+    statistics, as during training; see the module's documentation for how); every other module
+    keeps its mode, so a model in eval mode runs without dropout or stochastic depth. Each
+    layer's running mean and (unbiased) variance become those of every value it saw over all
+    batches (and all ranks), computed in float64; ``num_batches_tracked`` becomes the number of
+    batches. The layers' modes are restored.
 
     Args:
         model: The model; put it in eval mode so dropout and stochastic depth stay off.
@@ -331,111 +529,33 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
         InvalidInputError: ``num_batches`` is not positive, an ``exclude`` name is not in the
             model, or a batch is of an unusable kind.
     """
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise InvalidInputError(format_message(
-            "num_batches must be a positive integer", where="num_batches", got=num_batches,
-            hint="pass num_batches=None to use all of data"))
-    names = dict(model.named_modules())
-    unknown = [name for name in exclude if name not in names]
-    if unknown:
-        raise InvalidInputError(format_message(
-            "exclude names modules the model does not have", where="exclude", got=unknown,
-            hint="use qualified names from model.named_modules()"))
+    names = _check_options(model, num_batches, exclude)
     work = model if inplace else copy.deepcopy(model)
-    skipped: dict[str, str] = {}
-    targets: dict[str, nn.Module] = {}
-    for name, module in work.named_modules():
-        if not looks_like_batchnorm(module):
-            continue
-        if any(name == e or name.startswith(e + ".") for e in exclude if e):
-            skipped[name] = "excluded by the caller (exclude=...)"
-        elif (reason := _skip_reason(module)) is not None:
-            skipped[name] = reason
-        else:
-            targets[name] = module
-    # BatchNorm's own training-mode forward moves its buffers; whatever is not re-estimated
-    # here is put back afterwards.
-    saved = {name: {key: value.detach().clone()
-                    for key, value in work.get_submodule(name).named_buffers(recurse=False)}
-             for name in [*skipped, *targets]}
+    targets, skipped = _select_layers(work, exclude)
+    # A training-mode forward moves a BatchNorm's buffers; whatever is not re-estimated here is
+    # put back afterwards.
+    saved = _save_buffers(work, [*skipped, *targets])
     moments = {name: _Moments() for name in targets}
-    modes = {name: module.training for name, module in targets.items()}
-    handles = []
-    for name, module in targets.items():
-        def hook(_module: nn.Module, args: tuple[object, ...], moment: _Moments = moments[name]
-                 ) -> None:
-            if args and isinstance(args[0], Tensor):
-                moment.add(args[0])
-        handles.append(module.register_forward_pre_hook(hook))
-        module.train()
-    first = next(work.parameters(), None)
-    device = first.device if first is not None else None
-    total = num_batches
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
-    bar = _Progress(progress, total)
-    batches = 0
     start = time.perf_counter()
+    undo = _instrument(targets, moments)
     try:
-        with torch.no_grad():
-            for batch in data:
-                if num_batches is not None and batches >= num_batches:
-                    break
-                _run(work, batch, device)
-                batches += 1
-                bar.update(batches)
+        batches = _feed(work, data, num_batches, progress)
     finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-        for name, module in targets.items():
-            module.train(modes[name])
-    world_size, rank = _world(process_group)
+        undo()
+    first = next(work.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     ordered = [(name, moments[name], targets[name].running_mean.numel()) for name in targets]
-    if world_size > 1:
-        merged = _merge_across_ranks(ordered, process_group, world_size, rank,
-                                     device or torch.device("cpu"))
-        import torch.distributed as dist
-
-        counts = torch.tensor([float(batches)], dtype=_F64, device=device or "cpu")
-        dist.all_reduce(counts, group=process_group)
-        all_batches = int(counts.item())
-    else:
-        merged = [(m.count, m.mean, m.sq_dev) for _, m, _ in ordered]
-        all_batches = batches
+    merged, all_batches, world_size = _gather(ordered, batches, process_group, device)
     records = []
     with torch.no_grad():
-        for (name, _, _), (count, mean, sq_dev) in zip(ordered, merged, strict=True):
-            module = targets[name]
-            if mean is None or float(count) < 2:
+        for name, (count, mean, sq_dev) in zip(targets, merged, strict=True):
+            if mean is None or sq_dev is None or float(count) < 2:
                 skipped[name] = ("the data never reached it" if mean is None or float(count) == 0
                                  else "it saw a single value per channel; no variance")
                 continue
             del saved[name]
-            variance = sq_dev / (count - 1)
-            old_mean = module.running_mean.detach().to(_F64)
-            old_var = module.running_var.detach().to(_F64)
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(variance)
-            tracked = getattr(module, "num_batches_tracked", None)
-            if isinstance(tracked, Tensor):
-                tracked.fill_(all_batches)
-            old_norm = float(torch.linalg.vector_norm(old_mean))
-            old_scale = max(old_norm, float(torch.linalg.vector_norm(old_var.clamp(min=0).sqrt())))
-            eps = float(getattr(module, "eps", 1e-5))
-            records.append(LayerRecalibration(
-                name=name, samples=int(count), old_mean=old_norm,
-                new_mean=float(torch.linalg.vector_norm(mean)),
-                mean_change=_relative(mean, old_mean, old_scale),
-                var_change=_relative(variance, old_var,
-                                     float(torch.linalg.vector_norm(old_var))),
-                near_zero_variance=tuple(int(i) for i in
-                                         torch.nonzero(variance < eps).flatten().tolist())))
-    with torch.no_grad():
-        for name, buffers in saved.items():
-            module = work.get_submodule(name)
-            for key, value in buffers.items():
-                getattr(module, key).copy_(value)
+            records.append(_apply(name, targets[name], int(count), mean, sq_dev, all_batches))
+        _restore_buffers(work, saved)
     order = {name: i for i, name in enumerate(names)}
     skipped = dict(sorted(skipped.items(), key=lambda item: order.get(item[0], len(order))))
     return RecalibrationReport(model=work, layers=tuple(records), skipped=skipped,

@@ -12,8 +12,10 @@ sum it will not merge; :func:`reparameterize_branches` applies the plan. The mod
 computes a merged sum (the *block*) keeps its instance, name, attributes and methods; its
 ``forward`` is replaced by the traced eval-mode forward in which the whole sum is one call of the
 largest branch conv (its class becomes a subclass of the original class, so ``isinstance`` still
-holds). The other branch modules become ``nn.Identity``. Weights are summed in float64 and rounded
-once.
+holds; blocks of one class with the same traced forward share one such class). The other branch
+modules become ``nn.Identity``. Weights are summed in float64 and rounded once. A merged model
+pickles, deep-copies and saves whole with ``torch.save``: a block is stored as its original class,
+its forward's source and the globals that source names, and rebuilt from them.
 
 This is a function of its own rather than an option of ``fuse_batchnorm``: it rewrites a block's
 forward (folding only swaps modules), it has its own report (blocks and unmerged sums, not
@@ -23,10 +25,12 @@ BatchNorm pairs), and a model is typically re-parameterised first and then fused
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import numbers
 import operator
 import textwrap
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -740,11 +744,57 @@ def _rewrite_forward(block_module: nn.Module, block: str, records: list[MergedBl
         raise InvalidInputError(format_message(
             "The traced forward needs constants the block does not hold", where=block,
             got=missing, hint="this block cannot be re-parameterised; exclude it"))
-    cls = type(block_module)
-    new_cls = type(cls.__name__, (cls,), {
-        "forward": type(compiled).forward, "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__, "reparameterized_from": cls})
-    block_module.__class__ = new_cls
+    code = graph.python_code(root_module="self")
+    names = tuple(sorted(code.globals.items()))
+    source_globals = tuple((name, *_global_spec(value)) for name, value in names)
+    block_module.__class__ = _block_class(type(block_module), code.src, source_globals)
+
+
+# A re-parameterised block's class is made at run time: a subclass of the block's own class whose
+# forward is the traced one. pickle stores a class by its qualified name, which names the original
+# class, so such a block pickles as a call that remakes its class from the original class and
+# the forward's source (module-level functions only: no closure, nothing local to a call).
+_GlobalSpec = tuple[str, str, object]
+_block_classes: dict[tuple[type, str, tuple[str, ...]], type] = {}
+
+
+def _global_spec(value: object) -> tuple[str, object]:
+    """How a global of the traced forward is stored: a module by its name, anything else as is."""
+    if isinstance(value, types.ModuleType):
+        return "module", value.__name__
+    return "object", value
+
+
+def _block_class(original: type, source: str, source_globals: tuple[_GlobalSpec, ...]) -> type:
+    """The subclass of ``original`` whose forward is ``source``, made once and cached."""
+    key = (original, source, tuple(name for name, _, _ in source_globals))
+    cls = _block_classes.get(key)
+    if cls is None:
+        namespace = {name: importlib.import_module(value) if kind == "module" else value
+                     for name, kind, value in source_globals}
+        exec(compile(source, f"<re-parameterised {original.__qualname__}.forward>", "exec"),
+             namespace)
+        cls = type(original.__name__, (original,), {
+            "forward": namespace["forward"], "__module__": original.__module__,
+            "__qualname__": original.__qualname__, "__reduce_ex__": _reduce_block,
+            "reparameterized_from": original, "reparameterized_source": source,
+            "reparameterized_globals": source_globals})
+        _block_classes[key] = cls
+    return cls
+
+
+def _reduce_block(self: nn.Module, protocol: int) -> tuple[object, ...]:
+    """pickle / deepcopy support: rebuild the class from the original class and the source."""
+    cls = type(self)
+    return (_new_block, (cls.reparameterized_from, cls.reparameterized_source,
+                         cls.reparameterized_globals), self.__getstate__())
+
+
+def _new_block(original: type, source: str, source_globals: tuple[_GlobalSpec, ...]
+               ) -> nn.Module:
+    """An empty re-parameterised block, its state to be set by pickle (``__setstate__``)."""
+    cls = _block_class(original, source, source_globals)
+    return cls.__new__(cls)
 
 
 def _has_attribute(module: nn.Module, path: str) -> bool:
@@ -766,8 +816,9 @@ def reparameterize_branches(model: nn.Module, example_inputs: object = None, *,
     call of the largest branch conv, which receives the merged kernel and bias (float64 sum,
     rounded once to its dtype); the other branch modules become ``nn.Identity``. The rest of the
     model, its class and its module names are unchanged. Re-parameterised blocks are meant for
-    inference: their forward is the eval-mode one. Save them with ``state_dict`` or export them;
-    ``torch.save(model)`` of a whole re-parameterised model cannot pickle the blocks' classes.
+    inference: their forward is the eval-mode one. The whole model can be pickled, deep-copied
+    and saved with ``torch.save(model)`` (loading it needs ``weights_only=False`` and bnsurgery);
+    ``state_dict`` or an export is still the safer way to ship it.
 
     Args:
         model: The model, in eval mode.

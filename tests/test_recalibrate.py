@@ -1,7 +1,9 @@
 """Tests for bnsurgery.recalibrate: exact re-estimation of BatchNorm statistics from data.
 
 The reference is a float64 computation of each layer's true input mean and variance over all of
-the data (upstream BatchNorms normalising with batch statistics, as during estimation).
+the data (upstream BatchNorms normalising with batch statistics, as during estimation: the
+batch's float64 mean and biased variance, rounded once to float32, applied by torch's
+``F.batch_norm``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def _batches(sizes=(3, 5, 2), seed: int = 0, pixels: int = 6) -> list[torch.Tens
 def _oracle(model: nn.Sequential, batches: list[torch.Tensor]) -> dict[str, tuple]:
     """True per-channel mean and unbiased variance of each BatchNorm's input, in float64.
 
-    The activations are computed with torch's functional ops in the model's float32 (upstream
-    BatchNorms with batch statistics, as during estimation); their statistics in float64.
+    The activations are computed with torch's functional ops in the model's float32, the
+    upstream BatchNorm normalising with the batch's own statistics (taken over the whole batch
+    in float64 by a plain two-pass ``mean`` / ``var``); their statistics in float64.
     """
     m = model
     first, second = [], []
@@ -43,7 +46,9 @@ def _oracle(model: nn.Sequential, batches: list[torch.Tensor]) -> dict[str, tupl
         for x in batches:
             a = F.conv2d(x, m[0].weight, m[0].bias, padding=1)
             first.append(a)
-            h = F.batch_norm(a, None, None, m[1].weight, m[1].bias, training=True, eps=m[1].eps)
+            var, mean = torch.var_mean(a.double(), (0, 2, 3), correction=0)
+            h = F.batch_norm(a, mean.float(), var.float(), m[1].weight, m[1].bias,
+                             training=False, eps=m[1].eps)
             second.append(F.conv2d(F.relu(h), m[4].weight, m[4].bias))
 
     def stats(parts):
@@ -68,6 +73,45 @@ def test_equals_float64_dataset_statistics_not_a_momentum_average() -> None:
     assert not torch.allclose(swa[1].running_var, oracle["1"][1].float(), rtol=1e-4)
     assert [r.name for r in report.layers] == ["1", "5"]
     assert report.batches == 3 and report.world_size == 1
+
+
+def test_batchnorm_hands_on_its_training_mode_output() -> None:
+    """During the pass each BatchNorm normalises with this batch's statistics, as in training."""
+    model, batches = _net(), _batches()
+    seen = []
+    model[1].register_forward_hook(lambda m, a, o: seen.append((a[0].clone(), o.clone())))
+    recalibrate_batchnorm(model, batches, inplace=True)
+    assert len(seen) == len(batches)
+    for x, output in seen:
+        training = F.batch_norm(x, None, None, model[1].weight, model[1].bias, training=True,
+                                eps=model[1].eps)
+        evaluation = F.batch_norm(x, model[1].running_mean, model[1].running_var,
+                                  model[1].weight, model[1].bias, eps=model[1].eps)
+        # float32 rounding of the statistics apart (torch's own are float32), the same values.
+        torch.testing.assert_close(output, training, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(output, evaluation, rtol=1e-3, atol=1e-3)
+
+
+class ActBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm subclass that does more after normalising (as timm's BatchNormAct2d does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x)) - 1.0
+
+
+def test_batchnorm_subclass_keeps_its_own_forward() -> None:
+    model = _net()
+    subclassed = ActBatchNorm2d(4).eval()
+    subclassed.load_state_dict(model[1].state_dict())
+    model[1] = subclassed
+    outputs = []
+    model[1].register_forward_hook(lambda m, a, o: outputs.append(o))
+    report = recalibrate_batchnorm(model, _batches())
+    assert outputs and all(float(o.min()) == -1.0 for o in outputs)
+    oracle = _oracle(model, _batches())
+    torch.testing.assert_close(report.model[1].running_mean, oracle["1"][0].float(), **F32)
+    torch.testing.assert_close(report.model[1].running_var, oracle["1"][1].float(), **F32)
+    assert type(report.model[1]) is ActBatchNorm2d and "forward" not in vars(report.model[1])
 
 
 def test_caller_model_untouched_and_modes_restored() -> None:

@@ -8,6 +8,7 @@ for the reason in the report. timm's own re-parameterisation is the reference on
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -320,6 +321,44 @@ def test_onnx_graph_has_one_conv_and_no_add(tmp_path) -> None:
     path = export_onnx(merged, x, tmp_path / "merged.onnx", fuse=False)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert ops.count("Conv") == 1 and "Add" not in ops and "BatchNormalization" not in ops, ops
+
+
+def _merged_two_blocks() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    build, _ = MERGE_CASES["two_blocks"]
+    model = build()
+    x = _input(model)
+    model = _calibrated(model, x)
+    return model, reparameterize_branches(model, x), x
+
+
+def _assert_same_merged_model(copied: nn.Module, merged: nn.Module, x: torch.Tensor) -> None:
+    """``copied`` is a separate model computing exactly what ``merged`` computes."""
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), merged(x), rtol=0, atol=0)
+    for index in (0, 2):
+        block = copied[index]
+        assert type(block) is type(merged[index]) and block.reparameterized_from is Branches
+        assert isinstance(block, Branches) and isinstance(block.bns[1], nn.Identity)
+        assert block.convs[0].weight is not merged[index].convs[0].weight
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(copied.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_merged_model_pickles_and_deep_copies() -> None:
+    model, merged, x = _merged_two_blocks()
+    for copied in (pickle.loads(pickle.dumps(merged)), copy.deepcopy(merged)):
+        _assert_same_merged_model(copied, merged, x)
+    with torch.no_grad():  # and a copy still computes what the original, unmerged model does
+        torch.testing.assert_close(pickle.loads(pickle.dumps(merged))(x), model(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_merged_model_saves_whole_with_torch_save(tmp_path) -> None:
+    _, merged, x = _merged_two_blocks()
+    torch.save(merged, tmp_path / "merged.pt")
+    loaded = torch.load(tmp_path / "merged.pt", weights_only=False)  # a trusted file: this test's
+    _assert_same_merged_model(loaded, merged, x)
+    assert _conv_and_add_calls(loaded, x) == (2, 0)
 
 
 TIMM_MODELS = ["repvgg_a0", "mobileone_s0", "repghostnet_050"]
