@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from torch import Tensor, nn
 from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm
 from bnsurgery.errors import InvalidInputError, format_message
 from bnsurgery.kernel_tensor import channel_block, channel_dot, channel_sum
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "LayerRecalibration",
@@ -262,7 +266,7 @@ class _BatchStatisticsForward:
         if measured is None or measured[0] < 2:  # torch's own forward says what is wrong
             return type(module).forward(module, x)
         count, mean, sq_dev = measured
-        dtype = module.running_mean.dtype
+        dtype = x.dtype if module.running_mean is None else module.running_mean.dtype
         return F.batch_norm(x, mean.to(dtype), (sq_dev / count).to(dtype), module.weight,
                             module.bias, training=False, momentum=0.0, eps=module.eps)
 
@@ -321,7 +325,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _world(process_group: object) -> tuple[int, int]:
+def _world(process_group: ProcessGroup | None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -329,8 +333,9 @@ def _world(process_group: object) -> tuple[int, int]:
     return dist.get_world_size(process_group), dist.get_rank(process_group)
 
 
-def _merge_across_ranks(moments: list[tuple[str, _Moments, int]], process_group: object,
-                        world_size: int, rank: int, device: torch.device
+def _merge_across_ranks(moments: list[tuple[str, _Moments, int]],
+                        process_group: ProcessGroup | None, world_size: int, rank: int,
+                        device: torch.device
                         ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Every layer's moments merged over all ranks, with one ``all_reduce``."""
     import torch.distributed as dist
@@ -339,7 +344,7 @@ def _merge_across_ranks(moments: list[tuple[str, _Moments, int]], process_group:
     payload = torch.zeros(world_size, width, dtype=_F64, device=device)
     offset = 0
     for _, moment, channels in moments:
-        if moment.mean is not None:
+        if moment.mean is not None and moment.sq_dev is not None:
             payload[rank, offset] = moment.count
             payload[rank, offset + 1:offset + 1 + channels] = moment.mean
             payload[rank, offset + 1 + channels:offset + 1 + 2 * channels] = moment.sq_dev
@@ -406,7 +411,8 @@ def _instrument(targets: Mapping[str, nn.Module], moments: Mapping[str, _Moments
     handles, patched = [], []
     for name, module in targets.items():
         if type(module) in _PLAIN_BATCHNORMS and "forward" not in module.__dict__:
-            module.forward = _BatchStatisticsForward(module, moments[name])
+            plain = cast(nn.modules.batchnorm._BatchNorm, module)  # its exact type was checked
+            module.forward = _BatchStatisticsForward(plain, moments[name])
             patched.append(module)
         else:
             handles.append(module.register_forward_pre_hook(
@@ -447,9 +453,9 @@ def _feed(model: nn.Module, data: Iterable[object], num_batches: int | None,
     return batches
 
 
-def _gather(moments: list[tuple[str, _Moments, int]], batches: int, process_group: object,
-            device: torch.device) -> tuple[list[tuple[object, Tensor | None, Tensor | None]],
-                                            int, int]:
+def _gather(moments: list[tuple[str, _Moments, int]], batches: int,
+            process_group: ProcessGroup | None, device: torch.device
+            ) -> tuple[list[tuple[Tensor | int, Tensor | None, Tensor | None]], int, int]:
     """Every layer's moments over all ranks, the batches over all ranks, and the world size."""
     world_size, rank = _world(process_group)
     if world_size == 1:
@@ -462,14 +468,23 @@ def _gather(moments: list[tuple[str, _Moments, int]], batches: int, process_grou
     return list(merged), int(counts.item()), world_size
 
 
+def _buffer(module: nn.Module, name: str) -> Tensor:
+    """A running-statistics buffer of a layer :func:`_select_layers` accepted (so it exists)."""
+    buffer = getattr(module, name)
+    if not isinstance(buffer, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is {type(buffer).__name__}, not a Tensor")
+    return buffer
+
+
 def _apply(name: str, module: nn.Module, count: int, mean: Tensor, sq_dev: Tensor,
            batches: int) -> LayerRecalibration:
     """Write one layer's new statistics and describe the change."""
     variance = sq_dev / (count - 1)
-    old_mean = module.running_mean.detach().to(_F64)
-    old_var = module.running_var.detach().to(_F64)
-    module.running_mean.copy_(mean)
-    module.running_var.copy_(variance)
+    running_mean, running_var = _buffer(module, "running_mean"), _buffer(module, "running_var")
+    old_mean = running_mean.detach().to(_F64)
+    old_var = running_var.detach().to(_F64)
+    running_mean.copy_(mean)
+    running_var.copy_(variance)
     tracked = getattr(module, "num_batches_tracked", None)
     if isinstance(tracked, Tensor):
         tracked.fill_(batches)
@@ -500,7 +515,7 @@ def _restore_buffers(model: nn.Module, saved: Mapping[str, Mapping[str, Tensor]]
 def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
                           num_batches: int | None = None, inplace: bool = False,
                           exclude: Sequence[str] = (), progress: bool = False,
-                          process_group: object = None) -> RecalibrationReport:
+                          process_group: ProcessGroup | None = None) -> RecalibrationReport:
     """Re-estimate every BatchNorm's running statistics from ``data``, exactly.
 
     Only the BatchNorm layers are switched to training mode (so they normalise with batch
@@ -544,7 +559,8 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[object], *,
         undo()
     first = next(work.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    ordered = [(name, moments[name], targets[name].running_mean.numel()) for name in targets]
+    ordered = [(name, moments[name], _buffer(targets[name], "running_mean").numel())
+               for name in targets]
     merged, all_batches, world_size = _gather(ordered, batches, process_group, device)
     records = []
     with torch.no_grad():
