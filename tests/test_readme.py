@@ -33,7 +33,6 @@ def test_readme_has_python_blocks():
     assert all(code.strip() for _, code, _ in BLOCKS)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("line", "code", "reason"), BLOCKS,
                          ids=[f"README.md:{line}" for line, _, _ in BLOCKS])
 def test_readme_block_runs(line, code, reason, tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# RT-DETR takes longer than the rest together: it runs with `make test-all` only.
+# RT-DETR takes the longest of the zoo: `make test-fast` skips it, `make test` runs it.
 @pytest.mark.parametrize("entry", [
     pytest.param(z, id=z.name, marks=[pytest.mark.slow] if z.name == "ultralytics_rtdetr" else [])
     for z in ZOO])
