@@ -37,6 +37,7 @@ from bnsurgery.errors import (
     format_message,
 )
 from bnsurgery.messages import first_line
+from bnsurgery.tables import render_table
 
 if TYPE_CHECKING:  # torch loads inside the commands: ``bnsurgery --help`` must not wait for it
     from torch import Tensor, nn
@@ -398,13 +399,9 @@ def _cmd_inspect(ctx: _Context) -> int:
                          "reason": plan.skipped.get(name, "not reached by the plan")})
     header = ("BatchNorm", "type", "status", "reason")
     table = [(r["name"], r["type"], r["status"], r["reason"]) for r in rows]
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(3)]
     lines = [f"{_model_name(ctx)}: {len(rows)} BatchNorm layers, {len(plan.folded)} fold, "
              f"{len(rows) - len(plan.folded)} skipped (dataflow from "
-             f"{plan.method or 'no graph'})"]
-    for row in [header, *table]:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
-                     + "  " + row[3])
+             f"{plan.method or 'no graph'})", *render_table(header, table, rule=False)]
     check = plan.check.status if plan.check is not None else "not run"
     document = _document(ctx, loaded=loaded, inputs=inputs, plan=plan, batchnorms=rows,
                          status={"passed": "passed", "failed": "failed"}.get(check, "skipped"))
