@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.fuse import fuse_batchnorm  # noqa: E402
 from bnsurgery.onnx_export import export_onnx  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 from bnsurgery.validate import compare_models  # noqa: E402
 
 
@@ -50,16 +50,8 @@ def _session(path: Path, threads: int | None):
 
 def _round_robin(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of each entry, timed one call of each per round."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    timings = interleaved_timings(calls, rounds=repeats, warmup=warmup)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def bench_model(name: str, batches: list[int], repeats: int, warmup: int, folder: Path,

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.recalibrate import recalibrate_batchnorm  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/recalibrate_throughput.py"
 
@@ -62,21 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {"forward only": forward_only, "update_bn": update_bn,
                "recalibrate_batchnorm": recalibrate}
-    times: dict[str, list[float]] = {k: [] for k in runners}
+    timings = interleaved_timings(runners, rounds=args.rounds, warmup=1, rotate=True)
     names = list(runners)
-    for name in names:
-        runners[name]()
-    for index in range(args.rounds):
-        for name in names[index % 3:] + names[:index % 3]:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
     print(f"# {COMMAND} --model {args.model} --batches {args.batches} --batch {args.batch} "
           f"--size {args.size} --rounds {args.rounds} --threads {args.threads}")
-    base = statistics.median(times["forward only"])
+    base = timings["forward only"].median
     images = args.batches * args.batch
     for name in names:
-        median = statistics.median(times[name])
+        median = timings[name].median
         print(f"  {name:22s} {median * 1e3:8.1f} ms  {images / median:7.1f} images/s  "
               f"x{median / base:.2f} of a forward pass")
     return 0

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,23 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.reparam import reparameterize_branches  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/reparam_latency.py"
 
 
 def interleaved(runners: dict[str, object], rounds: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of each runner, called in rotating order each round."""
-    names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    for index in range(rounds):
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    timings = interleaved_timings(runners, rounds=rounds, warmup=warmup, rotate=True)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

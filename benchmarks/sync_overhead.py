@@ -23,10 +23,8 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -40,17 +38,11 @@ SHAPES = [(16, 64, 32, 32), (32, 256, 8, 8), (128, 512, 1, 1)]  # per process
 
 def _time_interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            dist.barrier()  # both processes start each timed call together
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    from bnsurgery.timing import interleaved_timings
+
+    # The barrier makes both processes start each timed call together.
+    timings = interleaved_timings(fns, rounds=repeats, warmup=warmup, before=dist.barrier)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 class _AllReduceCounter:
