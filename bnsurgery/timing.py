@@ -57,6 +57,8 @@ def interleaved_timings(
     rounds: int,
     warmup: int = 1,
     rotate: bool = False,
+    burst: int = 1,
+    settle: int = 0,
     before: Callable[[], Any] | None = None,
     after: Callable[[], Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -65,10 +67,14 @@ def interleaved_timings(
 
     Args:
         calls: Name -> a call without arguments (a forward pass, a session run).
-        rounds: Timed rounds (at least one is run).
+        rounds: Timed rounds (at least one is run); each gives ``burst`` samples per call.
         warmup: Untimed rounds first (first-call costs: allocation, compilation, caches).
         rotate: Start each round with the next call, so no call always runs right after the
             same neighbour.
+        burst: Timed runs of a call in a row, each one a sample, before the next call's turn.
+        settle: Untimed runs of a call at the start of each of its turns: they absorb what
+            interleaving itself costs (an allocator adapting to the previous call's memory
+            pattern), which belongs to neither call.
         before: Run before the clock starts for each call (a device synchronisation, a
             barrier), untimed.
         after: Run right after each call, before the clock stops (a device synchronisation, so
@@ -86,13 +92,16 @@ def interleaved_timings(
     for index in range(max(1, rounds)):
         shift = index % len(names) if rotate and names else 0
         for name in names[shift:] + names[:shift]:
-            if before is not None:
-                before()
-            start = clock()
-            calls[name]()
-            if after is not None:
-                after()
-            seconds[name].append(clock() - start)
+            for _ in range(settle):
+                calls[name]()
+            for _ in range(max(1, burst)):
+                if before is not None:
+                    before()
+                start = clock()
+                calls[name]()
+                if after is not None:
+                    after()
+                seconds[name].append(clock() - start)
     return {name: Timing.of(seconds[name]) for name in names}
 
 

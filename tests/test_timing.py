@@ -56,6 +56,18 @@ def test_rotation_and_hooks():
     assert all(t.median == 1.0 for t in timings.values())
 
 
+def test_burst_and_settle():
+    clock = FakeClock()
+    # Per turn: one untimed settling run (10 s, never counted), then two timed runs.
+    a = clock.call("a", [10.0, 1.0, 2.0, 10.0, 3.0, 4.0])
+    b = clock.call("b", [10.0, 5.0, 5.0, 10.0, 5.0, 5.0])
+    timings = interleaved_timings({"a": a, "b": b}, rounds=2, warmup=0, burst=2, settle=1,
+                                  clock=clock)
+    assert clock.log == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert timings["a"].samples == 4 and timings["a"].median == 2.5
+    assert timings["b"].median == 5.0 and timings["b"].quartiles == (5.0, 5.0)
+
+
 def test_the_after_hook_is_inside_the_measurement():
     clock = FakeClock()
 
