@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnsurgery._bn_registry import looks_like_batchnorm  # noqa: E402
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.fuse import fuse_batchnorm  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
 from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/fuse_latency.py"
@@ -84,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} threads, batch {args.batch}x3x{args.size}x{args.size}, "
           f"{args.rounds} interleaved rounds, medians")
     print("compares: original model / fuse_batchnorm(model) / every BatchNorm deleted (limit)")
-    header = (f"{'model':20s} {'original ms':>12s} {'fused ms':>10s} {'bn_deleted ms':>14s} "
-              f"{'fused/deleted':>14s} {'fused/original':>15s}  max|fused-original|/scale")
-    print(header)
     worst = 0.0
+    rows = []
     for name in args.models:
         model = build(name, args.size)
         fused = fuse_batchnorm(model, strict=True)
@@ -100,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
                                   x, args.rounds, args.warmup)
         ratio_limit = med["fused"] / med["bn_deleted"]
         worst = max(worst, ratio_limit)
-        print(f"{name:20s} {med['original']:12.1f} {med['fused']:10.1f} "
-              f"{med['bn_deleted']:14.1f} {ratio_limit:13.3f}x "
-              f"{med['fused'] / med['original']:14.3f}x  {error:.1e}", flush=True)
+        rows.append((name, f"{med['original']:.1f}", f"{med['fused']:.1f}",
+                     f"{med['bn_deleted']:.1f}", f"{ratio_limit:.3f}x",
+                     f"{med['fused'] / med['original']:.3f}x", f"{error:.1e}"))
+    for line in render_table(("model", "original ms", "fused ms", "bn_deleted ms",
+                              "fused/deleted", "fused/original", "max|fused-original|/scale"),
+                             rows, align="lrrrrrl", rule=False):
+        print(line)
     print(f"target fused/deleted <= 1.05x: {'met' if worst <= 1.05 else 'NOT met'} "
           f"(worst {worst:.3f}x)")
 

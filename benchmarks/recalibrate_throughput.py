@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.recalibrate import recalibrate_batchnorm  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
 from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/recalibrate_throughput.py"
@@ -62,15 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"forward only": forward_only, "update_bn": update_bn,
                "recalibrate_batchnorm": recalibrate}
     timings = interleaved_timings(runners, rounds=args.rounds, warmup=1, rotate=True)
-    names = list(runners)
     print(f"# {COMMAND} --model {args.model} --batches {args.batches} --batch {args.batch} "
           f"--size {args.size} --rounds {args.rounds} --threads {args.threads}")
     base = timings["forward only"].median
     images = args.batches * args.batch
-    for name in names:
-        median = timings[name].median
-        print(f"  {name:22s} {median * 1e3:8.1f} ms  {images / median:7.1f} images/s  "
-              f"x{median / base:.2f} of a forward pass")
+    rows = [(name, f"{t.median * 1e3:.1f} ms", f"{images / t.median:.1f} images/s",
+             f"x{t.median / base:.2f} of a forward pass") for name, t in timings.items()]
+    for line in render_table(("", "median", "throughput", "cost"), rows, align="lrrl",
+                             rule=False, indent="  "):
+        print(line)
     return 0
 
 

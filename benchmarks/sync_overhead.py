@@ -163,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['cnn_all_reduce_per_step']} per DDP step of a CNN with "
           f"{first['cnn_bn_layers']} BatchNorm layers (DDP's own gradient reduction is not "
           "counted: it does not go through torch.distributed.all_reduce)")
-    print(f"{'shape per process':>22} {'sync ms':>8} {'/bnsurgery':>10} {'/torch':>7} "
-          f"{'all_reduce ms':>13}")
     rows = []
     for index, layer in enumerate(first["layers"]):
         worst = {k: max(r["layers"][index][k] for r in results)
@@ -174,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                "sync_over_torch": worst["sync"] / worst["torch"],
                "all_reduce_ms": worst["all_reduce"] * 1e3}
         rows.append(row)
-        print(f"{str(tuple(row['shape_per_process'])):>22} {row['sync_ms']:8.3f} "
-              f"{row['sync_over_bnsurgery']:10.2f} {row['sync_over_torch']:7.2f} "
-              f"{row['all_reduce_ms']:13.3f}")
+    table = [(str(tuple(row["shape_per_process"])), f"{row['sync_ms']:.3f}",
+              f"{row['sync_over_bnsurgery']:.2f}", f"{row['sync_over_torch']:.2f}",
+              f"{row['all_reduce_ms']:.3f}") for row in rows]
+    from bnsurgery.tables import render_table
+
+    for line in render_table(("shape per process", "sync ms", "/bnsurgery", "/torch",
+                              "all_reduce ms"), table, align="rrrrr", rule=False):
+        print(line)
     cnn = {k: max(r["cnn"][k] for r in results) for k in ("sync", "bnsurgery", "torch")}
     summary = {"cnn_step_ms_sync": cnn["sync"] * 1e3,
                "cnn_sync_over_bnsurgery": cnn["sync"] / cnn["bnsurgery"],
