@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from bnsurgery.functional import batch_norm
 from bnsurgery.kernels import ENV_VAR, kernel_info
+from bnsurgery.timing import interleaved_timings
 
 #: (shape, channels_last); (4, 8) measures the per-call overhead.
 SHAPES = [((32, 64, 56, 56), False), ((64, 256, 14, 14), False), ((256, 512), False),
@@ -86,21 +85,9 @@ def time_interleaved(fns: dict, device, repeats: int, warmup: int = 3, burst: in
     page-faulted in again by the next), which is an artefact of interleaving, not of either
     implementation.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            fn()
-            for _ in range(burst):
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    timings = interleaved_timings(fns, rounds=repeats, warmup=warmup, burst=burst, settle=1,
+                                  before=lambda: _sync(device), after=lambda: _sync(device))
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def make_case(shape, device, dtype, channels_last=False):

@@ -2,7 +2,7 @@
 
 Each command runs in a fresh interpreter (``python -m bnsurgery ...``), the way a user starts
 it. Runs are interleaved (one of each per round) so a busy machine slows all alike; medians and
-the min-max range are printed. The baseline in the same run is ``python -c "import torch"``:
+the quartiles are printed. The baseline in the same run is ``python -c "import torch"``:
 what ``--help`` cost when it imported torch. ``--baseline-tree`` also times another checkout
 (e.g. an older commit, unpacked with ``git archive``) in the same rounds.
 
@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bnsurgery.tables import render_table  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 
-def _timed(argv: list[str], tree: Path) -> float:
+def _run(argv: list[str], tree: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    start = time.perf_counter()
     result = subprocess.run(argv, cwd=tree, env=env, capture_output=True, check=False)
-    elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed in {tree}:\n{result.stderr.decode()[-2000:]}")
-    return elapsed
 
 
 def main() -> None:
@@ -52,14 +51,15 @@ def main() -> None:
         for name, (argv, _) in list(cases.items()):
             if "bnsurgery" in name:
                 cases[f"{name} [{args.baseline_tree}]"] = (argv, args.baseline_tree)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.runs):
-        for name, (argv, tree) in cases.items():
-            times[name].append(_timed(argv, tree))
+    timings = interleaved_timings({name: (lambda a=argv, t=tree: _run(a, t))
+                                   for name, (argv, tree) in cases.items()},
+                                  rounds=args.runs, warmup=0)
     print(f"{args.runs} interleaved runs each, {os.cpu_count()} CPUs; seconds:")
-    for name, values in times.items():
-        print(f"  {name:70s} median {statistics.median(values):6.2f}  "
-              f"(min {min(values):.2f}, max {max(values):.2f})")
+    for line in render_table(("command", "median", "quartiles"),
+                             [(name, f"{t.median:.2f}",
+                               f"{t.quartiles[0]:.2f}-{t.quartiles[1]:.2f}")
+                              for name, t in timings.items()], align="lrr", indent="  "):
+        print(line)
     print("rerun: python " + " ".join([str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]]))
 
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.fuse import fuse_batchnorm  # noqa: E402
 from bnsurgery.onnx_export import export_onnx  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 from bnsurgery.validate import compare_models  # noqa: E402
 
 
@@ -50,16 +51,8 @@ def _session(path: Path, threads: int | None):
 
 def _round_robin(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of each entry, timed one call of each per round."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    timings = interleaved_timings(calls, rounds=repeats, warmup=warmup)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def bench_model(name: str, batches: list[int], repeats: int, warmup: int, folder: Path,
@@ -130,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}: fold {result['fuse_s']:.2f} s, fold+export+check "
                   f"{result['export_s']:.1f} s, {result['onnx_mb']:.1f} MB, fused vs original "
                   f"{result['fused_check']} (max rel err {result['fused_max_rel_error']:.1e})")
-            print(f"  {'batch':>5}  {'eager orig':>11}  {'eager fused':>11}  {'onnxruntime':>11}"
-                  f"  {'fused/orig':>10}  {'ort/orig':>8}  {'ort/fused':>9}")
-            for row in result["rows"]:
-                ms = row["ms"]
-                print(f"  {row['batch']:>5}  {ms['eager_original']:>8.1f} ms"
-                      f"  {ms['eager_fused']:>8.1f} ms  {ms['onnxruntime']:>8.1f} ms"
-                      f"  {row['fused_vs_original']:>9.2f}x  {row['ort_vs_original']:>7.2f}x"
-                      f"  {row['ort_vs_fused']:>8.2f}x")
+            table = [(str(row["batch"]), *(f"{row['ms'][k]:.1f} ms" for k in
+                                             ("eager_original", "eager_fused", "onnxruntime")),
+                      *(f"{row[k]:.2f}x" for k in ("fused_vs_original", "ort_vs_original",
+                                                   "ort_vs_fused")))
+                     for row in result["rows"]]
+            for line in render_table(("batch", "eager orig", "eager fused", "onnxruntime",
+                                      "fused/orig", "ort/orig", "ort/fused"), table,
+                                     align="r" * 7, rule=False, indent="  "):
+                print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/export_latency.py",

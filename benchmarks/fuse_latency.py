@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnsurgery._bn_registry import looks_like_batchnorm  # noqa: E402
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.fuse import fuse_batchnorm  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/fuse_latency.py"
 
@@ -59,21 +59,12 @@ def delete_batchnorms(model: nn.Module) -> nn.Module:
 
 
 def interleaved_latency(variants: dict[str, nn.Module], x: torch.Tensor, rounds: int,
-                        warmup: int) -> dict[str, list[float]]:
-    """Seconds per forward of each variant, run in rotating order each round."""
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+                        warmup: int) -> dict[str, float]:
+    """Median milliseconds per forward of each variant, run in rotating order each round."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                variants[name](x)
-        for round_index in range(rounds):
-            order = names[round_index % len(names):] + names[:round_index % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                variants[name](x)
-                times[name].append(time.perf_counter() - start)
-    return times
+        timings = interleaved_timings({name: (lambda m=m: m(x)) for name, m in variants.items()},
+                                      rounds=rounds, warmup=warmup, rotate=True)
+    return {name: timing.median * 1e3 for name, timing in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} threads, batch {args.batch}x3x{args.size}x{args.size}, "
           f"{args.rounds} interleaved rounds, medians")
     print("compares: original model / fuse_batchnorm(model) / every BatchNorm deleted (limit)")
-    header = (f"{'model':20s} {'original ms':>12s} {'fused ms':>10s} {'bn_deleted ms':>14s} "
-              f"{'fused/deleted':>14s} {'fused/original':>15s}  max|fused-original|/scale")
-    print(header)
     worst = 0.0
+    rows = []
     for name in args.models:
         model = build(name, args.size)
         fused = fuse_batchnorm(model, strict=True)
@@ -106,28 +95,26 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             reference, result = model(x), fused(x)
         error = ((result - reference).abs().max() / reference.abs().max()).item()
-        times = interleaved_latency({"original": model, "fused": fused, "bn_deleted": deleted},
-                                    x, args.rounds, args.warmup)
-        med = {key: statistics.median(value) * 1e3 for key, value in times.items()}
+        med = interleaved_latency({"original": model, "fused": fused, "bn_deleted": deleted},
+                                  x, args.rounds, args.warmup)
         ratio_limit = med["fused"] / med["bn_deleted"]
         worst = max(worst, ratio_limit)
-        print(f"{name:20s} {med['original']:12.1f} {med['fused']:10.1f} "
-              f"{med['bn_deleted']:14.1f} {ratio_limit:13.3f}x "
-              f"{med['fused'] / med['original']:14.3f}x  {error:.1e}", flush=True)
+        rows.append((name, f"{med['original']:.1f}", f"{med['fused']:.1f}",
+                     f"{med['bn_deleted']:.1f}", f"{ratio_limit:.3f}x",
+                     f"{med['fused'] / med['original']:.3f}x", f"{error:.1e}"))
+    for line in render_table(("model", "original ms", "fused ms", "bn_deleted ms",
+                              "fused/deleted", "fused/original", "max|fused-original|/scale"),
+                             rows, align="lrrrrrl", rule=False):
+        print(line)
     print(f"target fused/deleted <= 1.05x: {'met' if worst <= 1.05 else 'NOT met'} "
           f"(worst {worst:.3f}x)")
 
     model = build(args.fuse_model, 64)
     fuse_batchnorm(model)  # first call pays for imports and torch.fx warm-up
-    fuse_times, copy_times = [], []
-    for _ in range(args.fuse_repeats):
-        start = time.perf_counter()
-        copy.deepcopy(model)
-        copy_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fuse_batchnorm(model)
-        fuse_times.append(time.perf_counter() - start)
-    fuse_s, copy_s = statistics.median(fuse_times), statistics.median(copy_times)
+    timings = interleaved_timings({"copy": lambda: copy.deepcopy(model),
+                                   "fuse": lambda: fuse_batchnorm(model)},
+                                  rounds=args.fuse_repeats, warmup=0)
+    fuse_s, copy_s = timings["fuse"].median, timings["copy"].median
     print(f"fuse_batchnorm({args.fuse_model}): {fuse_s:.3f} s median of {args.fuse_repeats} "
           f"(copy.deepcopy of the model: {copy_s:.3f} s; ratio {fuse_s / copy_s:.2f}x); "
           f"target <= 2 s: {'met' if fuse_s <= 2 else 'NOT met'}")

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -39,6 +37,8 @@ from tiny_models import CASES, make  # noqa: E402
 from bnsurgery._bn_registry import looks_like_batchnorm  # noqa: E402
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.fuse import fuse_batchnorm, plan_fusion  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
+from bnsurgery.timing import interleaved_timings, time_call  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/fuse_vs_fx.py"
 
@@ -122,8 +122,7 @@ def judge_tiny_cases() -> tuple[list[tuple[str, str, str]], int, int]:
 def compare_models(names: list[str], batch: int, size: int, rounds: int) -> None:
     import torchvision
 
-    print(f"\n{'model':20s} {'fuser':10s} {'fuse s':>8s} {'latency ms':>11s} "
-          f"{'vs original':>12s} {'max|out-original|/scale':>24s}  keeps class")
+    rows = []
     for name in names:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None)
@@ -133,31 +132,27 @@ def compare_models(names: list[str], batch: int, size: int, rounds: int) -> None
         fuse_seconds = {}
         for label, fuser in (("bnsurgery", fuse_batchnorm), ("torch.fx", fx_fuse)):
             fuser(model)  # warm-up: imports, first trace
-            start = time.perf_counter()
-            fused[label] = fuser(model)
-            fuse_seconds[label] = time.perf_counter() - start
+            fused[label], timing = time_call(lambda fuser=fuser, model=model: fuser(model))
+            fuse_seconds[label] = timing.median
         x = torch.randn(batch, 3, size, size)
         variants = {"original": model, **fused}
-        times = {key: [] for key in variants}
         with torch.inference_mode():
             reference = model(x)
             errors = {key: ((m(x) - reference).abs().max() / reference.abs().max()).item()
                       for key, m in fused.items()}
-            for _ in range(2):
-                for m in variants.values():
-                    m(x)
-            keys = list(variants)
-            for r in range(rounds):
-                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                    start = time.perf_counter()
-                    variants[key](x)
-                    times[key].append(time.perf_counter() - start)
-        med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
-        print(f"{name:20s} {'original':10s} {'':>8s} {med['original']:11.1f} {1.0:11.3f}x")
+            calls = {key: (lambda m=m, x=x: m(x)) for key, m in variants.items()}
+            timings = interleaved_timings(calls, rounds=rounds, warmup=2, rotate=True)
+        med = {key: t.median * 1e3 for key, t in timings.items()}
+        rows.append((name, "original", "", f"{med['original']:.1f}", f"{1.0:.3f}x", "", ""))
         for label in fused:
-            print(f"{'':20s} {label:10s} {fuse_seconds[label]:8.3f} {med[label]:11.1f} "
-                  f"{med[label] / med['original']:11.3f}x {errors[label]:24.1e}  "
-                  f"{type(fused[label]) is type(model)}", flush=True)
+            rows.append(("", label, f"{fuse_seconds[label]:.3f}", f"{med[label]:.1f}",
+                         f"{med[label] / med['original']:.3f}x", f"{errors[label]:.1e}",
+                         str(type(fused[label]) is type(model))))
+    print()
+    for line in render_table(("model", "fuser", "fuse s", "latency ms", "vs original",
+                              "max|out-original|/scale", "keeps class"), rows,
+                             align="llrrrrl", rule=False):
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the forward-run fallback's advice; cases check it
         rows, right_ours, right_fx = judge_tiny_cases()
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'tiny case':{width}s}  {'bnsurgery':24s}  torch.fx fuse")
-    for name, mine, theirs in rows:
-        print(f"{name:{width}s}  {mine:24s}  {theirs}")
+    print()
+    for line in render_table(("tiny case", "bnsurgery", "torch.fx fuse"), rows, rule=False):
+        print(line)
     print(f"computes what the original computes: bnsurgery {right_ours}/{len(rows)}, "
           f"torch.fx fuse {right_fx}/{len(rows)} (torch.fx fuse always returns a GraphModule)")
     print(f"rerun: {COMMAND} --rounds {args.rounds} --threads {args.threads}")

@@ -55,7 +55,11 @@ NETWORKS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "de
 
 
 def _cuda_time(call: Callable[[], Any], repeats: int = 20, warmup: int = 5) -> float:
-    """Median milliseconds per call, measured with CUDA events."""
+    """Median milliseconds per call, measured with CUDA events.
+
+    Its own loop rather than ``bnsurgery.timing``: CUDA events time the work on the device
+    between two points of the stream, which a host clock around the call cannot.
+    """
     for _ in range(warmup):
         call()
     torch.cuda.synchronize()
@@ -108,7 +112,10 @@ def _torch_kernel(call: Callable[[], Any]) -> str:
 
 def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int, inner: int,
                  cuda: bool) -> dict[str, float]:
-    """Median milliseconds per call of each contender, timed in turn within every repeat."""
+    """Median milliseconds per call of each contender, timed in turn within every repeat.
+
+    CUDA events on a GPU, as in :func:`_cuda_time`, so its own loop too.
+    """
     for call in calls.values():  # warm-up: compilation, autotuning caches, allocator
         for _ in range(3):
             call()

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.recalibrate import recalibrate_batchnorm  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/recalibrate_throughput.py"
 
@@ -86,28 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         runners["BatchNorms training"] = training_forward
         runners["recalibrate, inplace"] = lambda: recalibrate_batchnorm(in_place, data,
                                                                         inplace=True)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    names = list(runners)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    for name in names:
-        runners[name]()
-    for index in range(args.rounds):
-        turn = index % len(names)
-        for name in names[turn:] + names[:turn]:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
+    timings = interleaved_timings(runners, rounds=args.rounds, warmup=1, rotate=True)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {COMMAND} --model {args.model} --batches {args.batches} --batch {args.batch} "
           f"--size {args.size} --rounds {args.rounds} --threads {args.threads}"
           + (" --breakdown" if args.breakdown else ""))
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average (1 min) before {load_before:.1f}, after {load_after:.1f}")
-    base = statistics.median(times["forward only"])
+    base = timings["forward only"].median
     images = args.batches * args.batch
-    for name in names:
-        median = statistics.median(times[name])
-        print(f"  {name:22s} {median * 1e3:8.1f} ms  {images / median:7.1f} images/s  "
-              f"x{median / base:.2f} of a forward pass")
+    rows = [(name, f"{t.median * 1e3:.1f} ms", f"{images / t.median:.1f} images/s",
+             f"x{t.median / base:.2f} of a forward pass") for name, t in timings.items()]
+    for line in render_table(("", "median", "throughput", "cost"), rows, align="lrrl",
+                             rule=False, indent="  "):
+        print(line)
     return 0
 
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,23 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.calibrate import calibrate_batchnorm  # noqa: E402
 from bnsurgery.reparam import reparameterize_branches  # noqa: E402
+from bnsurgery.tables import render_table  # noqa: E402
+from bnsurgery.timing import interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/reparam_latency.py"
 
 
 def interleaved(runners: dict[str, object], rounds: int, warmup: int) -> dict[str, float]:
     """Median seconds per call of each runner, called in rotating order each round."""
-    names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    for index in range(rounds):
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    timings = interleaved_timings(runners, rounds=rounds, warmup=warmup, rotate=True)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         convs = {k: sum(n.op == "call_function" and "conv" in str(n.target) for n in
                         torch.export.export(m, (x,)).graph.nodes) for k, m in variants.items()}
         print(f"\n{name} (batch {args.batch}, {args.size} px)")
-        print(f"  {'variant':10s} {'convs':>5s} {'rel. error vs float64':>22s} "
-              f"{'eager ms':>9s} {'vs timm':>8s}" + ("" if args.no_onnx else
-                                                      f" {'ort ms':>8s} {'vs timm':>8s}"))
         ort_times: dict[str, float] = {}
         if not args.no_onnx:
             import onnxruntime
@@ -110,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             runners = {k: (lambda s=s, feed=feed: s.run(None, {s.get_inputs()[0].name: feed}))
                        for k, s in sessions.items()}
             ort_times = interleaved(runners, args.rounds, 3)
-        for k in variants:
-            line = (f"  {k:10s} {convs[k]:5d} {errors[k]:22.2e} {eager[k] * 1e3:9.2f} "
-                    f"{eager[k] / eager['timm']:8.2f}")
-            if ort_times:
-                line += f" {ort_times[k] * 1e3:8.2f} {ort_times[k] / ort_times['timm']:8.2f}"
+        header = ("variant", "convs", "rel. error vs float64", "eager ms", "vs timm")
+        table = [(k, str(convs[k]), f"{errors[k]:.2e}", f"{eager[k] * 1e3:.2f}",
+                  f"{eager[k] / eager['timm']:.2f}") for k in variants]
+        if ort_times:
+            header += ("ort ms", "vs timm")
+            table = [(*row, f"{ort_times[k] * 1e3:.2f}", f"{ort_times[k] / ort_times['timm']:.2f}")
+                     for row, k in zip(table, variants, strict=True)]
+        for line in render_table(header, table, align="l" + "r" * (len(header) - 1), rule=False,
+                                 indent="  "):
             print(line)
     return 0
 

@@ -23,10 +23,8 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -40,17 +38,11 @@ SHAPES = [(16, 64, 32, 32), (32, 256, 8, 8), (128, 512, 1, 1)]  # per process
 
 def _time_interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            dist.barrier()  # both processes start each timed call together
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    from bnsurgery.timing import interleaved_timings
+
+    # The barrier makes both processes start each timed call together.
+    timings = interleaved_timings(fns, rounds=repeats, warmup=warmup, before=dist.barrier)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 class _AllReduceCounter:
@@ -171,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['cnn_all_reduce_per_step']} per DDP step of a CNN with "
           f"{first['cnn_bn_layers']} BatchNorm layers (DDP's own gradient reduction is not "
           "counted: it does not go through torch.distributed.all_reduce)")
-    print(f"{'shape per process':>22} {'sync ms':>8} {'/bnsurgery':>10} {'/torch':>7} "
-          f"{'all_reduce ms':>13}")
     rows = []
     for index, layer in enumerate(first["layers"]):
         worst = {k: max(r["layers"][index][k] for r in results)
@@ -182,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                "sync_over_torch": worst["sync"] / worst["torch"],
                "all_reduce_ms": worst["all_reduce"] * 1e3}
         rows.append(row)
-        print(f"{str(tuple(row['shape_per_process'])):>22} {row['sync_ms']:8.3f} "
-              f"{row['sync_over_bnsurgery']:10.2f} {row['sync_over_torch']:7.2f} "
-              f"{row['all_reduce_ms']:13.3f}")
+    table = [(str(tuple(row["shape_per_process"])), f"{row['sync_ms']:.3f}",
+              f"{row['sync_over_bnsurgery']:.2f}", f"{row['sync_over_torch']:.2f}",
+              f"{row['all_reduce_ms']:.3f}") for row in rows]
+    from bnsurgery.tables import render_table
+
+    for line in render_table(("shape per process", "sync ms", "/bnsurgery", "/torch",
+                              "all_reduce ms"), table, align="rrrrr", rule=False):
+        print(line)
     cnn = {k: max(r["cnn"][k] for r in results) for k in ("sync", "bnsurgery", "torch")}
     summary = {"cnn_step_ms_sync": cnn["sync"] * 1e3,
                "cnn_sync_over_bnsurgery": cnn["sync"] / cnn["bnsurgery"],

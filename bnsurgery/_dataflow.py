@@ -280,6 +280,8 @@ def _fx_reads_metadata(node: torch.fx.Node) -> bool:
 # --- torch.export -----------------------------------------------------------------------------
 
 def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dataflow:
+    """The dataflow of ``model`` read from a ``torch.export`` program of a copy of it: one node
+    per call of a leaf module of interest, plus the inputs, ``torch.cat`` calls and other ops."""
     if example_inputs is None:
         raise ValueError("torch.export needs example_inputs")
     work = _copy(model)
@@ -289,6 +291,21 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
         finally:
             if captured.getvalue():
                 logger.debug("torch.export printed:\n%s", captured.getvalue())
+    flow = Dataflow("export")
+    group_of, path_of_group = _export_module_groups(work, program)
+    _record_outside_reads(flow, work, program, group_of, path_of_group)
+    _add_export_nodes(flow, program, group_of, path_of_group)
+    return flow
+
+
+def _export_module_groups(work: nn.Module, program: Any
+                          ) -> tuple[dict[torch.fx.Node, str], dict[str, str]]:
+    """Group every ATen node under the outermost leaf module call it belongs to.
+
+    Returns:
+        Node -> its group key (the ``nn_module_stack`` key of the call), and group key -> the
+        leaf module's qualified name.
+    """
     names = {id(module): name for name, module in work.named_modules()}
     resolved: dict[str, str | None] = {}
 
@@ -299,12 +316,6 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
             resolved[path] = name if name and is_leaf_of_interest(module) else None
         return resolved[path]
 
-    signature = program.graph_signature
-    user_inputs = set(signature.user_inputs)
-    state_inputs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-
-    flow = Dataflow("export")
-    # Group every ATen node under the outermost leaf module call it belongs to.
     group_of: dict[torch.fx.Node, str] = {}
     path_of_group: dict[str, str] = {}
     for node in program.graph.nodes:
@@ -316,6 +327,15 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
                 group_of[node] = key
                 path_of_group[key] = name
                 break
+    return group_of, path_of_group
+
+
+def _record_outside_reads(flow: Dataflow, work: nn.Module, program: Any,
+                          group_of: dict[torch.fx.Node, str],
+                          path_of_group: dict[str, str]) -> None:
+    """Mark the leaf tensors (parameters, buffers) that nodes outside their own module read."""
+    signature = program.graph_signature
+    state_inputs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     owned = _leaf_tensors(work)
     for node in program.graph.nodes:
         if node.op != "placeholder" or node.name not in state_inputs:
@@ -334,6 +354,11 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
             if key is None or path_of_group[key] != owner[0]:
                 flow.read_outside(*owner)
 
+
+def _add_export_nodes(flow: Dataflow, program: Any, group_of: dict[torch.fx.Node, str],
+                      path_of_group: dict[str, str]) -> None:
+    """Add one flow node per user input, module group, ``torch.cat``, other op and output."""
+    user_inputs = set(program.graph_signature.user_inputs)
     index: dict[torch.fx.Node, int] = {}
     group_node: dict[str, FlowNode] = {}
     for node in program.graph.nodes:
@@ -367,7 +392,6 @@ def _from_export(model: nn.Module, example_inputs: tuple[object, ...] | None) ->
             continue
         label = getattr(node.target, "__name__", str(node.target))
         index[node] = flow.add("op", f"aten.{label}", inputs).index
-    return flow
 
 
 def _path_parts(path: str) -> list[str]:

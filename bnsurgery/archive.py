@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "INFLATION_SLACK",
@@ -39,7 +40,7 @@ INFLATION_SLACK = 1 << 20
 
 
 @dataclass(frozen=True)
-class ArchiveEntry:
+class ArchiveEntry(JsonResult):
     """One member of a zip archive as its central directory declares it.
 
     Attributes:
@@ -53,11 +54,6 @@ class ArchiveEntry:
     size: int
     compressed_size: int
     compressed: bool
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {"name": self.name, "size": self.size, "compressed_size": self.compressed_size,
-                "compressed": self.compressed}
 
 
 def read_zip_entries(path: str | os.PathLike[str] | BinaryIO) -> tuple[ArchiveEntry, ...]:

@@ -37,6 +37,7 @@ from bnsurgery.errors import (
     format_message,
 )
 from bnsurgery.messages import first_line
+from bnsurgery.tables import render_table
 
 if TYPE_CHECKING:  # torch loads inside the commands: ``bnsurgery --help`` must not wait for it
     from torch import Tensor, nn
@@ -398,13 +399,9 @@ def _cmd_inspect(ctx: _Context) -> int:
                          "reason": plan.skipped.get(name, "not reached by the plan")})
     header = ("BatchNorm", "type", "status", "reason")
     table = [(r["name"], r["type"], r["status"], r["reason"]) for r in rows]
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(3)]
     lines = [f"{_model_name(ctx)}: {len(rows)} BatchNorm layers, {len(plan.folded)} fold, "
              f"{len(rows) - len(plan.folded)} skipped (dataflow from "
-             f"{plan.method or 'no graph'})"]
-    for row in [header, *table]:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
-                     + "  " + row[3])
+             f"{plan.method or 'no graph'})", *render_table(header, table, rule=False)]
     check = plan.check.status if plan.check is not None else "not run"
     document = _document(ctx, loaded=loaded, inputs=inputs, plan=plan, batchnorms=rows,
                          status={"passed": "passed", "failed": "failed"}.get(check, "skipped"))
@@ -880,20 +877,8 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
                         help="also plot the error per layer into a PNG (needs matplotlib)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``bnsurgery`` command."""
-    from bnsurgery._version import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="bnsurgery",
-        description="BatchNorm model surgery and deployment: replace, fold, export to "
-                    "ONNX/TensorRT, and prove with numbers that what ships computes what was "
-                    "trained.",
-        epilog="Exit codes: 0 ok, 1 numeric mismatch, 2 bad input.")
-    parser.add_argument("--version", action="version", version=f"bnsurgery {__version__}")
-    _common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery demo``: the resnet18 walk-through."""
     demo = sub.add_parser("demo", help="resnet18: replace, fuse, export, validate; write a "
                                        "report and a plot")
     demo.add_argument("--out", default="bnsurgery-demo", metavar="DIR",
@@ -910,6 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, top=False)
     demo.set_defaults(handler=_cmd_demo)
 
+
+def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery inspect``: BatchNorm or ONNX summary."""
     inspect = sub.add_parser("inspect", help="list every BatchNorm with its fold status and "
                                              "reason; or summarise FILE.onnx (inputs, ops, "
                                              "parameters, MACs, BatchNormalization nodes)")
@@ -917,6 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(inspect, top=False)
     inspect.set_defaults(handler=_cmd_inspect)
 
+
+def _add_replace_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery replace``: swap in the from-scratch BatchNorm."""
     replace = sub.add_parser("replace", help="swap in the from-scratch BatchNorm, compare, save")
     _model_options(replace)
     replace.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -927,6 +918,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(replace, top=False)
     replace.set_defaults(handler=_cmd_replace)
 
+
+
+def _add_fuse_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery fuse``: fold BatchNorm into neighbours (or inside an ONNX graph)."""
     fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save; "
                                        "a MODEL.onnx has its BatchNormalization nodes folded "
                                        "inside the graph (-o OUT.onnx)")
@@ -946,6 +941,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(fuse, top=False)
     fuse.set_defaults(handler=_cmd_fuse)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery export``: ONNX (and TensorRT) export."""
     export = sub.add_parser("export", help="export to one ONNX file (folded by default)")
     _model_options(export)
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file")
@@ -971,6 +969,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(export, top=False)
     export.set_defaults(handler=_cmd_export)
 
+
+
+def _add_validate_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery validate``: compare an ONNX file with the model, or two ONNX files."""
     validate = sub.add_parser("validate", help="compare an ONNX file with the original model, "
                                                "or two ONNX files (validate A.onnx B.onnx)")
     _model_options(validate)
@@ -985,6 +987,10 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(validate)
     _common(validate, top=False)
     validate.set_defaults(handler=_cmd_validate)
+
+
+def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery recalibrate``: re-estimate BatchNorm statistics."""
     recalibrate = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics from "
                                                      "a tensor file, save the model")
     _model_options(recalibrate)
@@ -999,11 +1005,42 @@ def build_parser() -> argparse.ArgumentParser:
     recalibrate.add_argument("--report", metavar="PATH", help="also write the report as JSON")
     _common(recalibrate, top=False)
     recalibrate.set_defaults(handler=_cmd_recalibrate)
+
+
+def _add_kernels_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnsurgery kernels``: which kernel runs where."""
     kernels = sub.add_parser("kernels", help="which BatchNorm kernel runs on each device, and why")
     kernels.add_argument("--build", action="store_true",
                          help="build the C++ CPU kernel now and print where it lives")
     _common(kernels, top=False)
     kernels.set_defaults(handler=_cmd_kernels)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bnsurgery`` command.
+
+    Each subcommand is declared by its own ``_add_<command>_parser`` function, so that adding a
+    command is one new function and one line here.
+    """
+    from bnsurgery._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bnsurgery",
+        description="BatchNorm model surgery and deployment: replace, fold, export to "
+                    "ONNX/TensorRT, and prove with numbers that what ships computes what was "
+                    "trained.",
+        epilog="Exit codes: 0 ok, 1 numeric mismatch, 2 bad input.")
+    parser.add_argument("--version", action="version", version=f"bnsurgery {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo_parser(sub)
+    _add_inspect_parser(sub)
+    _add_replace_parser(sub)
+    _add_fuse_parser(sub)
+    _add_export_parser(sub)
+    _add_validate_parser(sub)
+    _add_recalibrate_parser(sub)
+    _add_kernels_parser(sub)
     return parser
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,6 +24,7 @@ from bnsurgery.errors import InvalidInputError, format_message
 from bnsurgery.finite import require_finite_reference
 from bnsurgery.results import JsonResult
 from bnsurgery.tensors import cast_inputs, flatten_outputs
+from bnsurgery.timing import time_call
 
 __all__ = [
     "OutputComparison",
@@ -269,14 +268,9 @@ def compare_output_lists(reference: Sequence[tuple[str, Tensor]],
 
 def timed(function: Callable[[], Any], repeats: int = 1) -> tuple[Any, float]:
     """Run ``function`` ``repeats`` times (at least once); return the last result and the median
-    of the wall-clock seconds."""
-    times = []
-    result = None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
+    of the wall-clock seconds (:func:`bnsurgery.timing.time_call`, reduced to its median)."""
+    result, timing = time_call(function, repeats)
+    return result, timing.median
 
 
 def float64_copy(reference: nn.Module, device: torch.device

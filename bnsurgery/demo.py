@@ -18,20 +18,21 @@ the returned :class:`DemoResult` as a table.
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from bnsurgery._lazy import is_available
 from bnsurgery.report import EquivalenceReport, plot_layer_errors, write_report_json
+from bnsurgery.results import JsonResult
+from bnsurgery.tables import render_table
+from bnsurgery.timing import Timing, interleaved_timings
 
 __all__ = ["DEFAULT_DEMO_DIR", "DemoResult", "DemoRow", "run_demo"]
 
@@ -39,7 +40,7 @@ DEFAULT_DEMO_DIR = "bnsurgery-demo"
 
 
 @dataclass(frozen=True)
-class DemoRow:
+class DemoRow(JsonResult):
     """One line of the demo's table.
 
     Attributes:
@@ -61,18 +62,9 @@ class DemoRow:
     detail: str = ""
     latency_spread_ms: tuple[float, float] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (a non-finite error becomes a string, which JSON can hold)."""
-        error = self.max_rel_error
-        return {"step": self.step, "status": self.status,
-                "max_rel_error": error if error is None or math.isfinite(error) else str(error),
-                "latency_ms": self.latency_ms, "seconds": self.seconds, "detail": self.detail,
-                "latency_spread_ms": None if self.latency_spread_ms is None
-                else list(self.latency_spread_ms)}
-
 
 @dataclass(frozen=True)
-class DemoResult:
+class DemoResult(JsonResult):
     """Everything the demo produced.
 
     Attributes:
@@ -97,31 +89,19 @@ class DemoResult:
     input_shape: tuple[int, ...] = ()
     plan: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
+    json_derived: ClassVar[tuple[str, ...]] = ("passed",)
+
     @property
     def passed(self) -> bool:
         """Something ran and no check that ran failed (skipped checks count neither way)."""
         ran = [r for r in self.reports if r.skipped is None]
         return bool(ran) and all(r.passed for r in ran)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"passed": self.passed, "rows": [r.to_dict() for r in self.rows],
-                "reports": [r.to_dict() for r in self.reports],
-                "report_path": str(self.report_path),
-                "plot_path": None if self.plot_path is None else str(self.plot_path),
-                "onnx_path": str(self.onnx_path), "notes": list(self.notes),
-                "model": dict(self.model), "input_shape": list(self.input_shape),
-                "plan": dict(self.plan)}
-
     def __str__(self) -> str:
         header = ("step", "status", "max rel err", "latency", "time", "detail")
         rows = [(r.step, r.status, "-" if r.max_rel_error is None else f"{r.max_rel_error:.2e}",
                  _latency_text(r), f"{r.seconds:.1f} s", r.detail) for r in self.rows]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-        lines = []
-        for row in [header, tuple("-" * w for w in widths) + ("-" * 6,), *rows]:
-            cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
-            lines.append("  ".join([*cells, row[-1]]).rstrip())
+        lines = render_table(header, rows)
         lines.append(f"report: {self.report_path}")
         lines.append(f"plot:   {self.plot_path if self.plot_path else '(not written)'}")
         lines.append(f"onnx:   {self.onnx_path}")
@@ -137,39 +117,6 @@ def _latency_text(row: DemoRow) -> str:
         return f"{row.latency_ms:.1f} ms"
     low, high = row.latency_spread_ms
     return f"{row.latency_ms:.1f} ms ({low:.1f}-{high:.1f})"
-
-
-@dataclass(frozen=True)
-class _Timing:
-    """Median and quartiles, in seconds, of one call's timed runs."""
-
-    median: float
-    quartiles: tuple[float, float]
-
-    @property
-    def spread_ms(self) -> tuple[float, float]:
-        return (1e3 * self.quartiles[0], 1e3 * self.quartiles[1])
-
-
-def _latencies(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, _Timing]:
-    """Median and quartiles of the seconds per call of each entry, after one warm-up round.
-
-    The calls are timed round-robin, one of each per round, so a busy period on a shared
-    machine slows all of them alike instead of skewing their ratio.
-    """
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(max(2, repeats)):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    timings = {}
-    for name, values in times.items():
-        first, _, third = statistics.quantiles(values, n=4, method="inclusive")
-        timings[name] = _Timing(statistics.median(values), (first, third))
-    return timings
 
 
 def run_demo(
@@ -200,76 +147,139 @@ def run_demo(
 
     Returns:
         The table, the reports and the paths written.
+
+    Each step is a function of its own below; this one only runs them in order and collects
+    their rows (the table's order) and reports (the check order).
     """
-    from bnsurgery.calibrate import calibrate_batchnorm
-    from bnsurgery.fuse import fuse_batchnorm, plan_fusion
     from bnsurgery.models import load_model
-    from bnsurgery.onnx_export import export_onnx
-    from bnsurgery.ort_session import OnnxRunner
-    from bnsurgery.replace import replace_batchnorm
-    from bnsurgery.tensorrt import validate_tensorrt
-    from bnsurgery.validate import compare_models, validate_onnx
 
     say = progress or (lambda message: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(s) for s in input_shape)
-    rows: list[DemoRow] = []
-    reports: list[EquivalenceReport] = []
-    notes: list[str] = []
 
     say("building torchvision:resnet18")
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         loaded = load_model("torchvision:resnet18", weights=weights)
-    model: nn.Module = loaded.model
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    if weights is None:
-        calibration = inputs if shape[0] >= 2 else torch.cat([inputs, inputs])
-        model = calibrate_batchnorm(model, calibration, steps=2, seed=seed).eval()
-        source = "random weights, calibrated BatchNorm state"
-    else:
-        source = f"weights {weights}"
-    notes.append(f"resnet18 with {source}; inputs {list(shape)}")
-    rows.append(DemoRow("build resnet18", "done", seconds=time.perf_counter() - start,
-                        detail=source))
+    model, source = _prepare_weights(loaded.model, inputs, weights, seed)
+    notes = [f"resnet18 with {source}; inputs {list(shape)}"]
+    rows = [DemoRow("build resnet18", "done", seconds=time.perf_counter() - start,
+                    detail=source)]
 
     say("replacing BatchNorm with the from-scratch BatchNorm")
+    replace_row, replace_report = _replace_step(model, inputs)
+    rows.append(replace_row)
+    say("folding BatchNorm into the convolutions")
+    fused = _fuse_step(model, inputs)
+    say("exporting to ONNX (torch.onnx.export, dynamo=True, opset 18)")
+    onnx_path, export_row = _export_step(model, inputs, out)
+    say("validating the ONNX file in onnxruntime")
+    ort_report, ort_seconds = _onnxruntime_step(model, onnx_path, inputs, providers,
+                                                per_layer=plot)
+
+    say(f"timing the original, the fused model and onnxruntime ({repeats} interleaved rounds)")
+    rows += _latency_rows(model, fused, inputs, onnx_path, ort_report, repeats,
+                          export_row=export_row, ort_seconds=ort_seconds)
+    trt_rows, trt_reports = _tensorrt_steps(model, inputs, repeats, say)
+    rows += trt_rows
+    reports = [replace_report, fused.report, ort_report, *trt_reports]
+
+    plot_path = _plot_step(fused.report, ort_report, out, plot, say, notes)
+    say("writing report.json")
+    report_path = write_report_json(reports, out / "report.json", extra={
+        "model": loaded.to_dict(), "seed": seed, "weights": loaded.weights,
+        "input_shape": list(shape),
+        "demo": {"rows": [r.to_dict() for r in rows], "notes": notes,
+                 "onnx_path": str(onnx_path), "fusion_plan": fused.plan.to_dict()}})
+    return DemoResult(tuple(rows), tuple(reports), report_path, plot_path, onnx_path,
+                      tuple(notes), model=loaded.to_dict(), input_shape=shape,
+                      plan=fused.plan.to_dict())
+
+
+def _prepare_weights(model: nn.Module, inputs: torch.Tensor, weights: str | None,
+                     seed: int) -> tuple[nn.Module, str]:
+    """Calibrate BatchNorm state on random data when the weights are random (default statistics
+    would make folding an identity); the model and a description of its weights."""
+    if weights is not None:
+        return model, f"weights {weights}"
+    from bnsurgery.calibrate import calibrate_batchnorm
+
+    calibration = inputs if inputs.shape[0] >= 2 else torch.cat([inputs, inputs])
+    model = calibrate_batchnorm(model, calibration, steps=2, seed=seed).eval()
+    return model, "random weights, calibrated BatchNorm state"
+
+
+def _replace_step(model: nn.Module, inputs: torch.Tensor) -> tuple[DemoRow, EquivalenceReport]:
+    """Swap in the from-scratch BatchNorm and compare with the original."""
+    from bnsurgery.replace import replace_batchnorm
+    from bnsurgery.validate import compare_models
+
     start = time.perf_counter()
     replaced = replace_batchnorm(model, inplace=False).eval()
     report = compare_models(model, replaced, inputs, reference_name="original resnet18",
                             candidate_name="resnet18 with bnsurgery BatchNorm")
-    reports.append(report)
-    rows.append(DemoRow("replace BatchNorm", report.status, report.max_rel_error,
-                        seconds=time.perf_counter() - start,
-                        detail="from-scratch BN vs torch BN, eager"))
+    row = DemoRow("replace BatchNorm", report.status, report.max_rel_error,
+                  seconds=time.perf_counter() - start,
+                  detail="from-scratch BN vs torch BN, eager")
+    return row, report
 
-    say("folding BatchNorm into the convolutions")
+
+@dataclass(frozen=True)
+class _Fused:
+    """The fusion step's outputs; its row waits for the timing, which is shared."""
+
+    plan: Any
+    model: nn.Module
+    report: EquivalenceReport
+    seconds: float  # planning, its check, folding and comparing
+
+
+def _fuse_step(model: nn.Module, inputs: torch.Tensor) -> _Fused:
+    """Plan and fold BatchNorm, then compare the fused model with the original per layer."""
+    from bnsurgery.fuse import fuse_batchnorm, plan_fusion
+    from bnsurgery.validate import compare_models
+
     start = time.perf_counter()
     plan = plan_fusion(model, inputs)
     fused = fuse_batchnorm(model, inputs, plan=plan).eval()
-    fuse_report = compare_models(model, fused, inputs, per_layer=True,
-                                 reference_name="original resnet18",
-                                 candidate_name="fused resnet18 (PyTorch eager)")
-    reports.append(fuse_report)
-    fuse_seconds = time.perf_counter() - start  # planning, its check, folding and comparing
+    report = compare_models(model, fused, inputs, per_layer=True,
+                            reference_name="original resnet18",
+                            candidate_name="fused resnet18 (PyTorch eager)")
+    return _Fused(plan, fused, report, time.perf_counter() - start)
 
-    say("exporting to ONNX (torch.onnx.export, dynamo=True, opset 18)")
+
+def _export_step(model: nn.Module, inputs: torch.Tensor, out: Path) -> tuple[Path, DemoRow]:
+    """Export the original to one ONNX file (folded on the way)."""
+    from bnsurgery.onnx_export import export_onnx
+
     start = time.perf_counter()
     onnx_path = export_onnx(model, inputs, out / "resnet18.onnx", fuse=True)
-    export_row = (DemoRow("export ONNX", "done", seconds=time.perf_counter() - start,
-                        detail=f"{onnx_path.name}, {onnx_path.stat().st_size / 1e6:.1f} MB, "
-                               "one file, checker clean, batch 1 and larger ran"))
+    row = DemoRow("export ONNX", "done", seconds=time.perf_counter() - start,
+                  detail=f"{onnx_path.name}, {onnx_path.stat().st_size / 1e6:.1f} MB, "
+                         "one file, checker clean, batch 1 and larger ran")
+    return onnx_path, row
 
-    say("validating the ONNX file in onnxruntime")
-    start = time.perf_counter()
-    ort_report = validate_onnx(model, onnx_path, inputs, providers=providers, per_layer=plot)
-    reports.append(ort_report)
-    ort_seconds = time.perf_counter() - start
 
-    say(f"timing the original, the fused model and onnxruntime ({repeats} interleaved rounds)")
+def _onnxruntime_step(model: nn.Module, onnx_path: Path, inputs: torch.Tensor,
+                      providers: Sequence[str] | str | None, *,
+                      per_layer: bool) -> tuple[EquivalenceReport, float]:
+    """Validate the ONNX file in onnxruntime against the original; the report and its seconds."""
+    from bnsurgery.validate import validate_onnx
+
     start = time.perf_counter()
+    report = validate_onnx(model, onnx_path, inputs, providers=providers, per_layer=per_layer)
+    return report, time.perf_counter() - start
+
+
+def _time_contenders(model: nn.Module, fused: nn.Module, inputs: torch.Tensor,
+                     onnx_path: Path, ort_report: EquivalenceReport,
+                     repeats: int) -> dict[str, Timing]:
+    """Time the original, the fused model and (when it ran) onnxruntime in the same rounds."""
+    from bnsurgery.ort_session import OnnxRunner
+
     calls: dict[str, Callable[[], Any]] = {"original": lambda: model(inputs),
                                            "fused": lambda: fused(inputs)}
     if ort_report.details.get("providers_used"):
@@ -277,32 +287,49 @@ def run_demo(
         feed = runner.feed((inputs,))
         calls["onnxruntime"] = lambda: runner.run(feed)
     with torch.no_grad():
-        timed = _latencies(calls, repeats)
+        return interleaved_timings(calls, rounds=max(2, repeats), warmup=1)
+
+
+def _latency_rows(model: nn.Module, fused: _Fused, inputs: torch.Tensor, onnx_path: Path,
+                  ort_report: EquivalenceReport, repeats: int, *, export_row: DemoRow,
+                  ort_seconds: float) -> list[DemoRow]:
+    """The rows that carry a latency (and the export row, which sits between them)."""
+    start = time.perf_counter()
+    timed = _time_contenders(model, fused.model, inputs, onnx_path, ort_report, repeats)
     timing_seconds = time.perf_counter() - start
     original = timed["original"]
 
     def against_original(name: str) -> str:
         return f"{timed[name].median / original.median:.2f}x the eager original's median"
 
-    rows.append(DemoRow("eager original", "done", latency_ms=1e3 * original.median,
-                        seconds=timing_seconds, latency_spread_ms=original.spread_ms,
-                        detail=f"PyTorch eager, float32; time: {max(2, repeats)} interleaved "
-                               "rounds of every latency in this table (median, quartiles)"))
-    rows.append(DemoRow(
-        "fuse BatchNorm", fuse_report.status, fuse_report.max_rel_error,
-        1e3 * timed["fused"].median, fuse_seconds,
-        f"{len(plan.folded)} folded, {len(plan.skipped)} skipped; {against_original('fused')}",
-        latency_spread_ms=timed["fused"].spread_ms))
-    rows.append(export_row)
+    plan = fused.plan
     sizes = ", ".join(str(s) for s in ort_report.details.get("batch_sizes", []))
     ort = timed.get("onnxruntime")
-    rows.append(DemoRow(
-        "onnxruntime", ort_report.status, ort_report.max_rel_error,
-        None if ort is None else 1e3 * ort.median, ort_seconds,
-        f"{ort_report.backend}, batches {sizes}"
-        + ("" if ort is None else f"; {against_original('onnxruntime')}"),
-        latency_spread_ms=None if ort is None else ort.spread_ms))
+    return [
+        DemoRow("eager original", "done", latency_ms=1e3 * original.median,
+                seconds=timing_seconds, latency_spread_ms=original.spread_ms,
+                detail=f"PyTorch eager, float32; time: {max(2, repeats)} interleaved "
+                       "rounds of every latency in this table (median, quartiles)"),
+        DemoRow("fuse BatchNorm", fused.report.status, fused.report.max_rel_error,
+                1e3 * timed["fused"].median, fused.seconds,
+                f"{len(plan.folded)} folded, {len(plan.skipped)} skipped; "
+                f"{against_original('fused')}",
+                latency_spread_ms=timed["fused"].spread_ms),
+        export_row,
+        DemoRow("onnxruntime", ort_report.status, ort_report.max_rel_error,
+                None if ort is None else 1e3 * ort.median, ort_seconds,
+                f"{ort_report.backend}, batches {sizes}"
+                + ("" if ort is None else f"; {against_original('onnxruntime')}"),
+                latency_spread_ms=None if ort is None else ort.spread_ms)]
 
+
+def _tensorrt_steps(model: nn.Module, inputs: torch.Tensor, repeats: int,
+                    say: Callable[[str], None]) -> tuple[list[DemoRow],
+                                                         list[EquivalenceReport]]:
+    """Compile and validate with TensorRT in fp32 then fp16 (one skipped row without it)."""
+    from bnsurgery.tensorrt import validate_tensorrt
+
+    rows, reports = [], []
     for precision in ("fp32", "fp16"):
         say(f"TensorRT {precision}")
         start = time.perf_counter()
@@ -316,23 +343,19 @@ def run_demo(
                             "torch-tensorrt, require_full_compilation=True"))
         if report.skipped:
             break  # the reason is the same for every precision
+    return rows, reports
 
-    plot_path = None
+
+def _plot_step(fuse_report: EquivalenceReport, ort_report: EquivalenceReport, out: Path,
+               plot: bool, say: Callable[[str], None], notes: list[str]) -> Path | None:
+    """Plot the error per layer when asked and matplotlib exists; else say why not in notes."""
     if plot and is_available("matplotlib"):
         say("plotting the error per layer")
-        series = {"fused PyTorch": reports[1], "ONNX (onnxruntime)": reports[2]}
-        plot_path = plot_layer_errors(
+        series = {"fused PyTorch": fuse_report, "ONNX (onnxruntime)": ort_report}
+        return plot_layer_errors(
             {k: v for k, v in series.items() if v.layers}, out / "layer_errors.png",
             title="resnet18: error per module boundary against the original (float32)")
-    elif plot:
+    if plot:
         notes.append("layer_errors.png not written: matplotlib is not installed "
                      "(pip install 'bnsurgery[plot]')")
-    say("writing report.json")
-    report_path = write_report_json(reports, out / "report.json", extra={
-        "model": loaded.to_dict(), "seed": seed, "weights": loaded.weights,
-        "input_shape": list(shape),
-        "demo": {"rows": [r.to_dict() for r in rows], "notes": notes,
-                 "onnx_path": str(onnx_path), "fusion_plan": plan.to_dict()}})
-    return DemoResult(tuple(rows), tuple(reports), report_path, plot_path, onnx_path,
-                      tuple(notes), model=loaded.to_dict(), input_shape=shape,
-                      plan=plan.to_dict())
+    return None

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "FoldedWeights",
@@ -71,7 +72,7 @@ class FoldedWeights:
 
 
 @dataclass(frozen=True)
-class PrecisionReport:
+class PrecisionReport(JsonResult):
     """What rounding folded float64 weights to a narrower dtype does to them.
 
     Attributes:
@@ -94,10 +95,6 @@ class PrecisionReport:
     def ok(self) -> bool:
         """True when rounding neither overflows nor produces new subnormals."""
         return self.overflow == 0 and self.subnormal == 0
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return asdict(self)
 
 
 def _check_vector(name: str, value: Tensor | None, channels: int, *, what: str) -> None:

@@ -57,6 +57,7 @@ from bnsurgery.pairs import (
     find_fold_pairs,
 )
 from bnsurgery.results import JsonResult
+from bnsurgery.tables import render_table
 
 __all__ = [
     "PRECISION_POLICIES",
@@ -157,10 +158,7 @@ class FusionPlan(JsonResult):
             header = ("BatchNorm", "into", "direction", "found by", "becomes")
             rows = [(r.batchnorm, r.target, r.direction, r.method, r.replacement)
                     for r in self.folded]
-            widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-            for row in [header, tuple("-" * w for w in widths), *rows]:
-                lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths,
-                                                                        strict=True)).rstrip())
+            lines += render_table(header, rows, pad_last=True)
         notes = [r for r in self.folded if r.precision is not None and not r.precision.ok]
         for record in notes:
             p = record.precision
@@ -240,6 +238,85 @@ def _hazard(report: PrecisionReport, policy: str) -> str | None:
     return None
 
 
+def _check_precision_options(dtype: torch.dtype | None, precision_policy: str) -> None:
+    """Refuse an unknown ``precision_policy`` or a ``dtype`` that is not a floating dtype."""
+    if precision_policy not in PRECISION_POLICIES:
+        raise InvalidInputError(format_message(
+            "Unknown precision policy", where="precision_policy", got=repr(precision_policy),
+            expected=f"one of {list(PRECISION_POLICIES)}", hint="use 'skip' (the default)"))
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InvalidInputError(format_message(
+            "dtype must be a floating torch.dtype", where="dtype", got=dtype,
+            expected="e.g. torch.float16", hint="pass dtype=None to check each layer's own dtype"))
+
+
+def _precision_problems(model: nn.Module, pairs: Sequence[FoldPair], dtype: torch.dtype | None,
+                        precision_policy: str) -> tuple[dict[str, PrecisionReport],
+                                                        dict[str, str]]:
+    """Fold every target layer in float64 and check it against the dtype it will run in.
+
+    Returns:
+        Layer -> its precision report (layers that need a check), and layer -> the problem
+        the policy does not accept.
+    """
+    reports, bad_layers = {}, {}
+    for name, sides in _layer_folds(model, pairs).items():
+        layer = model.get_submodule(name)
+        check = _check_dtype(layer, dtype, sides)
+        if check is None:
+            continue
+        folded = _fold_layer(layer, sides, keep_float64=True)
+        report = precision_report([folded.weight64, folded.bias64],
+                                  [layer.weight, layer.bias], check)
+        reports[name] = report
+        problem = _hazard(report, precision_policy)
+        if problem:
+            bad_layers[name] = problem
+    return reports, bad_layers
+
+
+def _drop_lossy_pairs(model: nn.Module, pairs: list[FoldPair], skipped: dict[str, str],
+                      dtype: torch.dtype | None, precision_policy: str
+                      ) -> tuple[list[FoldPair], dict[str, PrecisionReport]]:
+    """The pairs whose folded weights fit the dtype, and their layers' precision reports.
+
+    Dropping a pair changes its layers' folds (a layer with two BatchNorms loses one side), so
+    the check repeats until nothing more is dropped. Each dropped pair is recorded in
+    ``skipped`` (changed in place) with the reason.
+    """
+    while True:
+        reports, bad_layers = _precision_problems(model, pairs, dtype, precision_policy)
+        if not bad_layers:
+            return pairs, reports
+        keep = []
+        for pair in pairs:
+            problems = [f"in '{t}', {bad_layers[t]}" for t in pair.targets if t in bad_layers]
+            if problems:
+                skipped[pair.batchnorm] = (
+                    "folding it would be lossy: " + "; ".join(problems)
+                    + f" (precision_policy={precision_policy!r}; 'fold' folds it anyway)")
+            else:
+                keep.append(pair)
+        pairs = keep
+
+
+def _fold_records(model: nn.Module, pairs: Sequence[FoldPair],
+                  reports: dict[str, PrecisionReport]) -> list[FoldRecord]:
+    """One plan record per pair to fold: what it is, where it goes, what replaces it."""
+    records = []
+    for pair in pairs:
+        bn = model.get_submodule(pair.batchnorm)
+        kind = batchnorm_kind(bn)
+        merged = _merge_reports([reports[t] for t in pair.targets if t in reports])
+        records.append(FoldRecord(
+            batchnorm=pair.batchnorm,
+            batchnorm_type=kind.label if kind else type(bn).__qualname__,
+            targets=pair.targets, direction=pair.direction, method=pair.method,
+            replacement="FoldedBatchNormAct" if kind and kind.keeps else "Identity",
+            precision=merged))
+    return records
+
+
 def plan_fusion(model: nn.Module, example_inputs: object = None, *,
                 dtype: torch.dtype | None = None, precision_policy: str = "skip",
                 methods: Sequence[str] = DISCOVERY_METHODS) -> FusionPlan:
@@ -276,56 +353,12 @@ def plan_fusion(model: nn.Module, example_inputs: object = None, *,
         NonFiniteReferenceError: The model's own output on ``example_inputs`` is NaN or Inf
             (the message names where it first becomes so).
     """
-    if precision_policy not in PRECISION_POLICIES:
-        raise InvalidInputError(format_message(
-            "Unknown precision policy", where="precision_policy", got=repr(precision_policy),
-            expected=f"one of {list(PRECISION_POLICIES)}", hint="use 'skip' (the default)"))
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise InvalidInputError(format_message(
-            "dtype must be a floating torch.dtype", where="dtype", got=dtype,
-            expected="e.g. torch.float16", hint="pass dtype=None to check each layer's own dtype"))
+    _check_precision_options(dtype, precision_policy)
     search = find_fold_pairs(model, example_inputs, methods=methods)
-    pairs = list(search.pairs)
     skipped = dict(search.skipped)
-    reports: dict[str, PrecisionReport] = {}
-    while True:  # dropping a pair changes its layers' folds, so check again until stable
-        folds = _layer_folds(model, pairs)
-        reports, bad_layers = {}, {}
-        for name, sides in folds.items():
-            layer = model.get_submodule(name)
-            check = _check_dtype(layer, dtype, sides)
-            if check is None:
-                continue
-            folded = _fold_layer(layer, sides, keep_float64=True)
-            report = precision_report([folded.weight64, folded.bias64],
-                                      [layer.weight, layer.bias], check)
-            reports[name] = report
-            problem = _hazard(report, precision_policy)
-            if problem:
-                bad_layers[name] = problem
-        if not bad_layers:
-            break
-        keep = []
-        for pair in pairs:
-            problems = [f"in '{t}', {bad_layers[t]}" for t in pair.targets if t in bad_layers]
-            if problems:
-                skipped[pair.batchnorm] = (
-                    "folding it would be lossy: " + "; ".join(problems)
-                    + f" (precision_policy={precision_policy!r}; 'fold' folds it anyway)")
-            else:
-                keep.append(pair)
-        pairs = keep
-    records = []
-    for pair in pairs:
-        bn = model.get_submodule(pair.batchnorm)
-        kind = batchnorm_kind(bn)
-        merged = _merge_reports([reports[t] for t in pair.targets if t in reports])
-        records.append(FoldRecord(
-            batchnorm=pair.batchnorm,
-            batchnorm_type=kind.label if kind else type(bn).__qualname__,
-            targets=pair.targets, direction=pair.direction, method=pair.method,
-            replacement="FoldedBatchNormAct" if kind and kind.keeps else "Identity",
-            precision=merged))
+    pairs, reports = _drop_lossy_pairs(model, list(search.pairs), skipped, dtype,
+                                       precision_policy)
+    records = _fold_records(model, pairs, reports)
     if search.method == "hooks" and records:
         warnings.warn(
             f"{len(records)} BatchNorm pair(s) were found by running the model on "
@@ -548,6 +581,53 @@ def _new_parameter(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value.requires_grad_(old.requires_grad)
 
 
+def _plan_to_apply(model: nn.Module, example_inputs: object, args: tuple[object, ...] | None,
+                   plan: FusionPlan | None, *, dtype: torch.dtype | None,
+                   precision_policy: str | None, methods: Sequence[str] | None) -> FusionPlan:
+    """The plan :func:`fuse_batchnorm` applies: a new one, or the given one validated against
+    the model and checked again unless it was checked on these very inputs."""
+    if plan is None:
+        return plan_fusion(model, example_inputs, dtype=dtype,
+                           precision_policy="skip" if precision_policy is None
+                           else precision_policy,
+                           methods=DISCOVERY_METHODS if methods is None else methods)
+    given = [name for name, value in (("dtype", dtype), ("precision_policy", precision_policy),
+                                      ("methods", methods)) if value is not None]
+    if given:
+        raise InvalidInputError(format_message(
+            "fuse_batchnorm got a plan and options that the plan already fixed",
+            where=", ".join(given), got=f"plan= and {', '.join(g + '=' for g in given)}",
+            expected="either a plan or those options",
+            hint=f"pass {', '.join(g + '=' for g in given)} to plan_fusion, or leave "
+                 "plan=None"))
+    _validate_plan(model, plan)
+    if args is not None and (plan.check is None
+                             or plan.check.fingerprint != inputs_fingerprint(args)):
+        plan = _checked(model, plan, args)
+    return plan
+
+
+def _fuse_in_place_checked(model: nn.Module, plan: FusionPlan,
+                           args: tuple[object, ...] | None) -> nn.Module:
+    """Apply ``plan`` to ``model`` itself; with inputs, compare with outputs recorded before
+    folding and restore the model if they differ."""
+    runs = (ReferenceRuns(model, args, other_shapes=plan.method != "fx")
+            if args is not None and plan.folded else None)
+    journal: list[tuple[object, str, object]] = []
+    work = _fused_copy(model, plan, inplace=True, journal=journal)
+    if runs is not None:
+        reason, _ = runs.compare(copy.deepcopy(work))
+        if reason is not None:
+            _undo(journal)
+            raise FusionError(format_message(
+                "Folding in place made the model differ from the original; it has been "
+                "restored", where=type(model).__name__, got=reason,
+                expected="the same outputs as before folding",
+                hint="use inplace=False (a copy redirects every reference to a folded "
+                     "BatchNorm)"))
+    return work
+
+
 def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: bool = False,
                    strict: bool = False, dtype: torch.dtype | None = None,
                    precision_policy: str | None = None, methods: Sequence[str] | None = None,
@@ -588,25 +668,8 @@ def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: 
         NonFiniteReferenceError: The original returns NaN or Inf on ``example_inputs``.
     """
     args = as_forward_args(example_inputs)
-    if plan is None:
-        plan = plan_fusion(model, example_inputs, dtype=dtype,
-                           precision_policy="skip" if precision_policy is None
-                           else precision_policy,
-                           methods=DISCOVERY_METHODS if methods is None else methods)
-    else:
-        given = [name for name, value in (("dtype", dtype), ("precision_policy", precision_policy),
-                                          ("methods", methods)) if value is not None]
-        if given:
-            raise InvalidInputError(format_message(
-                "fuse_batchnorm got a plan and options that the plan already fixed",
-                where=", ".join(given), got=f"plan= and {', '.join(g + '=' for g in given)}",
-                expected="either a plan or those options",
-                hint=f"pass {', '.join(g + '=' for g in given)} to plan_fusion, or leave "
-                     "plan=None"))
-        _validate_plan(model, plan)
-        if args is not None and (plan.check is None
-                                 or plan.check.fingerprint != inputs_fingerprint(args)):
-            plan = _checked(model, plan, args)
+    plan = _plan_to_apply(model, example_inputs, args, plan, dtype=dtype,
+                          precision_policy=precision_policy, methods=methods)
     if inplace and plan.folded:
         plan = _outside_references(model, plan)
     if strict and plan.skipped:
@@ -622,22 +685,9 @@ def fuse_batchnorm(model: nn.Module, example_inputs: object = None, *, inplace: 
     if args is None and plan.folded:
         logger.warning("fuse_batchnorm without example_inputs: the fused model was not "
                        "compared with the original")
-    if not inplace:
-        work = _fused_copy(model, plan, inplace=False)
+    if inplace:
+        work = _fuse_in_place_checked(model, plan, args)
     else:
-        runs = (ReferenceRuns(model, args, other_shapes=plan.method != "fx")
-                if args is not None and plan.folded else None)
-        journal: list[tuple[object, str, object]] = []
-        work = _fused_copy(model, plan, inplace=True, journal=journal)
-        if runs is not None:
-            reason, _ = runs.compare(copy.deepcopy(work))
-            if reason is not None:
-                _undo(journal)
-                raise FusionError(format_message(
-                    "Folding in place made the model differ from the original; it has been "
-                    "restored", where=type(model).__name__, got=reason,
-                    expected="the same outputs as before folding",
-                    hint="use inplace=False (a copy redirects every reference to a folded "
-                         "BatchNorm)"))
+        work = _fused_copy(model, plan, inplace=False)
     logger.info("folded %d BatchNorm layers, skipped %d", len(plan.folded), len(plan.skipped))
     return work

@@ -42,6 +42,7 @@ from bnsurgery._lazy import require
 from bnsurgery.archive import declared_bytes
 from bnsurgery.errors import BnSurgeryError, InvalidInputError, UnsafeFileError, format_message
 from bnsurgery.messages import first_line
+from bnsurgery.results import JsonResult
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -78,7 +79,7 @@ _TORCHVISION_SIZES = {"inception_v3": 299}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(JsonResult):
     """A parsed MODEL argument.
 
     Attributes:
@@ -91,10 +92,6 @@ class ModelSpec:
     source: str
     name: str
     text: str
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready form."""
-        return {"source": self.source, "name": self.name, "text": self.text}
 
 
 @dataclass(frozen=True)
@@ -117,7 +114,11 @@ class LoadedModel:
     cast: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready form (without the model itself)."""
+        """JSON-ready form, the model itself given by its class name.
+
+        Written out by hand: the class goes under the key ``"class"``, which no field or
+        property can be named.
+        """
         return {"spec": self.spec.to_dict(), "input_shape": list(self.input_shape),
                 "weights": self.weights, "class": type(self.model).__qualname__,
                 "cast": list(self.cast)}

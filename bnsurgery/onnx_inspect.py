@@ -18,6 +18,7 @@ from typing import Any
 
 from bnsurgery._lazy import require
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.results import JsonResult
 
 __all__ = ["FOLD_TARGETS", "OnnxBatchNorm", "OnnxSummary", "inspect_onnx"]
 
@@ -26,7 +27,7 @@ FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
 
 
 @dataclass(frozen=True)
-class OnnxBatchNorm:
+class OnnxBatchNorm(JsonResult):
     """One ``BatchNormalization`` node and whether it folds into the node before it."""
 
     name: str
@@ -34,11 +35,6 @@ class OnnxBatchNorm:
     producer_op: str | None
     foldable: bool
     reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"name": self.name, "producer": self.producer, "producer_op": self.producer_op,
-                "foldable": self.foldable, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,11 @@ class OnnxSummary:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form.
+
+        Written out by hand: each input and output becomes a ``{name, dtype, shape}`` object
+        rather than the tuple it is held as, and ``flops`` is reported next to ``macs``.
+        """
         def tensors(items: Sequence[tuple[str, str, tuple[int | str, ...]]]
                     ) -> list[dict[str, Any]]:
             return [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in items]

@@ -497,9 +497,95 @@ class _BlockMatch:
     constant: float
 
 
+class _GraphSum:
+    """Reads the sum of a block's branches out of its traced graph.
+
+    Holds what the steps share: which nodes end a branch, the predicates over graph nodes, and
+    the scale of each branch and the constant term that :meth:`walk` collects.
+    """
+
+    def __init__(self, block_module: nn.Module, ends: dict[torch.fx.Node, str]) -> None:
+        self.block_module = block_module
+        self.ends = ends
+        self.scales: dict[str, float] = {}
+        self.constant = 0.0
+        self.seen: set[torch.fx.Node] = set()
+
+    def is_identity(self, node: torch.fx.Node) -> bool:
+        return (node.op == "call_module"
+                and type(self.block_module.get_submodule(str(node.target))) is nn.Identity)
+
+    @staticmethod
+    def is_add(node: torch.fx.Node) -> bool:
+        return node.op == "call_function" and node.target in _FX_ADDS and not node.kwargs
+
+    @staticmethod
+    def is_scaling(node: torch.fx.Node) -> bool:
+        return (node.op == "call_function" and node.target in _FX_MULS and not node.kwargs
+                and len(node.args) == 2 and any(_is_number(a) for a in node.args))
+
+    def chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """``node`` and the single-user additions, scalings and identities above it."""
+        path = [node]
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if not (self.is_identity(user) or self.is_add(user) or self.is_scaling(user)):
+                break
+            node = user
+            path.append(node)
+        return path
+
+    def root(self) -> torch.fx.Node | None:
+        """The node of the whole sum: the lowest one every branch reaches, with the constant
+        additions, scalings and identities above it taken in; ``None`` when there is none."""
+        chains = [self.chain(node) for node in self.ends]
+        common = set(chains[0]).intersection(*chains[1:])
+        if not common:
+            return None
+        root = next(n for n in chains[0] if n in common)
+        while len(root.users) == 1:
+            user = next(iter(root.users))
+            others = [a for a in user.args if a is not root]
+            if self.is_identity(user) or self.is_scaling(user) or (
+                    self.is_add(user) and len(user.args) == 2
+                    and all(_is_number(a) for a in others)):
+                root = user
+            else:
+                break
+        return root
+
+    def walk(self, node: torch.fx.Node, factor: float) -> str | None:
+        """Collect each branch's scale and the constant under ``node``; what else it adds."""
+        if _is_number(node):
+            self.constant += factor * float(node)
+            return None
+        if not isinstance(node, torch.fx.Node):
+            return f"the sum adds {type(node).__name__} values"
+        if node in self.ends:
+            self.seen.add(node)
+            self.scales[self.ends[node]] = factor
+            return None
+        if self.is_identity(node):
+            return self.walk(node.args[0], factor)
+        if self.is_add(node) and len(node.args) == 2:
+            return self.walk(node.args[0], factor) or self.walk(node.args[1], factor)
+        if node.op == "call_function" and node.target in _FX_MULS and len(node.args) == 2:
+            left, right = node.args
+            if _is_number(right):
+                return self.walk(left, factor * float(right))
+            if _is_number(left):
+                return self.walk(right, factor * float(left))
+            return "a branch is multiplied by a tensor, not a constant"
+        return f"the sum also adds the result of {node.format_node()}"
+
+
 def _match_in_graph(graph: torch.fx.Graph, block_module: nn.Module, block: str,
                     branches: list[_Branch]) -> _BlockMatch | str:
-    """Find the sum of ``branches`` in the block's traced graph; check it is a plain sum."""
+    """Find the sum of ``branches`` in the block's traced graph; check it is a plain sum.
+
+    Returns:
+        The match, or why the block is not a plain sum of its branches.
+    """
     by_target = {str(n.target): n for n in graph.nodes if n.op == "call_module"}
     ends: dict[torch.fx.Node, str] = {}
     for branch in branches:
@@ -507,87 +593,36 @@ def _match_in_graph(graph: torch.fx.Graph, block_module: nn.Module, block: str,
         if node is None:
             return "its forward does not call the branch modules directly"
         ends[node] = branch.end
-
-    def is_identity(node: torch.fx.Node) -> bool:
-        return (node.op == "call_module"
-                and type(block_module.get_submodule(str(node.target))) is nn.Identity)
-
-    def is_add(node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and node.target in _FX_ADDS and not node.kwargs
-
-    def is_scaling(node: torch.fx.Node, operand: torch.fx.Node) -> bool:
-        return (node.op == "call_function" and node.target in _FX_MULS and not node.kwargs
-                and len(node.args) == 2 and any(_is_number(a) for a in node.args))
-
-    def chain(node: torch.fx.Node) -> list[torch.fx.Node]:
-        path = [node]
-        while len(node.users) == 1:
-            user = next(iter(node.users))
-            if not (is_identity(user) or is_add(user) or is_scaling(user, node)):
-                break
-            node = user
-            path.append(node)
-        return path
-
-    chains = [chain(node) for node in ends]
-    common = set(chains[0]).intersection(*chains[1:])
-    if not common:
+    graph_sum = _GraphSum(block_module, ends)
+    root = graph_sum.root()
+    if root is None:
         return "the branches are not summed in one expression"
-    root = next(n for n in chains[0] if n in common)  # the lowest node every branch reaches
-    while len(root.users) == 1:  # take in constant additions, scalings and identities above it
-        user = next(iter(root.users))
-        others = [a for a in user.args if a is not root]
-        if is_identity(user) or is_scaling(user, root) or (
-                is_add(user) and len(user.args) == 2 and all(_is_number(a) for a in others)):
-            root = user
-        else:
-            break
-    scales: dict[str, float] = {}
-    constant = 0.0
-    seen: set[torch.fx.Node] = set()
-
-    def walk(node: torch.fx.Node, factor: float) -> str | None:
-        nonlocal constant
-        if _is_number(node):
-            constant += factor * float(node)
-            return None
-        if not isinstance(node, torch.fx.Node):
-            return f"the sum adds {type(node).__name__} values"
-        if node in ends:
-            seen.add(node)
-            scales[ends[node]] = factor
-            return None
-        if is_identity(node):
-            return walk(node.args[0], factor)
-        if is_add(node) and len(node.args) == 2:
-            return walk(node.args[0], factor) or walk(node.args[1], factor)
-        if node.op == "call_function" and node.target in _FX_MULS and len(node.args) == 2:
-            left, right = node.args
-            if _is_number(right):
-                return walk(left, factor * float(right))
-            if _is_number(left):
-                return walk(right, factor * float(left))
-            return "a branch is multiplied by a tensor, not a constant"
-        return f"the sum also adds the result of {node.format_node()}"
-
-    problem = walk(root, 1.0)
+    problem = graph_sum.walk(root, 1.0)
     if problem:
         return problem
-    if seen != set(ends):
+    if graph_sum.seen != set(ends):
         return "the branches are not summed in one expression"
-    first_modules = []
+    source = _shared_source(graph_sum, by_target, block, branches)
+    if source is None:
+        return "the branches do not read the same tensor in the block's forward"
+    return _BlockMatch(root=root, source=source, scales=graph_sum.scales,
+                       constant=graph_sum.constant)
+
+
+def _shared_source(graph_sum: _GraphSum, by_target: dict[str, torch.fx.Node], block: str,
+                   branches: list[_Branch]) -> torch.fx.Node | None:
+    """The one tensor every branch's first module reads (through identities), else ``None``."""
+    inputs = set()
     for branch in branches:
         first = branch.conv if branch.conv else branch.batchnorm
-        first_modules.append(by_target.get(_relative(first, block)))
-    inputs = set()
-    for node in first_modules:
+        node = by_target.get(_relative(first, block))
         source = node.args[0] if node is not None and node.args else None
-        while isinstance(source, torch.fx.Node) and is_identity(source):
+        while isinstance(source, torch.fx.Node) and graph_sum.is_identity(source):
             source = source.args[0]
         inputs.add(source)
     if len(inputs) != 1 or None in inputs:
-        return "the branches do not read the same tensor in the block's forward"
-    return _BlockMatch(root=root, source=inputs.pop(), scales=scales, constant=constant)
+        return None
+    return inputs.pop()
 
 
 def _is_number(value: object) -> bool:

@@ -34,6 +34,7 @@ from bnsurgery.errors import InvalidInputError, format_message
 from bnsurgery.files import atomic_output, write_text
 from bnsurgery.messages import first_line, printable
 from bnsurgery.results import JsonResult, jsonable
+from bnsurgery.tables import render_table
 
 __all__ = [
     "EquivalenceReport",
@@ -151,16 +152,15 @@ class EquivalenceReport(JsonResult):
             if key in self.details:
                 lines.append(f"  {key.replace('_', ' ')}: {printable(self.details[key])}")
         if self.outputs:
-            header = (f"  {'output':<14}{'batch':>6}{'max|err|':>11}{'rel':>10}{'mean|err|':>11}"
-                      f"{'cosine':>11}{'top1':>7}{'f64 err':>10}{'ref f64':>10}  status")
-            lines.append(header)
-            for o in self.outputs:
-                top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}"
-                lines.append(
-                    f"  {printable(o.name):<14}{'-' if o.batch is None else o.batch:>6}"
-                    f"{o.max_abs_error:>11.2e}{o.max_rel_error:>10.2e}{o.mean_abs_error:>11.2e}"
-                    f"{o.cosine_similarity:>11.8f}{top1:>7}{_fmt(o.float64_error):>10}"
-                    f"{_fmt(o.reference_float64_error):>10}  {'ok' if o.passed else 'FAIL'}")
+            header = ("output", "batch", "max|err|", "rel", "mean|err|", "cosine", "top1",
+                      "f64 err", "ref f64", "status")
+            rows = [(printable(o.name), "-" if o.batch is None else str(o.batch),
+                     f"{o.max_abs_error:.2e}", f"{o.max_rel_error:.2e}",
+                     f"{o.mean_abs_error:.2e}", f"{o.cosine_similarity:.8f}",
+                     "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}",
+                     _fmt(o.float64_error), _fmt(o.reference_float64_error),
+                     "ok" if o.passed else "FAIL") for o in self.outputs]
+            lines += render_table(header, rows, align="lrrrrrrrrl", rule=False, indent="  ")
         for failure in self.failures:
             lines.append(f"  failure: {printable(failure)}")
         if self.first_divergence:

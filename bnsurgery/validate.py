@@ -363,6 +363,17 @@ def validate_onnx(
                                        tolerance=tolerance, device=device, output_failed=failed,
                                        wanted=per_layer or (per_layer is None and failed))
     notes += [note] if note else []
+    details.update(batch_sizes=sizes, inputs=[list(t.shape) for t in inputs])
+    return _onnxruntime_report(runner, tolerance, device, outputs=outputs, failures=failures,
+                               comparison=comparison, notes=notes, details=details,
+                               timings=timings)
+
+
+def _onnxruntime_report(runner: OnnxRunner, tolerance: Tolerance, device: torch.device, *,
+                        outputs: list[OutputComparison], failures: list[str],
+                        comparison: LayerComparison, notes: list[str], details: dict[str, Any],
+                        timings: dict[str, float]) -> EquivalenceReport:
+    """Assemble :func:`validate_onnx`'s report from the sweep and the per-layer diagnosis."""
     return EquivalenceReport(
         check="onnxruntime", reference="original PyTorch model (float32)",
         candidate=f"{runner.path.name} in onnxruntime",
@@ -370,8 +381,7 @@ def validate_onnx(
         outputs=tuple(outputs), failures=tuple(failures),
         first_divergence=comparison.first_divergence, divergence_suspects=comparison.suspects,
         layers=comparison.layers, notes=tuple(notes),
-        details={**details, "batch_sizes": sizes, "inputs": [list(t.shape) for t in inputs],
-                 "cuda_use_tf32": False if "CUDAExecutionProvider" in runner.providers_used
-                 else None},
+        details={**details, "cuda_use_tf32": False if "CUDAExecutionProvider"
+                 in runner.providers_used else None},
         timings={"session_create_s": runner.load_seconds, **timings},
         environment=collect_environment(device=device))
