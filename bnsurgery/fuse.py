@@ -58,6 +58,7 @@ from bnsurgery.pairs import (
 )
 from bnsurgery.results import JsonResult
 from bnsurgery.tables import render_table
+from bnsurgery.tensors import module_tensor
 
 __all__ = [
     "PRECISION_POLICIES",
@@ -159,9 +160,10 @@ class FusionPlan(JsonResult):
             rows = [(r.batchnorm, r.target, r.direction, r.method, r.replacement)
                     for r in self.folded]
             lines += render_table(header, rows, pad_last=True)
-        notes = [r for r in self.folded if r.precision is not None and not r.precision.ok]
-        for record in notes:
+        for record in self.folded:
             p = record.precision
+            if p is None or p.ok:
+                continue
             lines.append(f"note: {record.batchnorm} folded with {p.overflow} overflowing and "
                          f"{p.subnormal} new subnormal values in {p.dtype}")
         if self.check is not None:
@@ -175,9 +177,23 @@ class FusionPlan(JsonResult):
         return "\n".join(lines)
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """A fold target's weight (every conv, conv-transpose and linear layer has one)."""
+    weight = module_tensor(layer, "weight")
+    if weight is None:
+        raise FusionError(f"{type(layer).__name__} has no weight tensor to fold into")
+    return weight
+
+
 def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return batchnorm_scale_shift(bn.running_mean, bn.running_var, eps=float(bn.eps),
-                                 weight=getattr(bn, "weight", None), bias=getattr(bn, "bias", None))
+    running_mean, running_var = module_tensor(bn, "running_mean"), module_tensor(bn, "running_var")
+    eps = getattr(bn, "eps", None)
+    if running_mean is None or running_var is None or not isinstance(
+            eps, (int, float, torch.Tensor)):
+        # plan_fusion only pairs BatchNorms that have both statistics and an eps
+        raise FusionError(f"{type(bn).__name__} has no running statistics or eps to fold")
+    return batchnorm_scale_shift(running_mean, running_var, eps=float(eps),
+                                 weight=module_tensor(bn, "weight"), bias=module_tensor(bn, "bias"))
 
 
 def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
@@ -199,7 +215,8 @@ def _layer_folds(model: nn.Module, pairs: Sequence[FoldPair]
 
 def _fold_layer(layer: nn.Module, sides: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
                 keep_float64: bool = False) -> FoldedWeights:
-    return fold_layer_weights(layer.weight, layer.bias, before=sides.get("before"),
+    return fold_layer_weights(_weight(layer), module_tensor(layer, "bias"),
+                              before=sides.get("before"),
                               after=sides.get("after"),
                               transposed=isinstance(layer, TRANSPOSED_CONVS),
                               groups=getattr(layer, "groups", 1), keep_float64=keep_float64)
@@ -213,7 +230,8 @@ def _check_dtype(layer: nn.Module, dtype: torch.dtype | None,
     overflow, which needs a factor near the square root of their range; only then is the fold
     computed to count the values that turn infinite.
     """
-    wanted = dtype if dtype is not None else layer.weight.dtype
+    weight = _weight(layer)
+    wanted = dtype if dtype is not None else weight.dtype
     if wanted in _HALF:
         return wanted
     if not wanted.is_floating_point:
@@ -221,7 +239,7 @@ def _check_dtype(layer: nn.Module, dtype: torch.dtype | None,
     limit = torch.finfo(wanted).max ** 0.5
     largest = max((float(t.abs().max()) for pair in sides.values() for t in pair if t.numel()),
                   default=0.0)
-    weights = float(layer.weight.detach().abs().max()) if layer.weight.numel() else 0.0
+    weights = float(weight.detach().abs().max()) if weight.numel() else 0.0
     return wanted if max(largest, weights) > limit or not torch.isfinite(
         torch.tensor(largest)) else None
 
@@ -266,8 +284,9 @@ def _precision_problems(model: nn.Module, pairs: Sequence[FoldPair], dtype: torc
         if check is None:
             continue
         folded = _fold_layer(layer, sides, keep_float64=True)
-        report = precision_report([folded.weight64, folded.bias64],
-                                  [layer.weight, layer.bias], check)
+        weight64 = folded.weight if folded.weight64 is None else folded.weight64
+        report = precision_report([weight64, folded.bias64],
+                                  [_weight(layer), module_tensor(layer, "bias")], check)
         reports[name] = report
         problem = _hazard(report, precision_policy)
         if problem:
@@ -403,7 +422,7 @@ def _checked(model: nn.Module, plan: FusionPlan, args: tuple[object, ...]) -> Fu
             ratios[tuple(r.batchnorm for r in records)] = ratio
         return reason
 
-    kept, dropped = bisect_failures(list(plan.folded), failure)  # type: ignore[arg-type]
+    kept, dropped = bisect_failures(list(plan.folded), failure)
     skipped = dict(plan.skipped)
     for index, reason in dropped.items():
         name = plan.folded[index].batchnorm
@@ -477,7 +496,7 @@ def _replacement(bn: nn.Module, memo: dict[int, object] | None) -> nn.Module:
 
 
 def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool,
-                journal: list[tuple[object, str, object]] | None = None) -> nn.Module:
+                journal: list[tuple[nn.Module, str, object]] | None = None) -> nn.Module:
     """Apply ``plan`` to ``model`` itself or to a deep copy of it.
 
     For a copy, the folded weights and the BatchNorm replacements are seeded into
@@ -498,29 +517,31 @@ def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool,
     else:
         memo: dict[int, object] = {}
         for name, (layer, weights) in folded.items():
-            weight = _new_parameter(layer.weight, weights.weight)
-            bias = None if layer.bias is None else _new_parameter(layer.bias, weights.bias)
-            memo[id(layer.weight)] = weight
+            old_weight, old_bias = _weight(layer), module_tensor(layer, "bias")
+            weight = _new_parameter(old_weight, weights.weight)
+            bias = None if old_bias is None else _new_parameter(old_bias, weights.bias)
+            memo[id(old_weight)] = weight
             if bias is not None:
-                memo[id(layer.bias)] = bias
+                memo[id(old_bias)] = bias
             seeded[name] = (weight, bias)
         replacements = {key: _replacement(bn, memo) for key, bn in batchnorms.items()}
         memo.update(replacements)
         work = copy_model(model, what="fuse_batchnorm", memo=memo)
     for name, (_, weights) in folded.items():
         layer = work.get_submodule(name)
-        weight, bias = seeded.get(name, (None, None))
+        new_weight, new_bias = seeded[name] if name in seeded else (None, None)
+        layer_weight, layer_bias = _weight(layer), module_tensor(layer, "bias")
         with torch.no_grad():
             if journal is not None:
-                journal.append((layer, "weight", layer.weight.detach().clone()))
-                journal.append((layer, "bias", None if layer.bias is None
-                                else layer.bias.detach().clone()))
-            if layer.weight is not weight:  # in place, or a class with its own __deepcopy__
-                layer.weight.copy_(weights.weight)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(weights.bias, requires_grad=layer.weight.requires_grad)
-            elif layer.bias is not bias:
-                layer.bias.copy_(weights.bias)
+                journal.append((layer, "weight", layer_weight.detach().clone()))
+                journal.append((layer, "bias", None if layer_bias is None
+                                else layer_bias.detach().clone()))
+            if layer_weight is not new_weight:  # in place, or a class with its own __deepcopy__
+                layer_weight.copy_(weights.weight)
+            if layer_bias is None:
+                layer.bias = nn.Parameter(weights.bias, requires_grad=layer_weight.requires_grad)
+            elif layer_bias is not new_bias:
+                layer_bias.copy_(weights.bias)
     for parent in list(work.modules()):
         for child_name, child in list(parent._modules.items()):  # every alias, not just one
             if id(child) in replacements:
@@ -530,18 +551,15 @@ def _fused_copy(model: nn.Module, plan: FusionPlan, *, inplace: bool,
     return work
 
 
-def _undo(journal: list[tuple[object, str, object]]) -> None:
+def _undo(journal: list[tuple[nn.Module, str, object]]) -> None:
     """Put back what an in-place :func:`_fused_copy` changed, newest change first."""
     with torch.no_grad():
         for owner, name, old in reversed(journal):
-            if isinstance(old, nn.Module):
-                setattr(owner, name, old)
-            elif name == "weight":
-                owner.weight.copy_(old)  # type: ignore[union-attr]
-            elif old is None:
-                owner.bias = None  # type: ignore[union-attr]
+            current = module_tensor(owner, name)
+            if isinstance(old, torch.Tensor) and current is not None:
+                current.copy_(old)  # a folded weight or bias: its old values back
             else:
-                owner.bias.copy_(old)  # type: ignore[union-attr]
+                setattr(owner, name, old)  # a replaced module, or a bias the fold created
 
 
 def _outside_references(model: nn.Module, plan: FusionPlan) -> FusionPlan:
@@ -613,7 +631,7 @@ def _fuse_in_place_checked(model: nn.Module, plan: FusionPlan,
     folding and restore the model if they differ."""
     runs = (ReferenceRuns(model, args, other_shapes=plan.method != "fx")
             if args is not None and plan.folded else None)
-    journal: list[tuple[object, str, object]] = []
+    journal: list[tuple[nn.Module, str, object]] = []
     work = _fused_copy(model, plan, inplace=True, journal=journal)
     if runs is not None:
         reason, _ = runs.compare(copy.deepcopy(work))

@@ -28,6 +28,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -290,8 +291,11 @@ class ReferenceRuns:
         return None, worst
 
 
-def bisect_failures(items: Sequence[object], failure: Callable[[list[object]], str | None]
-                    ) -> tuple[list[object], dict[int, str]]:
+_Item = TypeVar("_Item")
+
+
+def bisect_failures(items: Sequence[_Item], failure: Callable[[list[_Item]], str | None]
+                    ) -> tuple[list[_Item], dict[int, str]]:
     """Split ``items`` into a largest passing set and the ones that break the check.
 
     ``failure(subset)`` says why applying ``subset`` fails, or ``None``. Halves are tried in

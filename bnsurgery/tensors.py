@@ -31,6 +31,7 @@ __all__ = [
     "model_device",
     "model_dtype",
     "model_on",
+    "module_tensor",
     "resize_batch",
     "tf32_allowed",
 ]
@@ -89,6 +90,16 @@ def check_eval_mode(model: nn.Module, *, what: str) -> None:
             "running statistics",
             where=shown, got="training=True", expected="training=False",
             hint="call model.eval() first"))
+
+
+def module_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` when it is a tensor (a parameter or buffer), else ``None``.
+
+    ``nn.Module.__getattr__`` is typed as returning a tensor or a module, so code that reads a
+    layer's ``weight`` or ``running_mean`` goes through this one check instead of trusting it.
+    """
+    value = getattr(module, name, None)
+    return value if isinstance(value, Tensor) else None
 
 
 def first_tensor(model: nn.Module) -> Tensor | None:
