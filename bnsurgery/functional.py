@@ -279,12 +279,19 @@ def batch_norm(
         # No derivative is computed, so the tangents are unused: ignored, as torch does.
         running_mean, running_var = (None if t is None else forward_ad.unpack_dual(t).primal
                                      for t in (running_mean, running_var))
+    backend = select_backend(input)
     if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):
         # Inference (or no_grad): the same maths without building an autograd node. A
         # TorchScript trace takes this path too, gradients or not: it must record torch
         # operators (a Python Function cannot be saved), and autograd differentiates those.
-        return select_backend(input).forward(input, weight, bias, running_mean, running_var,
-                                             training, momentum, eps)[0]
+        return backend.forward(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)[0]
+    if getattr(backend, "AUTOGRAD_IN_KERNEL", False) and not (
+            transforms_active() or has_tangent(input, weight, bias)):
+        # Reverse mode on a backend whose operators carry their own derivative (a C++ autograd
+        # node): one operator call, no Python Function. Transforms and forward mode below.
+        return backend.forward(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)[0]
     # Dynamo cannot trace a Function with its own forward-mode rule; compiled graphs get the
     # same node without it.
     function = CapturedBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction

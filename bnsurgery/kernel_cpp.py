@@ -3,7 +3,11 @@
 The source, ``bnsurgery/csrc/batch_norm_cpu.cpp``, is written from scratch (no torch batch-norm
 call) and defines three operators in the ``bnsurgery`` namespace: ``cpp_batch_norm_eval``,
 ``cpp_batch_norm_train`` (which updates the running statistics in place, declared in its schema)
-and ``cpp_batch_norm_backward``. Fake implementations registered here let ``torch.compile``,
+and ``cpp_batch_norm_backward``. The two forward operators also carry their derivative: a C++
+autograd node, registered for the ``Autograd`` dispatch key, whose backward calls
+``cpp_batch_norm_backward`` (or, when the backward is itself differentiated or batched, the
+same formulas in differentiable ATen operations). A training step from Python is therefore one
+operator call forward and one node backward, with no Python in between. Fake implementations registered here let ``torch.compile``,
 ``torch.export`` and ``torch.library.opcheck`` reason about them without running them.
 
 How it ships: it is compiled on first use with ``torch.utils.cpp_extension`` (ninja and the
@@ -38,6 +42,7 @@ from bnsurgery.files import write_text
 from bnsurgery.kernel_tensor import accumulate_dtype
 
 __all__ = [
+    "AUTOGRAD_IN_KERNEL",
     "CACHE_ENV_VAR",
     "OPERATORS",
     "SOURCE",
@@ -50,6 +55,11 @@ __all__ = [
 
 #: The C++ source of the kernel.
 SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
+
+#: The forward operators are differentiable themselves (a C++ autograd node registered for the
+#: Autograd dispatch key), so :func:`bnsurgery.functional.batch_norm` calls them directly in
+#: reverse mode instead of wrapping them in the Python :class:`BatchNormFunction`.
+AUTOGRAD_IN_KERNEL = True
 
 #: Overrides where compiled kernels are cached (default: the user's cache directory).
 CACHE_ENV_VAR = "BNSURGERY_CACHE_DIR"

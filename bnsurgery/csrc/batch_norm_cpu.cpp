@@ -24,6 +24,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -661,6 +663,207 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
   return {grad_x, grad_w, grad_b};
 }
 
+// --- Autograd --------------------------------------------------------------------------------
+// The derivative of the two forward operators, registered for the Autograd dispatch key: a
+// training call from Python is one operator call, its node a C++ one. The forward and the
+// backward call the operators through the dispatcher (below autograd), so that fake tensors,
+// tracing modes and the profiler see them as before.
+//
+// Backward computes the gradients of functional.py's formulas with the backward operator,
+// unless something will differentiate or batch the backward itself: create_graph=True (grad
+// mode on), a forward-mode tangent on the incoming gradient, or a batched / wrapped tensor
+// (gradcheck's batched gradients, torch.func). Then it runs the same formulas written out in
+// differentiable ATen operations (autograd_function.backward_differentiable, line for line),
+// which autograd and the batching rules can see through.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using TrainSignature = decltype(batch_norm_train);
+using EvalSignature = decltype(batch_norm_eval);
+using BackwardSignature = decltype(batch_norm_backward);
+
+const c10::TypedOperatorHandle<TrainSignature>& train_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnsurgery::cpp_batch_norm_train", "").typed<TrainSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<EvalSignature>& eval_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnsurgery::cpp_batch_norm_eval", "").typed<EvalSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnsurgery::cpp_batch_norm_backward", "").typed<BackwardSignature>();
+  return op;
+}
+
+bool defined(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+bool requires_grad(const c10::optional<Tensor>& t) { return defined(t) && t->requires_grad(); }
+
+// Whether the backward must be differentiable or batchable (see above).
+bool unusual(const Tensor& t) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Batched,
+                                            c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper,
+                                            c10::DispatchKey::Python});
+  return t.key_set().has_any(wrapped) || t._fw_grad(/*level=*/0).defined();
+}
+
+// The backward formulas in differentiable operations. In training the statistics are
+// recomputed from x inside the graph: they depend on x, and a second derivative must see it.
+variable_list differentiable_backward(const Tensor& grad_out, const Tensor& x,
+                                      const Tensor& weight, Tensor mean, Tensor invstd,
+                                      bool training, double eps) {
+  const auto acc = invstd.scalar_type();
+  std::vector<int64_t> dims{0};
+  std::vector<int64_t> shape(x.dim(), 1);  // a (C,) vector viewed to broadcast against x
+  shape[1] = -1;
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  const Tensor xf = x.to(acc), g = grad_out.to(acc);
+  if (training) {
+    mean = xf.mean(dims);                                            // mean = sum(x) / M
+    const Tensor var = (xf - mean.view(shape)).square().mean(dims);  // biased variance
+    invstd = at::rsqrt(var + eps);
+  }
+  const Tensor x_hat = (xf - mean.view(shape)) * invstd.view(shape);
+  const Tensor w = weight.defined() ? weight.to(acc) : at::ones_like(invstd);
+  const Tensor grad_b = g.sum(dims);                                 // dL/dbias = sum(g)
+  const Tensor grad_w = (g * x_hat).sum(dims);                       // dL/dweight = sum(g x_hat)
+  Tensor inner = g;
+  if (training) {  // g - mean(g) - x_hat * mean(g * x_hat)
+    inner = g - g.mean(dims).view(shape) - x_hat * (g * x_hat).mean(dims).view(shape);
+  }
+  const Tensor grad_x = (w * invstd).view(shape) * inner;
+  return {grad_x.to(x.scalar_type()), grad_w, grad_b};
+}
+
+// Shared by both nodes: saves what backward needs, and which of its inputs are tensors.
+void save(AutogradContext* ctx, const Tensor& input, const c10::optional<Tensor>& weight,
+          const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
+          bool training, double eps) {
+  ctx->mark_non_differentiable({mean, invstd});
+  ctx->save_for_backward({input, defined(weight) ? *weight : Tensor(), mean, invstd});
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  // Edges exist for tensor arguments only: where weight's and bias's are, if they exist.
+  ctx->saved_data["weight_edge"] = defined(weight) ? int64_t(1) : int64_t(-1);
+  ctx->saved_data["bias_edge"] = defined(bias) ? int64_t(1 + defined(weight)) : int64_t(-1);
+  ctx->saved_data["bias_dtype"] =
+      defined(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+}
+
+// Gradients for (input, weight, bias); the caller pads them to the forward's argument count.
+variable_list gradients(AutogradContext* ctx, const variable_list& grad_outputs) {
+  const auto saved = ctx->get_saved_variables();
+  const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+  const bool training = ctx->saved_data["training"].toBool();
+  const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
+  const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
+  const std::array<bool, 3> needs{ctx->needs_input_grad(0),
+                                  weight_edge >= 0 && ctx->needs_input_grad(weight_edge),
+                                  bias_edge >= 0 && ctx->needs_input_grad(bias_edge)};
+  Tensor grad_out = grad_outputs[0];
+  if (!grad_out.defined()) grad_out = at::zeros_like(x);
+  variable_list grads;
+  if (x.numel() > 0 && (at::GradMode::is_enabled() || unusual(grad_out) || unusual(x))) {
+    grads = differentiable_backward(grad_out, x, weight, mean, invstd, training,
+                                    ctx->saved_data["eps"].toDouble());
+  } else {
+    auto [gx, gw, gb] = backward_op().call(grad_out, x, weight, mean, invstd, training, needs);
+    grads = {gx, gw, gb};
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    if (!needs[i]) grads[i] = Tensor();
+  }
+  if (grads[1].defined()) grads[1] = grads[1].to(weight.scalar_type());
+  const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+  if (grads[2].defined() && bias_dtype >= 0) {
+    grads[2] = grads[2].to(static_cast<at::ScalarType>(bias_dtype));
+  }
+  return grads;
+}
+
+struct TrainNode : public torch::autograd::Function<TrainNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias,
+                               c10::optional<Tensor> running_mean,
+                               c10::optional<Tensor> running_var, double momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, invstd] =
+        train_op().call(input, weight, bias, running_mean, running_var, momentum, eps);
+    save(ctx, input, weight, bias, mean, invstd, /*training=*/true, eps);
+    return {y, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads = gradients(ctx, grad_outputs);
+    grads.resize(7);  // none for running_mean, running_var, momentum, eps
+    return grads;
+  }
+};
+
+struct EvalNode : public torch::autograd::Function<EvalNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                               const Tensor& running_var, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, invstd] = eval_op().call(input, weight, bias, running_mean, running_var, eps);
+    save(ctx, input, weight, bias, mean, invstd, /*training=*/false, eps);
+    return {y, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads = gradients(ctx, grad_outputs);
+    grads.resize(6);  // none for running_mean, running_var, eps
+    return grads;
+  }
+};
+
+// The running statistics are updated below autograd: their version counters are bumped here,
+// as for any in-place operation, so a graph that saved them notices.
+void bump(const c10::optional<Tensor>& t) {
+  if (defined(t) && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(
+    const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, c10::optional<Tensor> running_mean,
+    c10::optional<Tensor> running_var, double momentum, double eps) {
+  std::tuple<Tensor, Tensor, Tensor> out;
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    const variable_list r =
+        TrainNode::apply(input, weight, bias, running_mean, running_var, momentum, eps);
+    out = {r[0], r[1], r[2]};
+  } else {  // nothing to differentiate: no node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = train_op().call(input, weight, bias, running_mean, running_var, momentum, eps);
+  }
+  bump(running_mean);
+  bump(running_var);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_autograd(
+    const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
+    double eps) {
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    const variable_list r = EvalNode::apply(input, weight, bias, running_mean, running_var, eps);
+    return {r[0], r[1], r[2]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return eval_op().call(input, weight, bias, running_mean, running_var, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bnsurgery, m) {
@@ -677,4 +880,9 @@ TORCH_LIBRARY_IMPL(bnsurgery, CPU, m) {
   m.impl("cpp_batch_norm_eval", &batch_norm_eval);
   m.impl("cpp_batch_norm_train", &batch_norm_train);
   m.impl("cpp_batch_norm_backward", &batch_norm_backward);
+}
+
+TORCH_LIBRARY_IMPL(bnsurgery, Autograd, m) {
+  m.impl("cpp_batch_norm_eval", &batch_norm_eval_autograd);
+  m.impl("cpp_batch_norm_train", &batch_norm_train_autograd);
 }
