@@ -213,20 +213,27 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
             running_var: Tensor | None, training: bool, momentum: float,
             eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """The backend contract's forward (see :func:`bnsurgery.kernel_tensor.forward`)."""
+    ops = _state.get("ops") or _resolve_operators()
     if training:
-        return torch.ops.bnsurgery.cpp_batch_norm_train(x, weight, bias, running_mean,
-                                                        running_var, momentum, eps)
-    return torch.ops.bnsurgery.cpp_batch_norm_eval(x, weight, bias, running_mean, running_var,
-                                                   eps)
+        return ops[1](x, weight, bias, running_mean, running_var, momentum, eps)
+    return ops[0](x, weight, bias, running_mean, running_var, eps)
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
              training: bool, needs: tuple[bool, bool, bool]
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backend contract's backward (see :func:`bnsurgery.kernel_tensor.backward`)."""
-    grads = torch.ops.bnsurgery.cpp_batch_norm_backward(grad_out, x, weight, mean, invstd,
-                                                        training, list(needs))
+    ops = _state.get("ops") or _resolve_operators()
+    grads = ops[2](grad_out, x, weight, mean, invstd, training, list(needs))
     return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+
+
+def _resolve_operators() -> tuple:
+    """The operators' overloads, looked up once: ``torch.ops`` attribute access and the
+    overload packet's resolution cost microseconds per call, which small inputs feel."""
+    ops = tuple(getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in OPERATORS)
+    _state["ops"] = ops
+    return ops
 
 
 def _output_like(x: Tensor) -> Tensor:
