@@ -157,6 +157,15 @@ def literal_batch_norm(
 # --- Checks and dispatch ---------------------------------------------------------------------
 
 
+def _raise_channel_mismatch(x: Tensor, *per_channel: Tensor | None) -> None:
+    channels = x.shape[1]
+    for name, t in zip(("running_mean", "running_var", "weight", "bias"), per_channel):
+        if t is not None and t.numel() != channels:
+            raise BatchNormRuntimeError(format_message(
+                f"{name} does not match the input's channel count", where=name,
+                got=f"{t.numel()} elements for an input of shape {tuple(x.shape)}",
+                expected=f"{channels} elements (dim 1 of the input)",
+                hint="the layer was built for another number of channels; check num_features"))
 
 
 def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -180,20 +189,21 @@ def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor
             got=f"a {x.dim()}-D input of shape {tuple(x.shape)}",
             expected="at least 2-D (N, C, ...)"))
     channels = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise BatchNormRuntimeError(format_message(
-                f"{name} does not match the input's channel count", where=name,
-                got=f"{t.numel()} elements for an input of shape {tuple(x.shape)}",
-                expected=f"{channels} elements (dim 1 of the input)",
-                hint="the layer was built for another number of channels; check num_features"))
+    # Each check is one cheap test on the common path (this runs on every call, and a small
+    # BatchNorm takes a few microseconds); the loops that name the culprit run only on failure.
+    if ((running_mean is not None and running_mean.numel() != channels)
+            or (running_var is not None and running_var.numel() != channels)
+            or (weight is not None and weight.numel() != channels)
+            or (bias is not None and bias.numel() != channels)):
+        _raise_channel_mismatch(x, running_mean, running_var, weight, bias)
     if training and not eps > 0 or not eps >= 0:
         raise InvalidInputError(format_message(
             "batch_norm eps must be positive in training and non-negative in evaluation",
             where="eps", got=eps, expected="eps > 0" if training else "eps >= 0",
             hint="the usual value is eps=1e-5"))
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and (
+            (running_mean is not None and running_mean.requires_grad)
+            or (running_var is not None and running_var.requires_grad)):
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is not None and t.requires_grad:
                 raise BatchNormRuntimeError(format_message(
@@ -256,8 +266,9 @@ def batch_norm(
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # only an empty one passes the checks
         return input.clone()
-    grad_wanted = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+    grad_wanted = torch.is_grad_enabled() and (
+        input.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
     tracing = torch.jit.is_tracing()
     if tracing and training:
         raise ExportError(format_message(
@@ -279,12 +290,19 @@ def batch_norm(
         # No derivative is computed, so the tangents are unused: ignored, as torch does.
         running_mean, running_var = (None if t is None else forward_ad.unpack_dual(t).primal
                                      for t in (running_mean, running_var))
+    backend = select_backend(input)
     if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):
         # Inference (or no_grad): the same maths without building an autograd node. A
         # TorchScript trace takes this path too, gradients or not: it must record torch
         # operators (a Python Function cannot be saved), and autograd differentiates those.
-        return select_backend(input).forward(input, weight, bias, running_mean, running_var,
-                                             training, momentum, eps)[0]
+        return backend.forward(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)[0]
+    if getattr(backend, "AUTOGRAD_IN_KERNEL", False) and not (
+            transforms_active() or has_tangent(input, weight, bias)):
+        # Reverse mode on a backend whose operators carry their own derivative (a C++ autograd
+        # node): one operator call, no Python Function. Transforms and forward mode below.
+        return backend.forward(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)[0]
     # Dynamo cannot trace a Function with its own forward-mode rule; compiled graphs get the
     # same node without it.
     function = CapturedBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction

@@ -3,7 +3,11 @@
 The source, ``bnsurgery/csrc/batch_norm_cpu.cpp``, is written from scratch (no torch batch-norm
 call) and defines three operators in the ``bnsurgery`` namespace: ``cpp_batch_norm_eval``,
 ``cpp_batch_norm_train`` (which updates the running statistics in place, declared in its schema)
-and ``cpp_batch_norm_backward``. Fake implementations registered here let ``torch.compile``,
+and ``cpp_batch_norm_backward``. The two forward operators also carry their derivative: a C++
+autograd node, registered for the ``Autograd`` dispatch key, whose backward calls
+``cpp_batch_norm_backward`` (or, when the backward is itself differentiated or batched, the
+same formulas in differentiable ATen operations). A training step from Python is therefore one
+operator call forward and one node backward, with no Python in between. Fake implementations registered here let ``torch.compile``,
 ``torch.export`` and ``torch.library.opcheck`` reason about them without running them.
 
 How it ships: it is compiled on first use with ``torch.utils.cpp_extension`` (ninja and the
@@ -38,6 +42,7 @@ from bnsurgery.files import write_text
 from bnsurgery.kernel_tensor import accumulate_dtype
 
 __all__ = [
+    "AUTOGRAD_IN_KERNEL",
     "CACHE_ENV_VAR",
     "OPERATORS",
     "SOURCE",
@@ -50,6 +55,11 @@ __all__ = [
 
 #: The C++ source of the kernel.
 SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
+
+#: The forward operators are differentiable themselves (a C++ autograd node registered for the
+#: Autograd dispatch key), so :func:`bnsurgery.functional.batch_norm` calls them directly in
+#: reverse mode instead of wrapping them in the Python :class:`BatchNormFunction`.
+AUTOGRAD_IN_KERNEL = True
 
 #: Overrides where compiled kernels are cached (default: the user's cache directory).
 CACHE_ENV_VAR = "BNSURGERY_CACHE_DIR"
@@ -203,20 +213,27 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
             running_var: Tensor | None, training: bool, momentum: float,
             eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """The backend contract's forward (see :func:`bnsurgery.kernel_tensor.forward`)."""
+    ops = _state.get("ops") or _resolve_operators()
     if training:
-        return torch.ops.bnsurgery.cpp_batch_norm_train(x, weight, bias, running_mean,
-                                                        running_var, momentum, eps)
-    return torch.ops.bnsurgery.cpp_batch_norm_eval(x, weight, bias, running_mean, running_var,
-                                                   eps)
+        return ops[1](x, weight, bias, running_mean, running_var, momentum, eps)
+    return ops[0](x, weight, bias, running_mean, running_var, eps)
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
              training: bool, needs: tuple[bool, bool, bool]
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backend contract's backward (see :func:`bnsurgery.kernel_tensor.backward`)."""
-    grads = torch.ops.bnsurgery.cpp_batch_norm_backward(grad_out, x, weight, mean, invstd,
-                                                        training, list(needs))
+    ops = _state.get("ops") or _resolve_operators()
+    grads = ops[2](grad_out, x, weight, mean, invstd, training, list(needs))
     return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+
+
+def _resolve_operators() -> tuple:
+    """The operators' overloads, looked up once: ``torch.ops`` attribute access and the
+    overload packet's resolution cost microseconds per call, which small inputs feel."""
+    ops = tuple(getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in OPERATORS)
+    _state["ops"] = ops
+    return ops
 
 
 def _output_like(x: Tensor) -> Tensor:

@@ -55,7 +55,20 @@ _modules: dict[str, ModuleType] = {"reference": kernel_tensor}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # (device type, ENV_VAR's value) -> the backend chosen: availability does not change within a
 # process, and choosing costs more than a small BatchNorm itself.
-_chosen: dict[tuple[str, str | None], ModuleType] = {}
+_chosen: dict[tuple[str, object], ModuleType] = {}
+# ``os.environ.get`` costs more than a microsecond per call (a Python-level mapping that encodes
+# the key and decodes the value each time), a tenth of a small BatchNorm. Where the mapping keeps
+# its raw store (CPython on POSIX) the variable is read there, with the key encoded once; the
+# store is what ``os.environ[...] = ...`` writes, so a change is still seen at once.
+_ENVIRON_STORE = getattr(os.environ, "_data", None)
+_ENVIRON_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON_STORE is not None else None
+
+
+def _forced_raw() -> object:
+    """``ENV_VAR``'s value as the environment stores it (undecoded): a cache key."""
+    if _ENVIRON_STORE is not None:
+        return _ENVIRON_STORE.get(_ENVIRON_KEY)
+    return os.environ.get(ENV_VAR)  # pragma: no cover - not CPython on POSIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +173,7 @@ def select_backend(x: torch.Tensor) -> ModuleType:
     """
     if _capturing(x):
         return _module("reference")
-    key = (x.device.type, os.environ.get(ENV_VAR))
+    key = ("cpu" if x.is_cpu else x.device.type, _forced_raw())  # is_cpu: no device object
     module = _chosen.get(key)
     if module is None:
         module = _chosen[key] = _module(_choose(x.device)[0])

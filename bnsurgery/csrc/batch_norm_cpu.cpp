@@ -24,6 +24,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,7 +39,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kLanes = 16;             // independent accumulators: vectorisable sums
 // Values per task below which a thread costs more than it saves. Larger than torch's own grain
 // (32768): a parallel region waits for its slowest thread, and on a busy machine (more runnable
 // threads than cores) that wait is a scheduler time slice, milliseconds; one that is not split
@@ -76,8 +77,11 @@ Block block_of(const Tensor& input) {
 
 // A per-channel parameter as a contiguous tensor of the accumulation dtype (no copy when it
 // already is one), or an undefined tensor.
+// The check comes first because `to` and `contiguous` are dispatcher calls even when they return
+// the tensor itself: tenths of a microsecond each, which small inputs feel.
 Tensor param(const c10::optional<Tensor>& t, at::ScalarType acc) {
   if (!t.has_value() || !t->defined()) return Tensor();
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
   return t->to(acc).contiguous();
 }
 
@@ -88,45 +92,28 @@ const acc_t* ptr_or_null(const Tensor& t) {
 
 // --- Reductions --------------------------------------------------------------------------------
 
-template <typename acc_t>
-inline acc_t lane_total(const acc_t* lanes) {
-  acc_t total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
-  return total;
-}
-
 // Mean and sum of squared deviations of n contiguous values (the values are in L1 for the second
 // pass). The corrected two-pass algorithm: the first pass gives a provisional mean m, rounded to
 // acc_t (with a mean far larger than the spread, the float sum behind it is off in its last
 // digits); the second sums d = x - m and d^2, both small and exact, and the exact mean is
 // m + sum(d) / n, the squared deviations sum(d^2) - sum(d)^2 / n.
+//
+// The sums are `omp simd` reductions: the compiler keeps one partial sum per vector lane (the
+// reordering a plain loop may not do), which is what makes them run at memory speed.
 template <typename scalar_t, typename acc_t>
 inline void chunk_moments(const scalar_t* __restrict__ p, int64_t n, double& mean, double& m2) {
-  acc_t lanes[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += static_cast<acc_t>(p[i + k]);
-  }
-  acc_t tail = 0;
-  for (; i < n; ++i) tail += static_cast<acc_t>(p[i]);
-  const acc_t provisional = (lane_total(lanes) + tail) / static_cast<acc_t>(n);
-  acc_t sd[kLanes] = {0}, sq[kLanes] = {0};
-  i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const acc_t d = static_cast<acc_t>(p[i + k]) - provisional;
-      sd[k] += d;
-      sq[k] += d * d;
-    }
-  }
-  acc_t tail_d = 0, tail_sq = 0;
-  for (; i < n; ++i) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(p[i]);
+  const acc_t provisional = sum / static_cast<acc_t>(n);
+  acc_t sd = 0, sq = 0;
+#pragma omp simd reduction(+ : sd, sq)
+  for (int64_t i = 0; i < n; ++i) {
     const acc_t d = static_cast<acc_t>(p[i]) - provisional;
-    tail_d += d;
-    tail_sq += d * d;
+    sd += d;
+    sq += d * d;
   }
-  const double sum_d = static_cast<double>(lane_total(sd)) + tail_d;
-  const double sum_sq = static_cast<double>(lane_total(sq)) + tail_sq;
+  const double sum_d = sd, sum_sq = sq;
   mean = static_cast<double>(provisional) + sum_d / n;
   m2 = std::max(0.0, sum_sq - sum_d * sum_d / n);
 }
@@ -144,30 +131,20 @@ inline void merge(double& na, double& mean, double& m2, double nb, double mb, do
 // sum(g), sum(g * (x - mean)) and sum(x - mean) over n contiguous values. The last one is ideally
 // zero; it measures how far the rounded mean is from the exact one (see backward).
 template <typename scalar_t, typename acc_t>
-inline void chunk_grad_sums(const scalar_t* x, const scalar_t* g, int64_t n, acc_t mean,
-                            acc_t& sum_g, acc_t& sum_gxmu, acc_t& sum_xmu) {
-  acc_t lg[kLanes] = {0}, lgx[kLanes] = {0}, lx[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const acc_t gv = static_cast<acc_t>(g[i + k]);
-      const acc_t d = static_cast<acc_t>(x[i + k]) - mean;
-      lg[k] += gv;
-      lgx[k] += gv * d;
-      lx[k] += d;
-    }
-  }
-  acc_t tg = 0, tgx = 0, tx = 0;
-  for (; i < n; ++i) {
+inline void chunk_grad_sums(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                            int64_t n, acc_t mean, acc_t& sum_g, acc_t& sum_gxmu, acc_t& sum_xmu) {
+  acc_t sg = 0, sgx = 0, sx = 0;
+#pragma omp simd reduction(+ : sg, sgx, sx)
+  for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = static_cast<acc_t>(g[i]);
     const acc_t d = static_cast<acc_t>(x[i]) - mean;
-    tg += gv;
-    tgx += gv * d;
-    tx += d;
+    sg += gv;
+    sgx += gv * d;
+    sx += d;
   }
-  sum_g = lane_total(lg) + tg;
-  sum_gxmu = lane_total(lgx) + tgx;
-  sum_xmu = lane_total(lx) + tx;
+  sum_g = sg;
+  sum_gxmu = sgx;
+  sum_xmu = sx;
 }
 
 // out = (in - centre) * scale + shift over n contiguous values, rounded once.
@@ -276,7 +253,36 @@ inline int64_t block_rows(int64_t channels, int64_t elem_size) {
   return std::max<int64_t>(4, std::min<int64_t>(kMaxBlockRows, fit));
 }
 
+// Channels per block on the row path. One channel at a time reads A short stretches of memory (L
+// values each) scattered C * L values apart, which the hardware prefetcher cannot follow; a block
+// of channels is read row by row, each row of the block one contiguous stretch of (c1 - c0) * L
+// values, and its values (about kChannelBlockBytes per tensor) stay in L2 for the next pass.
+constexpr int64_t kChannelBlockBytes = 262144;
+
+inline int64_t channel_block(int64_t per_channel, int64_t elem_size) {
+  return std::max<int64_t>(1, kChannelBlockBytes / std::max<int64_t>(1, per_channel * elem_size));
+}
+
 // --- Statistics --------------------------------------------------------------------------------
+
+// Mean and biased variance of channels [c0, c1) on the row path, the block read row by row; each
+// channel's rows are merged in order, so the result does not depend on the block size.
+template <typename scalar_t, typename acc_t>
+void row_moments(const scalar_t* x, int64_t A, int64_t C, int64_t L, int64_t c0, int64_t c1,
+                 double* mean, double* var, std::vector<double>& m2) {
+  m2.assign(c1 - c0, 0.0);
+  for (int64_t c = c0; c < c1; ++c) mean[c] = 0.0;
+  for (int64_t a = 0; a < A; ++a) {
+    const double seen = static_cast<double>(a * L);
+    for (int64_t c = c0; c < c1; ++c) {
+      double cm, cm2, n = seen;
+      chunk_moments<scalar_t, acc_t>(x + (a * C + c) * L, L, cm, cm2);
+      merge(n, mean[c], m2[c - c0], static_cast<double>(L), cm, cm2);
+    }
+  }
+  const double n = static_cast<double>(A * L);
+  for (int64_t c = c0; c < c1; ++c) var[c] = m2[c - c0] / n;
+}
 
 // Per-channel mean and *biased* variance (double), for both layouts.
 template <typename scalar_t, typename acc_t>
@@ -286,16 +292,13 @@ void moments(const Block& b, std::vector<double>& mean, std::vector<double>& var
   mean.assign(C, 0.0);
   var.assign(C, 0.0);
   if (L > 1) {
-    at::parallel_for(0, C, grain_for(A * L), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double n = 0, m = 0, m2 = 0;
-        for (int64_t a = 0; a < A; ++a) {
-          double cm, cm2;
-          chunk_moments<scalar_t, acc_t>(x + (a * C + c) * L, L, cm, cm2);
-          merge(n, m, m2, static_cast<double>(L), cm, cm2);
-        }
-        mean[c] = m;
-        var[c] = m2 / n;
+    const int64_t block = channel_block(A * L, sizeof(scalar_t));
+    const int64_t blocks = (C + block - 1) / block;
+    at::parallel_for(0, blocks, grain_for(block * A * L), [&](int64_t begin, int64_t end) {
+      std::vector<double> m2;
+      for (int64_t bi = begin; bi < end; ++bi) {
+        row_moments<scalar_t, acc_t>(x, A, C, L, bi * block, std::min(C, (bi + 1) * block),
+                                     mean.data(), var.data(), m2);
       }
     });
     return;
@@ -392,6 +395,44 @@ void scale_and_shift(int64_t C, const double* mean, const acc_t* centre, const a
   }
 }
 
+// Training forward on the row path, one block of channels at a time: its moments, then
+// mean / invstd / scale / shift (as scale_and_shift), then y, the second read of the block coming
+// from L2 rather than memory.
+template <typename scalar_t, typename acc_t>
+void train_rows(const Block& b, Tensor& y, const acc_t* weight, const acc_t* bias, double eps,
+                std::vector<double>& mean_d, std::vector<double>& var_d, acc_t* m, acc_t* is) {
+  const int64_t A = b.rows, C = b.channels, L = b.inner;
+  const scalar_t* x = b.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  mean_d.assign(C, 0.0);
+  var_d.assign(C, 0.0);
+  const int64_t block = channel_block(A * L, sizeof(scalar_t));
+  const int64_t blocks = (C + block - 1) / block;
+  at::parallel_for(0, blocks, grain_for(block * A * L), [&](int64_t begin, int64_t end) {
+    std::vector<double> m2;
+    std::vector<acc_t> scale(block), shift(block);
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const int64_t c0 = bi * block, c1 = std::min(C, c0 + block);
+      row_moments<scalar_t, acc_t>(x, A, C, L, c0, c1, mean_d.data(), var_d.data(), m2);
+      for (int64_t c = c0; c < c1; ++c) {
+        m[c] = static_cast<acc_t>(mean_d[c]);
+        is[c] = static_cast<acc_t>(1.0 / std::sqrt(var_d[c] + eps));  // 1 / sqrt(var + eps)
+        const acc_t sc = weight ? weight[c] * is[c] : is[c];
+        const double residual = mean_d[c] - static_cast<double>(m[c]);
+        scale[c - c0] = sc;
+        shift[c - c0] = static_cast<acc_t>((bias ? bias[c] : acc_t(0)) - residual * sc);
+      }
+      for (int64_t a = 0; a < A; ++a) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = (a * C + c) * L;
+          centre_scale_shift<scalar_t, acc_t>(x + off, out + off, L, m[c], scale[c - c0],
+                                              shift[c - c0]);
+        }
+      }
+    }
+  });
+}
+
 // A running statistic as a contiguous (C,) tensor of the accumulation dtype to update: the
 // buffer itself when it already is one, else a copy that `store` rounds back into it once.
 Tensor updatable(const Tensor& buffer, at::ScalarType acc) {
@@ -422,19 +463,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval(const Tensor& input,
   const auto acc = at::toOpMathType(input.scalar_type());
   const int64_t C = b.channels;
   Tensor weight = param(weight_opt, acc), bias = param(bias_opt, acc);
-  Tensor mean = running_mean.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  Tensor invstd = at::empty({C}, mean.options());
+  // The mean is returned, so it is a copy, never the buffer itself.
+  Tensor running = param(running_mean, acc);
+  auto options = input.options().dtype(acc);
+  Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options);
   Tensor y = at::empty_like(b.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "bnsurgery_batch_norm_eval", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor var = param(running_var, acc);
     const acc_t* v = var.data_ptr<acc_t>();
-    const acc_t* m = mean.data_ptr<acc_t>();
+    const acc_t* rm = running.data_ptr<acc_t>();
+    acc_t* m = mean.data_ptr<acc_t>();
     acc_t* is = invstd.data_ptr<acc_t>();
     std::vector<double> mean_d(C);
     for (int64_t c = 0; c < C; ++c) {
-      is[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
+      m[c] = rm[c];
+      is[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));  // invstd = 1/sqrt(var+eps)
       mean_d[c] = m[c];
     }
     std::vector<acc_t> scale, shift;
@@ -466,17 +511,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input,
                                   "bnsurgery_batch_norm_train", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<double> mean_d, var_d;
-    moments<scalar_t, acc_t>(b, mean_d, var_d);
     acc_t* m = mean.data_ptr<acc_t>();
     acc_t* is = invstd.data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      m[c] = static_cast<acc_t>(mean_d[c]);
-      is[c] = static_cast<acc_t>(1.0 / std::sqrt(var_d[c] + eps));
+    if (b.inner > 1) {
+      train_rows<scalar_t, acc_t>(b, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
+                                  eps, mean_d, var_d, m, is);
+    } else {
+      moments<scalar_t, acc_t>(b, mean_d, var_d);
+      for (int64_t c = 0; c < C; ++c) {
+        m[c] = static_cast<acc_t>(mean_d[c]);
+        is[c] = static_cast<acc_t>(1.0 / std::sqrt(var_d[c] + eps));
+      }
+      std::vector<acc_t> scale, shift;
+      scale_and_shift<acc_t>(C, mean_d.data(), m, is, ptr_or_null<acc_t>(weight),
+                             ptr_or_null<acc_t>(bias), scale, shift);
+      normalise<scalar_t, acc_t>(b, y, m, scale, shift);
     }
-    std::vector<acc_t> scale, shift;
-    scale_and_shift<acc_t>(C, mean_d.data(), m, is, ptr_or_null<acc_t>(weight),
-                           ptr_or_null<acc_t>(bias), scale, shift);
-    normalise<scalar_t, acc_t>(b, y, m, scale, shift);
     // Running statistics: an exponential moving average with the unbiased variance, each new
     // value computed in the accumulation dtype and rounded once into its buffer.
     const acc_t keep = static_cast<acc_t>(1.0 - momentum);
@@ -565,31 +615,36 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
       }
     };
     if (L > 1) {
-      // Row path: one channel at a time, its rows still in cache for the second pass.
-      at::parallel_for(0, C, grain_for(A * L), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
+      // Row path: one block of channels at a time (see channel_block), read row by row, its
+      // values still in L2 for the second pass.
+      const int64_t block = channel_block(A * L, sizeof(scalar_t));
+      const int64_t blocks = (C + block - 1) / block;
+      at::parallel_for(0, blocks, grain_for(block * A * L), [&](int64_t begin, int64_t end) {
+        for (int64_t bi = begin; bi < end; ++bi) {
+          const int64_t first = bi * block, last = std::min(C, first + block);
           if (reduce) {
             for (int64_t r = 0; r < A; ++r) {
-              const int64_t off = (r * C + c) * L;
-              acc_t sg, sgx, sx;
-              chunk_grad_sums<scalar_t, acc_t>(x + off, g + off, L, mean[c], sg, sgx, sx);
-              sum_g[c] += sg;
-              sum_gxmu[c] += sgx;
-              sum_xmu[c] += sx;
+              for (int64_t c = first; c < last; ++c) {
+                const int64_t off = (r * C + c) * L;
+                acc_t sg, sgx, sx;
+                chunk_grad_sums<scalar_t, acc_t>(x + off, g + off, L, mean[c], sg, sgx, sx);
+                sum_g[c] += sg;
+                sum_gxmu[c] += sgx;
+                sum_xmu[c] += sx;
+              }
             }
-            factors(c);
+            for (int64_t c = first; c < last; ++c) factors(c);
           }
           if (!gx) continue;
-          const acc_t ac = a[c], kc = k[c], cc = c0[c], mc = mean[c];
           for (int64_t r = 0; r < A; ++r) {
-            const int64_t off = (r * C + c) * L;
-            const scalar_t* xr = x + off;
-            const scalar_t* gr = g + off;
-            scalar_t* out = gx + off;
-            if (training) {
-              run_grad_train<scalar_t, acc_t>(xr, gr, mc, ac, kc, cc, out, L);
-            } else {
-              run_grad_eval<scalar_t, acc_t>(gr, ac, out, L);
+            for (int64_t c = first; c < last; ++c) {
+              const int64_t off = (r * C + c) * L;
+              if (training) {
+                run_grad_train<scalar_t, acc_t>(x + off, g + off, mean[c], a[c], k[c], c0[c],
+                                                gx + off, L);
+              } else {
+                run_grad_eval<scalar_t, acc_t>(g + off, a[c], gx + off, L);
+              }
             }
           }
         }
@@ -661,6 +716,207 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out,
   return {grad_x, grad_w, grad_b};
 }
 
+// --- Autograd --------------------------------------------------------------------------------
+// The derivative of the two forward operators, registered for the Autograd dispatch key: a
+// training call from Python is one operator call, its node a C++ one. The forward and the
+// backward call the operators through the dispatcher (below autograd), so that fake tensors,
+// tracing modes and the profiler see them as before.
+//
+// Backward computes the gradients of functional.py's formulas with the backward operator,
+// unless something will differentiate or batch the backward itself: create_graph=True (grad
+// mode on), a forward-mode tangent on the incoming gradient, or a batched / wrapped tensor
+// (gradcheck's batched gradients, torch.func). Then it runs the same formulas written out in
+// differentiable ATen operations (autograd_function.backward_differentiable, line for line),
+// which autograd and the batching rules can see through.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using TrainSignature = decltype(batch_norm_train);
+using EvalSignature = decltype(batch_norm_eval);
+using BackwardSignature = decltype(batch_norm_backward);
+
+const c10::TypedOperatorHandle<TrainSignature>& train_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnsurgery::cpp_batch_norm_train", "").typed<TrainSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<EvalSignature>& eval_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnsurgery::cpp_batch_norm_eval", "").typed<EvalSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("bnsurgery::cpp_batch_norm_backward", "").typed<BackwardSignature>();
+  return op;
+}
+
+bool defined(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+bool requires_grad(const c10::optional<Tensor>& t) { return defined(t) && t->requires_grad(); }
+
+// Whether the backward must be differentiable or batchable (see above).
+bool unusual(const Tensor& t) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Batched,
+                                            c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper,
+                                            c10::DispatchKey::Python});
+  return t.key_set().has_any(wrapped) || t._fw_grad(/*level=*/0).defined();
+}
+
+// The backward formulas in differentiable operations. In training the statistics are
+// recomputed from x inside the graph: they depend on x, and a second derivative must see it.
+variable_list differentiable_backward(const Tensor& grad_out, const Tensor& x,
+                                      const Tensor& weight, Tensor mean, Tensor invstd,
+                                      bool training, double eps) {
+  const auto acc = invstd.scalar_type();
+  std::vector<int64_t> dims{0};
+  std::vector<int64_t> shape(x.dim(), 1);  // a (C,) vector viewed to broadcast against x
+  shape[1] = -1;
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  const Tensor xf = x.to(acc), g = grad_out.to(acc);
+  if (training) {
+    mean = xf.mean(dims);                                            // mean = sum(x) / M
+    const Tensor var = (xf - mean.view(shape)).square().mean(dims);  // biased variance
+    invstd = at::rsqrt(var + eps);
+  }
+  const Tensor x_hat = (xf - mean.view(shape)) * invstd.view(shape);
+  const Tensor w = weight.defined() ? weight.to(acc) : at::ones_like(invstd);
+  const Tensor grad_b = g.sum(dims);                                 // dL/dbias = sum(g)
+  const Tensor grad_w = (g * x_hat).sum(dims);                       // dL/dweight = sum(g x_hat)
+  Tensor inner = g;
+  if (training) {  // g - mean(g) - x_hat * mean(g * x_hat)
+    inner = g - g.mean(dims).view(shape) - x_hat * (g * x_hat).mean(dims).view(shape);
+  }
+  const Tensor grad_x = (w * invstd).view(shape) * inner;
+  return {grad_x.to(x.scalar_type()), grad_w, grad_b};
+}
+
+// Shared by both nodes: saves what backward needs, and which of its inputs are tensors.
+void save(AutogradContext* ctx, const Tensor& input, const c10::optional<Tensor>& weight,
+          const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
+          bool training, double eps) {
+  ctx->mark_non_differentiable({mean, invstd});
+  ctx->save_for_backward({input, defined(weight) ? *weight : Tensor(), mean, invstd});
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  // Edges exist for tensor arguments only: where weight's and bias's are, if they exist.
+  ctx->saved_data["weight_edge"] = defined(weight) ? int64_t(1) : int64_t(-1);
+  ctx->saved_data["bias_edge"] = defined(bias) ? int64_t(1 + defined(weight)) : int64_t(-1);
+  ctx->saved_data["bias_dtype"] =
+      defined(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+}
+
+// Gradients for (input, weight, bias); the caller pads them to the forward's argument count.
+variable_list gradients(AutogradContext* ctx, const variable_list& grad_outputs) {
+  const auto saved = ctx->get_saved_variables();
+  const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+  const bool training = ctx->saved_data["training"].toBool();
+  const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
+  const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
+  const std::array<bool, 3> needs{ctx->needs_input_grad(0),
+                                  weight_edge >= 0 && ctx->needs_input_grad(weight_edge),
+                                  bias_edge >= 0 && ctx->needs_input_grad(bias_edge)};
+  Tensor grad_out = grad_outputs[0];
+  if (!grad_out.defined()) grad_out = at::zeros_like(x);
+  variable_list grads;
+  if (x.numel() > 0 && (at::GradMode::is_enabled() || unusual(grad_out) || unusual(x))) {
+    grads = differentiable_backward(grad_out, x, weight, mean, invstd, training,
+                                    ctx->saved_data["eps"].toDouble());
+  } else {
+    auto [gx, gw, gb] = backward_op().call(grad_out, x, weight, mean, invstd, training, needs);
+    grads = {gx, gw, gb};
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    if (!needs[i]) grads[i] = Tensor();
+  }
+  if (grads[1].defined()) grads[1] = grads[1].to(weight.scalar_type());
+  const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+  if (grads[2].defined() && bias_dtype >= 0) {
+    grads[2] = grads[2].to(static_cast<at::ScalarType>(bias_dtype));
+  }
+  return grads;
+}
+
+struct TrainNode : public torch::autograd::Function<TrainNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias,
+                               c10::optional<Tensor> running_mean,
+                               c10::optional<Tensor> running_var, double momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, invstd] =
+        train_op().call(input, weight, bias, running_mean, running_var, momentum, eps);
+    save(ctx, input, weight, bias, mean, invstd, /*training=*/true, eps);
+    return {y, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads = gradients(ctx, grad_outputs);
+    grads.resize(7);  // none for running_mean, running_var, momentum, eps
+    return grads;
+  }
+};
+
+struct EvalNode : public torch::autograd::Function<EvalNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                               const Tensor& running_var, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, invstd] = eval_op().call(input, weight, bias, running_mean, running_var, eps);
+    save(ctx, input, weight, bias, mean, invstd, /*training=*/false, eps);
+    return {y, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads = gradients(ctx, grad_outputs);
+    grads.resize(6);  // none for running_mean, running_var, eps
+    return grads;
+  }
+};
+
+// The running statistics are updated below autograd: their version counters are bumped here,
+// as for any in-place operation, so a graph that saved them notices.
+void bump(const c10::optional<Tensor>& t) {
+  if (defined(t) && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(
+    const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, c10::optional<Tensor> running_mean,
+    c10::optional<Tensor> running_var, double momentum, double eps) {
+  std::tuple<Tensor, Tensor, Tensor> out;
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    const variable_list r =
+        TrainNode::apply(input, weight, bias, running_mean, running_var, momentum, eps);
+    out = {r[0], r[1], r[2]};
+  } else {  // nothing to differentiate: no node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = train_op().call(input, weight, bias, running_mean, running_var, momentum, eps);
+  }
+  bump(running_mean);
+  bump(running_var);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_autograd(
+    const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
+    double eps) {
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    const variable_list r = EvalNode::apply(input, weight, bias, running_mean, running_var, eps);
+    return {r[0], r[1], r[2]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return eval_op().call(input, weight, bias, running_mean, running_var, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bnsurgery, m) {
@@ -677,4 +933,9 @@ TORCH_LIBRARY_IMPL(bnsurgery, CPU, m) {
   m.impl("cpp_batch_norm_eval", &batch_norm_eval);
   m.impl("cpp_batch_norm_train", &batch_norm_train);
   m.impl("cpp_batch_norm_backward", &batch_norm_backward);
+}
+
+TORCH_LIBRARY_IMPL(bnsurgery, Autograd, m) {
+  m.impl("cpp_batch_norm_eval", &batch_norm_eval_autograd);
+  m.impl("cpp_batch_norm_train", &batch_norm_train_autograd);
 }
