@@ -159,7 +159,7 @@ def literal_batch_norm(
 
 def _raise_channel_mismatch(x: Tensor, *per_channel: Tensor | None) -> None:
     channels = x.shape[1]
-    for name, t in zip(("running_mean", "running_var", "weight", "bias"), per_channel):
+    for name, t in zip(("running_mean", "running_var", "weight", "bias"), per_channel, strict=True):
         if t is not None and t.numel() != channels:
             raise BatchNormRuntimeError(format_message(
                 f"{name} does not match the input's channel count", where=name,

@@ -7,8 +7,9 @@ and ``cpp_batch_norm_backward``. The two forward operators also carry their deri
 autograd node, registered for the ``Autograd`` dispatch key, whose backward calls
 ``cpp_batch_norm_backward`` (or, when the backward is itself differentiated or batched, the
 same formulas in differentiable ATen operations). A training step from Python is therefore one
-operator call forward and one node backward, with no Python in between. Fake implementations registered here let ``torch.compile``,
-``torch.export`` and ``torch.library.opcheck`` reason about them without running them.
+operator call forward and one node backward, with no Python in between. Fake implementations
+registered here let ``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` reason
+about them without running them.
 
 How it ships: it is compiled on first use with ``torch.utils.cpp_extension`` (ninja and the
 system C++ compiler) and cached per user, keyed by the source, the torch version and the CPU, so
