@@ -236,6 +236,7 @@ def _from_fx(model: nn.Module, example_inputs: tuple[object, ...] | None) -> Dat
             new = flow.add("input", str(node.target), [])
         elif node.op == "get_attr":
             new = flow.add("const", str(node.target), [])
+            value: torch.Tensor | None
             try:
                 value = model.get_parameter(str(node.target))
             except AttributeError:
@@ -313,7 +314,8 @@ def _export_module_groups(work: nn.Module, program: Any
         if path not in resolved:
             module = resolve_module_path(work, path)
             name = None if module is None else names.get(id(module))
-            resolved[path] = name if name and is_leaf_of_interest(module) else None
+            resolved[path] = (name if name and module is not None and is_leaf_of_interest(module)
+                              else None)
         return resolved[path]
 
     group_of: dict[torch.fx.Node, str] = {}
@@ -480,7 +482,7 @@ def _tensors_in(obj: object, depth: int = 0) -> Iterator[torch.Tensor]:
     if depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module)):
         return
     if isinstance(obj, dict):
-        items: object = list(obj.values())
+        items: list[object] = list(obj.values())
     elif isinstance(obj, (list, tuple, set, frozenset)):
         items = list(obj)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -489,7 +491,7 @@ def _tensors_in(obj: object, depth: int = 0) -> Iterator[torch.Tensor]:
         items = list(vars(obj).values())
     else:
         return
-    for item in items:  # type: ignore[union-attr]
+    for item in items:
         yield from _tensors_in(item, depth + 1)
 
 
