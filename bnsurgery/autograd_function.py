@@ -172,7 +172,8 @@ class BatchNormFunction(torch.autograd.Function):
                 momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, invstd = select_backend(x).forward(x, weight, bias, running_mean, running_var,
                                                     training, momentum, eps)
-        if mean is running_mean:  # evaluation in the accumulation dtype: do not hand out a buffer
+        if running_mean is not None and mean is running_mean:  # evaluation in the accumulation
+            # dtype: do not hand out a buffer
             mean = mean.clone()
         return y, mean, invstd
 
@@ -260,4 +261,4 @@ class CapturedBatchNormFunction(BatchNormFunction):
     there, and ``fullgraph=True`` fails); compiled graphs differentiate in reverse mode only.
     """
 
-    jvp = torch.autograd.Function.jvp
+    jvp = torch.autograd.Function.jvp  # type: ignore[assignment]  # the base: no forward rule

@@ -73,6 +73,8 @@ in torch operations, and the compiled backends that :mod:`bnsurgery.kernels` cho
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -142,8 +144,9 @@ def literal_batch_norm(
             if running_var is not None:
                 running_var.copy_((1 - momentum) * running_var + momentum * unbiased)
     else:
-        mean = running_mean.to(x.dtype)                        # mean = running_mean
-        var = running_var.to(x.dtype)                          # var  = running_var
+        # Evaluation reads the running statistics; _check_arguments refused them missing.
+        mean = cast(Tensor, running_mean).to(x.dtype)          # mean = running_mean
+        var = cast(Tensor, running_var).to(x.dtype)            # var  = running_var
     invstd = 1 / torch.sqrt(var + eps)                         # invstd = 1 / sqrt(var + eps)
     x_hat = (x - mean.view(shape)) * invstd.view(shape)        # x_hat  = (x - mean) * invstd
     y = x_hat
@@ -226,6 +229,28 @@ def _check_arguments(x: Tensor, running_mean: Tensor | None, running_var: Tensor
                 hint="use a batch of at least 2, or call .eval() to use running statistics"))
 
 
+def _buffers_without_tangents(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                              running_mean: Tensor | None, running_var: Tensor | None
+                              ) -> tuple[Tensor | None, Tensor | None]:
+    """The running statistics with forward-mode tangents dropped, as torch drops them.
+
+    When a forward-mode derivative is being computed the buffers are not inputs one can
+    differentiate by, so a tangent on them is refused in torch's own words; otherwise the
+    tangents are unused and ignored.
+    """
+    if not has_tangent(running_mean, running_var):
+        return running_mean, running_var
+    if has_tangent(input, weight, bias):
+        raise BatchNormRuntimeError(format_message(
+            "batch_norm is not differentiable wrt running_mean and running_var, they "
+            "cannot have forward grad defined", where="running_mean/running_var",
+            got="a dual tensor (forward_ad.make_dual) with a tangent",
+            expected="plain buffers", hint="pass the buffers without a tangent"))
+    mean, var = (None if t is None else forward_ad.unpack_dual(t).primal
+                 for t in (running_mean, running_var))
+    return mean, var
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -278,18 +303,8 @@ def batch_norm(
             hint=("the batch statistics divide by the number of values per channel, which a "
                   "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
                   "use torch.export.export, which keeps the shapes symbolic")))
-    if has_tangent(running_mean, running_var):
-        if has_tangent(input, weight, bias):
-            # A forward-mode derivative is being computed, and the buffers are not inputs one
-            # can differentiate by: refused, with torch's own words.
-            raise BatchNormRuntimeError(format_message(
-                "batch_norm is not differentiable wrt running_mean and running_var, they "
-                "cannot have forward grad defined", where="running_mean/running_var",
-                got="a dual tensor (forward_ad.make_dual) with a tangent",
-                expected="plain buffers", hint="pass the buffers without a tangent"))
-        # No derivative is computed, so the tangents are unused: ignored, as torch does.
-        running_mean, running_var = (None if t is None else forward_ad.unpack_dual(t).primal
-                                     for t in (running_mean, running_var))
+    running_mean, running_var = _buffers_without_tangents(input, weight, bias, running_mean,
+                                                          running_var)
     backend = select_backend(input)
     if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):
         # Inference (or no_grad): the same maths without building an autograd node. A

@@ -34,6 +34,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -214,7 +215,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
             running_var: Tensor | None, training: bool, momentum: float,
             eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """The backend contract's forward (see :func:`bnsurgery.kernel_tensor.forward`)."""
-    ops = _state.get("ops") or _resolve_operators()
+    ops: Any = _state.get("ops") or _resolve_operators()
     if training:
         return ops[1](x, weight, bias, running_mean, running_var, momentum, eps)
     return ops[0](x, weight, bias, running_mean, running_var, eps)
@@ -224,9 +225,10 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
              training: bool, needs: tuple[bool, bool, bool]
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backend contract's backward (see :func:`bnsurgery.kernel_tensor.backward`)."""
-    ops = _state.get("ops") or _resolve_operators()
+    ops: Any = _state.get("ops") or _resolve_operators()
     grads = ops[2](grad_out, x, weight, mean, invstd, training, list(needs))
-    return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+    grad_x, grad_w, grad_b = (g if need else None for g, need in zip(grads, needs, strict=True))
+    return grad_x, grad_w, grad_b
 
 
 def _resolve_operators() -> tuple:

@@ -11,6 +11,8 @@ signatures defined here; :mod:`bnsurgery.sync_batchnorm` reuses the building blo
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -188,7 +190,9 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
         if bias is not None:
             y.add_(per_channel(bias, x))
         return y, mean, invstd
-    mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+    # Evaluation with running statistics (the dispatcher refuses evaluation without them).
+    stored_mean, stored_var = cast(Tensor, running_mean), cast(Tensor, running_var)
+    mean, invstd = stored_mean.to(acc), torch.rsqrt(stored_var.to(acc) + eps)
     # y = x * scale + shift with scale = weight * invstd and shift = bias - mean * scale.
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
@@ -222,12 +226,12 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
     # sum(g * (x - mean)) accurate when the mean is large next to the spread.
     residual = channel_sum(channel_block(scratch), acc) / count if training else None
     sum_dy_xmu = channel_sum(channel_block(scratch.mul_(g)), acc)
-    if training:
+    if residual is not None:  # training
         sum_dy_xmu = sum_dy_xmu - residual * sum_dy
     a = invstd if weight is None else invstd * weight.to(acc)
     grad_x = None
     if needs[0]:
-        if training:
+        if residual is not None:  # training
             b = -a * invstd.square() * (sum_dy_xmu / count)
             c = -a * (sum_dy / count) - b * residual
             grad_x = torch.sub(x, per_channel(mean, x), out=scratch).mul_(per_channel(b, x))

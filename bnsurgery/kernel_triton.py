@@ -37,6 +37,7 @@ import os
 import struct
 from collections.abc import Sequence
 from types import ModuleType
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -255,7 +256,7 @@ def _forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             eps_hi, eps_lo, EVALUATION=not training, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, BLOCK_A=block_a, BLOCK_C=block_c, BLOCK_L=block_l)
     for buffer, dense in zip((running_mean, running_var), stats, strict=True):
-        if training and buffer is not None and dense is not buffer:
+        if training and buffer is not None and dense is not None and dense is not buffer:
             buffer.copy_(dense)
     return y, mean, invstd
 
@@ -280,8 +281,10 @@ def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
     if channel_blocks > _MAX_GRID_Y:
         grads = kernel_tensor.backward(grad_out, x, weight, mean, invstd, training,
                                        (need_input, need_params, need_params))
-        return (grads[0] if need_input else grad_x, grads[1] if need_params else grad_w,
-                grads[2] if need_params else grad_b)
+        # The reference backend returns every gradient that was asked for.
+        return (cast(Tensor, grads[0]) if need_input else grad_x,
+                cast(Tensor, grads[1]) if need_params else grad_w,
+                cast(Tensor, grads[2]) if need_params else grad_b)
     weight, mean, invstd = _dense(weight), mean.contiguous(), invstd.contiguous()
     coef_a, coef_b, coef_c = torch.empty((3, channels), dtype=acc, device=x.device).unbind(0)
     dummy = coef_a

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,9 @@ from bnsurgery.kernel_tensor import (
     per_channel,
     update_running_stats,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
@@ -157,7 +161,7 @@ def _local_row(x: object, problem: int, stats: _RankStatistics | None, num_featu
     return row
 
 
-def _all_gather_rows(row: Tensor, group: object, world_size: int, rank: int) -> Tensor:
+def _all_gather_rows(row: Tensor, group: ProcessGroup | None, world_size: int, rank: int) -> Tensor:
     """Every rank's row, ``(world_size, len(row))``, with exactly one ``all_reduce``."""
     payload = torch.zeros(world_size, row.numel(), dtype=row.dtype, device=row.device)
     payload[rank] = row
@@ -227,7 +231,7 @@ def _check_rows(header: list[list[float]], num_features: int, layer: str) -> int
 
 
 def _exchange_statistics(x: object, problem: int, stats: _RankStatistics | None,
-                         num_features: int, group: object, world_size: int, rank: int,
+                         num_features: int, group: ProcessGroup | None, world_size: int, rank: int,
                          device: torch.device, layer: str, failure: RuntimeError | None = None
                          ) -> tuple[int, Tensor, Tensor]:
     """The one forward collective: global ``(n, mean, var)`` in float64, or an error on every
@@ -248,7 +252,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-                momentum: float, group: object, world_size: int, rank: int, num_features: int,
+                momentum: float, group: ProcessGroup | None, world_size: int, rank: int,
+                num_features: int,
                 layer: str) -> Tensor:
         # ``x`` is validated inside the collective (it may not even be a tensor here), so the
         # payload is sized by num_features, which every rank agrees on, and not by the input.
@@ -332,7 +337,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 b = -a * invstd.square() * (sums[1 + channels:] / total).to(acc)
                 c = -a * (sums[1:1 + channels] / total).to(acc) - b * mean_residual
                 grad_x = torch.sub(x, per_channel(mean, x), out=scratch)
-                grad_x.mul_(per_channel(b, x)).addcmul_(g, per_channel(a, x))
+                grad_x.mul_(per_channel(b, x)).addcmul_(cast(Tensor, g), per_channel(a, x))
                 grad_x = grad_x.add_(per_channel(c, x)).to(x.dtype)
         elif failure is not None:
             raise failure
@@ -401,7 +406,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 process_group: object = None, device=None, dtype=None, *,
+                 process_group: ProcessGroup | None = None, device=None, dtype=None, *,
                  bias: bool = True) -> None:
         if _BASE_TAKES_BIAS:
             super().__init__(num_features, eps, momentum, affine, track_running_stats,
@@ -478,7 +483,7 @@ class SyncBatchNorm(_BatchNorm):
                     and self.num_batches_tracked is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         if counting and self.momentum is None:
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+            factor = 1.0 / (float(cast(Tensor, self.num_batches_tracked)) + 1.0)
         # Batch statistics in training, and in evaluation when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None
                                             and self.running_var is None)
@@ -500,7 +505,7 @@ class SyncBatchNorm(_BatchNorm):
                                                   world_size, rank, self.num_features,
                                                   self._layer_name())
         if counting:
-            self.num_batches_tracked.add_(1)
+            cast(Tensor, self.num_batches_tracked).add_(1)  # counting: it exists
         return output
 
 
@@ -530,7 +535,8 @@ class SyncBatchNormAct(SyncBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 process_group: object = None, device=None, dtype=None, *, bias: bool = True,
+                 process_group: ProcessGroup | None = None, device=None, dtype=None, *,
+                 bias: bool = True,
                  act: nn.Module | None = None, drop: nn.Module | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          process_group, device, dtype, bias=bias)
