@@ -291,9 +291,8 @@ def batch_norm(
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # only an empty one passes the checks
         return input.clone()
-    grad_wanted = torch.is_grad_enabled() and (
-        input.requires_grad or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
+    # Each condition below is evaluated once: a small BatchNorm costs a few microseconds, and
+    # the checks would otherwise cost as much as the kernel.
     tracing = torch.jit.is_tracing()
     if tracing and training:
         raise ExportError(format_message(
@@ -303,17 +302,23 @@ def batch_norm(
             hint=("the batch statistics divide by the number of values per channel, which a "
                   "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
                   "use torch.export.export, which keeps the shapes symbolic")))
-    running_mean, running_var = _buffers_without_tangents(input, weight, bias, running_mean,
-                                                          running_var)
+    # Forward-mode AD (a dual level is open) and torch.func transforms need the Python Function.
+    special = forward_ad._current_level >= 0 or transforms_active()
+    if special:
+        running_mean, running_var = _buffers_without_tangents(input, weight, bias, running_mean,
+                                                              running_var)
+        special = transforms_active() or has_tangent(input, weight, bias)
     backend = select_backend(input)
-    if tracing or not (grad_wanted or transforms_active() or has_tangent(input, weight, bias)):
+    grad_wanted = torch.is_grad_enabled() and (
+        input.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
+    if tracing or not (grad_wanted or special):
         # Inference (or no_grad): the same maths without building an autograd node. A
         # TorchScript trace takes this path too, gradients or not: it must record torch
         # operators (a Python Function cannot be saved), and autograd differentiates those.
         return backend.forward(input, weight, bias, running_mean, running_var, training,
                                momentum, eps)[0]
-    if getattr(backend, "AUTOGRAD_IN_KERNEL", False) and not (
-            transforms_active() or has_tangent(input, weight, bias)):
+    if not special and getattr(backend, "AUTOGRAD_IN_KERNEL", False):
         # Reverse mode on a backend whose operators carry their own derivative (a C++ autograd
         # node): one operator call, no Python Function. Transforms and forward mode below.
         return backend.forward(input, weight, bias, running_mean, running_var, training,

@@ -234,7 +234,10 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
 def _resolve_operators() -> tuple:
     """The operators' overloads, looked up once: ``torch.ops`` attribute access and the
     overload packet's resolution cost microseconds per call, which small inputs feel."""
-    ops = tuple(getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in OPERATORS)
+    overloads = (getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in OPERATORS)
+    # An overload's ``_op`` is the C++ callable its ``__call__`` forwards to: calling it directly
+    # saves a Python frame per call (a tenth of a small BatchNorm). Same dispatch, same result.
+    ops = tuple(getattr(overload, "_op", overload) for overload in overloads)
     _state["ops"] = ops
     return ops
 

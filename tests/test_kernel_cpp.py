@@ -236,6 +236,10 @@ def test_gradcheck_and_gradgradcheck(cpp, training, layout, shape):
     def fn(x, weight, bias):
         return batch_norm(x, rm.clone(), rv.clone(), weight, bias, training, 0.1, 1e-5)
 
+    # The derivatives checked are the C++ node's: its backward, and under create_graph its
+    # differentiable formulas (not a Python Function's).
+    node = "TrainNode" if training else "EvalNode"
+    assert node in fn(x, weight, bias).grad_fn.name()
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
     assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
 
