@@ -94,7 +94,7 @@ from bnsurgery.errors import (
     format_message,
 )
 from bnsurgery.kernel_tensor import accumulate_dtype, batch_norm_stats
-from bnsurgery.kernels import select_backend
+from bnsurgery.kernels import fast_path, select_backend
 
 __all__ = ["batch_norm", "batch_norm_stats", "literal_batch_norm"]
 
@@ -251,6 +251,16 @@ def _buffers_without_tangents(input: Tensor, weight: Tensor | None, bias: Tensor
     return mean, var
 
 
+def _refuse_training_trace() -> None:
+    raise ExportError(format_message(
+        "torch.jit.trace cannot record training-mode batch_norm faithfully",
+        where="input", got="training=True",
+        expected="an evaluation-mode trace",
+        hint=("the batch statistics divide by the number of values per channel, which a "
+              "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
+              "use torch.export.export, which keeps the shapes symbolic")))
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -288,6 +298,13 @@ def batch_norm(
         ExportError: Training mode under ``torch.jit.trace``, which would freeze the batch size
             into the statistics (evaluation-mode traces are exact).
     """
+    fast = fast_path()
+    if fast is not None:
+        # The compiled CPU kernel makes the checks below in C++ and runs; it returns None when
+        # any fails, or an argument is not a plain CPU tensor, and the Python path says why.
+        out = fast(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if out is not None:
+            return cast(Tensor, out)
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # only an empty one passes the checks
         return input.clone()
@@ -295,13 +312,7 @@ def batch_norm(
     # the checks would otherwise cost as much as the kernel.
     tracing = torch.jit.is_tracing()
     if tracing and training:
-        raise ExportError(format_message(
-            "torch.jit.trace cannot record training-mode batch_norm faithfully",
-            where="input", got="training=True",
-            expected="an evaluation-mode trace",
-            hint=("the batch statistics divide by the number of values per channel, which a "
-                  "trace would freeze as a constant; call .eval() before torch.jit.trace, or "
-                  "use torch.export.export, which keeps the shapes symbolic")))
+        _refuse_training_trace()
     # Forward-mode AD (a dual level is open) and torch.func transforms need the Python Function.
     special = forward_ad._current_level >= 0 or transforms_active()
     if special:

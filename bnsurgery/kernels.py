@@ -23,15 +23,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
+from torch.autograd import forward_ad
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from bnsurgery import kernel_tensor
 from bnsurgery.errors import InvalidInputError, KernelUnavailableError, format_message
 
-__all__ = ["BACKENDS", "ENV_VAR", "KernelInfo", "kernel_info", "select_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "KernelInfo", "fast_path", "kernel_info", "select_backend"]
 
 #: The environment variable that forces a backend.
 ENV_VAR = "BNSURGERY_KERNEL"
@@ -178,6 +180,42 @@ def select_backend(x: torch.Tensor) -> ModuleType:
     if module is None:
         module = _chosen[key] = _module(_choose(x.device)[0])
     return module
+
+
+#: A backend's self-checking entry point (see :func:`fast_path`).
+FastCall = Callable[..., "torch.Tensor | None"]
+
+# ENV_VAR's raw value -> the CPU backend's self-checking entry point, or None when the backend
+# that runs on the CPU has none.
+_fast: dict[object, FastCall | None] = {}
+
+
+def fast_path() -> FastCall | None:
+    """The CPU backend's self-checking entry point, when it may be called now; else ``None``.
+
+    The compiled CPU kernel offers ``fast_batch_norm(input, running_mean, running_var, weight,
+    bias, training, momentum, eps)``: the argument checks of
+    :func:`bnsurgery.functional.batch_norm` made in C++, then the operator, or ``None`` when any
+    check fails or an argument is not a plain CPU tensor, so that the Python path runs and says
+    what is wrong. For a small input that halves the cost of a call. It may only be used in plain
+    eager mode: while a graph is compiled, exported or traced, under a dispatch mode, a
+    ``torch.func`` transform or forward-mode AD, the Python path chooses what runs. (fx symbolic
+    tracing records operations on proxies only; with plain tensors every backend computes the
+    same constant.)
+    """
+    # The compiler's flag first (see _capturing), then the cheapest.
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+            or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        return None
+    raw = _forced_raw()
+    if raw in _fast:
+        return _fast[raw]
+    cpu = torch.device("cpu")
+    name = _choose(cpu)[0]
+    entry = getattr(_module(name), "fast_entry", None)
+    _fast[raw] = fast = entry() if entry is not None else None
+    return fast
 
 
 def kernel_info(device: str | torch.device = "cpu") -> KernelInfo:

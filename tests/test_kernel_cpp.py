@@ -369,3 +369,101 @@ def test_cli_build_without_a_compiler_exits_2_with_one_line(tmp_path):
              and "CUDA_HOME" not in line]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("bnsurgery kernels: error:") and "missing-c++" in lines[0]
+
+
+# --- The checked entry point from Python --------------------------------------------------------
+
+
+def _fast_call(fast, x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5):
+    return fast(x, rm, rv, w, b, training, momentum, eps)
+
+
+def _bad_calls():
+    """Arguments the Python path refuses (each raises there), or would route elsewhere."""
+    x = torch.randn(4, 3)
+    c3, c2 = torch.ones(3), torch.ones(2)
+    sparse = torch.randn(4, 3).to_sparse()
+    return {
+        "int input": (x.long(), c3, c3, c3, c3, True, 0.1, 1e-5),
+        "1-d input": (torch.randn(3), c3, c3, c3, c3, True, 0.1, 1e-5),
+        "empty input": (torch.randn(0, 3), c3, c3, c3, c3, True, 0.1, 1e-5),
+        "channel mismatch (mean)": (x, c2, c3, c3, c3, True, 0.1, 1e-5),
+        "channel mismatch (weight)": (x, c3, c3, c2, c3, True, 0.1, 1e-5),
+        "channel mismatch (bias)": (x, c3, c3, c3, c2, False, 0.1, 1e-5),
+        "eps 0 in training": (x, c3, c3, c3, c3, True, 0.1, 0.0),
+        "eps nan": (x, c3, c3, c3, c3, False, 0.1, float("nan")),
+        "negative eps in evaluation": (x, c3, c3, c3, c3, False, 0.1, -1e-5),
+        "no running stats in evaluation": (x, None, None, c3, c3, False, 0.1, 1e-5),
+        "one value per channel": (torch.randn(1, 3), c3, c3, c3, c3, True, 0.1, 1e-5),
+        "running mean requires grad": (x, torch.ones(3, requires_grad=True), c3, c3, c3, True,
+                                       0.1, 1e-5),
+        "not a tensor": (x.tolist(), c3, c3, c3, c3, True, 0.1, 1e-5),
+        "weight not a tensor": (x, c3, c3, [1.0, 1.0, 1.0], c3, True, 0.1, 1e-5),
+        "training not a bool": (x, c3, c3, c3, c3, 1, 0.1, 1e-5),
+        "momentum None": (x, c3, c3, c3, c3, True, None, 1e-5),
+        "eps a string": (x, c3, c3, c3, c3, True, 0.1, "1e-5"),
+        "sparse input": (sparse, c3, c3, c3, c3, False, 0.1, 1e-5),
+        "meta input": (x.to("meta"), c3, c3, c3, c3, False, 0.1, 1e-5),
+        "meta weight": (x, c3, c3, c3.to("meta"), c3, False, 0.1, 1e-5),
+        "tensor subclass": (x.as_subclass(_Subclass), c3, c3, c3, c3, True, 0.1, 1e-5),
+    }
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_fast_entry_declines_what_the_python_path_refuses(built, name):
+    """Whatever the Python path refuses or routes elsewhere, the C++ entry declines (returns
+    None, raising nothing, changing nothing), so that the Python path runs and names the fault."""
+    args = _bad_calls()[name]
+    buffers = [t.clone() for t in args[1:3] if isinstance(t, torch.Tensor) and not t.is_meta]
+    assert kernel_cpp.fast_entry()(*args) is None
+    after = [t for t in args[1:3] if isinstance(t, torch.Tensor) and not t.is_meta]
+    for before, now in zip(buffers, after, strict=True):
+        assert torch.equal(before, now)
+
+
+def test_fast_entry_matches_the_operator_and_updates_the_buffers(built):
+    fast = kernel_cpp.fast_entry()
+    for training in (True, False):
+        x, w, b, rm, rv, _ = _case((6, 4, 3, 3), torch.float32, "channels_last")
+        rm2, rv2 = rm.clone(), rv.clone()
+        expected = F.batch_norm(x, rm2, rv2, w, b, training, 0.1, 1e-5)
+        out = _fast_call(fast, x, rm, rv, w, b, training)
+        torch.testing.assert_close(out, expected, **TOL[torch.float32])
+        torch.testing.assert_close((rm, rv), (rm2, rv2), **TOL[torch.float32])
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_entry_records_the_cpp_node(built):
+    x = torch.randn(5, 3, requires_grad=True)
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    out = _fast_call(kernel_cpp.fast_entry(), x, torch.zeros(3), torch.ones(3), w, b)
+    assert "TrainNode" in out.grad_fn.name()
+    with torch.no_grad():
+        assert _fast_call(kernel_cpp.fast_entry(), x, torch.zeros(3), torch.ones(3), w,
+                          b).grad_fn is None
+
+
+def test_fast_path_only_in_plain_eager_mode(built, monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.fast_path() is kernel_cpp.fast_entry()
+    from torch.autograd import forward_ad
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    with forward_ad.dual_level():
+        assert kernels.fast_path() is None
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        assert kernels.fast_path() is None
+    seen = []
+    torch.func.vmap(lambda t: seen.append(kernels.fast_path()) or t)(torch.ones(2, 3))
+    assert seen == [None]
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.fast_path() is None

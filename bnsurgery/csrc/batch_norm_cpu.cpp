@@ -26,6 +26,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -920,6 +922,91 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_autograd(
   return eval_op().call(input, weight, bias, running_mean, running_var, eps);
 }
 
+// --- The checked entry point from Python --------------------------------------------------------
+//
+// bnsurgery.functional.batch_norm checks its arguments in Python, as torch does, and names what is
+// wrong in its errors; for a small input those checks and the operator's boxed call cost as much
+// as the kernel. `fast_batch_norm` makes the same checks here and runs the operator (its Autograd
+// kernel first, so a node is recorded when gradients are wanted) when every one passes. When any
+// fails, or an argument is unusual (a tensor subclass, a wrapped or dual tensor, another device or
+// layout), it returns None and the Python path runs: it never raises a user error and never
+// accepts what the Python path would refuse.
+
+PyTypeObject* parameter_type = nullptr;  // torch.nn.Parameter, set when the module is imported
+
+// A tensor argument that the fast path may take: a plain Tensor or Parameter on the CPU, strided,
+// not wrapped by a transform, with no forward-mode tangent.
+const Tensor* usable(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj) && Py_TYPE(obj) != parameter_type) return nullptr;
+  const Tensor& t = THPVariable_Unpack(obj);
+  if (!t.is_cpu() || t.layout() != at::kStrided || unusual(t)) return nullptr;
+  return &t;
+}
+
+// An optional per-channel argument: None, or a usable tensor of `channels` values.
+bool per_channel(PyObject* obj, int64_t channels, c10::optional<Tensor>& out) {
+  if (obj == Py_None) return true;
+  const Tensor* t = usable(obj);
+  if (t == nullptr || t->numel() != channels) return false;
+  out = *t;
+  return true;
+}
+
+bool floating(const Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+// A Python float or int (not a bool) as a double.
+bool real(PyObject* obj, double& out) {
+  if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) return false;
+  out = PyFloat_AsDouble(obj);
+  if (out == -1.0 && PyErr_Occurred()) {  // an int too large for a double
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+py::object fast_batch_norm(py::handle input_obj, py::handle mean_obj, py::handle var_obj,
+                           py::handle weight_obj, py::handle bias_obj, py::handle training_obj,
+                           py::handle momentum_obj, py::handle eps_obj) {
+  double momentum = 0, eps = 0;
+  if (!PyBool_Check(training_obj.ptr()) || !real(momentum_obj.ptr(), momentum) ||
+      !real(eps_obj.ptr(), eps)) {
+    return py::none();
+  }
+  const bool training = training_obj.ptr() == Py_True;
+  const Tensor* input = usable(input_obj.ptr());
+  if (input == nullptr || !floating(*input) || input->dim() < 2 || input->numel() == 0) {
+    return py::none();
+  }
+  const int64_t channels = input->size(1);
+  c10::optional<Tensor> running_mean, running_var, weight, bias;
+  if (!per_channel(mean_obj.ptr(), channels, running_mean) ||
+      !per_channel(var_obj.ptr(), channels, running_var) ||
+      !per_channel(weight_obj.ptr(), channels, weight) ||
+      !per_channel(bias_obj.ptr(), channels, bias) ||
+      requires_grad(running_mean) || requires_grad(running_var)) {
+    return py::none();
+  }
+  if (training ? !(eps > 0) || input->numel() / channels == 1
+               : !(eps >= 0) || !running_mean || !running_var) {
+    return py::none();
+  }
+  Tensor y;
+  {
+    py::gil_scoped_release no_gil;
+    if (training) {
+      y = std::get<0>(train_op().call(*input, weight, bias, running_mean, running_var, momentum,
+                                      eps));
+    } else {
+      y = std::get<0>(eval_op().call(*input, weight, bias, *running_mean, *running_var, eps));
+    }
+  }
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bnsurgery, m) {
@@ -941,4 +1028,13 @@ TORCH_LIBRARY_IMPL(bnsurgery, CPU, m) {
 TORCH_LIBRARY_IMPL(bnsurgery, Autograd, m) {
   m.impl("cpp_batch_norm_eval", &batch_norm_eval_autograd);
   m.impl("cpp_batch_norm_train", &batch_norm_train_autograd);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // A class lives as long as its module, and torch.nn is never unloaded: a borrowed pointer.
+  parameter_type = reinterpret_cast<PyTypeObject*>(
+      py::module_::import("torch.nn").attr("Parameter").ptr());
+  m.def("fast_batch_norm", &fast_batch_norm,
+        "batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) "
+        "on this kernel when every argument check passes, else None");
 }
