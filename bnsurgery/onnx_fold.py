@@ -14,6 +14,9 @@ nodes ``inspect`` calls foldable are exactly the ones ``fuse`` folds, and the ot
 same reasons. The folded graph is run in onnxruntime against the unfolded one
 (:func:`bnsurgery.onnx_compare.compare_onnx`, the package's tolerances) before anything is
 written, and it is written atomically.
+
+Importing this module does not import torch (the arithmetic and the check import it when a node
+folds): ``bnsurgery inspect model.onnx`` reads the graph through the fold plan, without torch.
 """
 
 from __future__ import annotations
@@ -25,20 +28,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from bnsurgery._lazy import require
 from bnsurgery.errors import FusionError, InvalidInputError, format_message
 from bnsurgery.files import write_bytes
-from bnsurgery.fold import batchnorm_scale_shift, fold_layer_weights
 from bnsurgery.messages import first_line
-from bnsurgery.onnx_compare import compare_onnx
-from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
-from bnsurgery.report import EquivalenceReport
 from bnsurgery.results import JsonResult
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from bnsurgery.report import EquivalenceReport
 
 __all__ = [
     "FOLD_TARGETS",
@@ -175,6 +176,8 @@ class _Graph:
         return name
 
     def array(self, name: str) -> Tensor:
+        import torch
+
         proto = self.graph.initializer[self.initializers[name]]
         return torch.from_numpy(self.onnx.numpy_helper.to_array(proto).copy())
 
@@ -308,6 +311,10 @@ def _fold_reason(g: _Graph, node: Any) -> tuple[Any, str | None]:
 
 def _fold_into(g: _Graph, node: Any, producer: Any) -> None:
     """Fold ``node`` into ``producer`` in place (decided foldable by :func:`_fold_reason`)."""
+    import torch
+
+    from bnsurgery.fold import batchnorm_scale_shift, fold_layer_weights
+
     onnx = g.onnx
     bn = _attributes(onnx, node)
     weight_bn, bias_bn, mean, var = (g.array(g.resolve(name)) for name in node.input[1:5])
@@ -492,6 +499,8 @@ def _read(onnx: Any, path_or_model: Any) -> tuple[Any, str, Path | None]:
 def _check_folded(onnx: Any, original: Any, source: Path | None, folded: Any,
                   options: Mapping[str, Any]) -> EquivalenceReport:
     """The folded graph against the unfolded one in onnxruntime, through temporary files."""
+    from bnsurgery.onnx_compare import compare_onnx
+
     with tempfile.TemporaryDirectory(prefix="bnsurgery-fold-") as folder:
         reference = source
         if reference is None:
@@ -513,7 +522,9 @@ def fold_onnx_batchnorm(
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     per_tensor: bool | None = None,
     seed: int = 0,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    # ort_session.DEFAULT_TIMEOUT_S, repeated because importing that module imports torch; a
+    # test keeps the two equal.
+    timeout: float = 300.0,
 ) -> OnnxFoldResult:
     """Fold BatchNormalization nodes into the Conv/ConvTranspose/Gemm before them (see module).
 

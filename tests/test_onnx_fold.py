@@ -6,6 +6,7 @@ directly (not through the module's own check), and must agree to the fp32 tolera
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import stat
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import bnsurgery.onnx_fold as onnx_fold
+import bnsurgery.fold as fold_maths
 from bnsurgery.errors import FusionError, InvalidInputError
 from bnsurgery.onnx_fold import batchnorm_fold_plan, fold_onnx_batchnorm
 
@@ -213,13 +214,13 @@ def test_a_wrong_fold_is_caught_before_anything_is_written(tmp_path, monkeypatch
     source = save(conv_net(0), tmp_path / "in.onnx")
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old")
-    real = onnx_fold.fold_layer_weights
+    real = fold_maths.fold_layer_weights  # onnx_fold imports it when a node folds
 
     def off_by_five_percent(*args, **kwargs):
         folded = real(*args, **kwargs)
         return type(folded)(folded.weight * 1.05, folded.bias, folded.weight64, folded.bias64)
 
-    monkeypatch.setattr(onnx_fold, "fold_layer_weights", off_by_five_percent)
+    monkeypatch.setattr(fold_maths, "fold_layer_weights", off_by_five_percent)
     result = fold_onnx_batchnorm(source, output=out, providers="cpu")
     assert not result.passed and result.output is None
     assert result.check.first_divergence == "bn.out"  # the folded Conv now writes bn.out
@@ -238,6 +239,13 @@ def test_the_file_is_written_atomically_keeping_its_mode(tmp_path):
     _assert_same_numbers(onnx.load(str(source)), written, (2, 3, 8, 8))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
     assert onnx.load(str(source)).graph.node[1].op_type == "BatchNormalization"  # input intact
+
+
+def test_the_default_time_limit_is_the_runners():
+    from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
+
+    timeout = inspect.signature(fold_onnx_batchnorm).parameters["timeout"].default
+    assert timeout == DEFAULT_TIMEOUT_S
 
 
 def test_missing_and_unreadable_files_are_refused(tmp_path):

@@ -7,6 +7,9 @@ of ``tests/onnx_graphs.py``: the folded graph's own nodes say which BatchNorms a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ onnx = pytest.importorskip("onnx")
 from onnx_graphs import BUILDERS, mixed_net, save  # noqa: E402
 
 helper = onnx.helper
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _constant(name, *shape):
@@ -86,6 +90,17 @@ def test_inspect_an_onnx_file_through_the_cli(graph_file, capsys):
     assert main(["inspect", str(graph_file)]) == 0
     text = capsys.readouterr().out
     assert "BatchNormalization nodes left: 2, 1 foldable" in text and "follows Relu" in text
+
+
+def test_inspecting_an_onnx_file_does_not_import_torch(graph_file):
+    """The fold plan it reports is read without torch, as the file's summary is."""
+    code = ("import sys; from bnsurgery.onnx_inspect import inspect_onnx; "
+            f"summary = inspect_onnx({str(graph_file)!r}); "
+            "print(sum(b.foldable for b in summary.batchnorms), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "False"]
 
 
 def test_a_file_that_is_not_onnx_is_bad_input(tmp_path, capsys):
