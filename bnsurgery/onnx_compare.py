@@ -299,14 +299,10 @@ def _tensor_divergence(onnx: Any, a: Any, b: Any, feed: Sequence[Tensor], *,
         elif first is None:
             first = name
     notes = [f"per-tensor errors of {len(layers)} of the {len(shared)} tensors both graphs "
-             "compute under the same name (debug copies exposing them as outputs; the files "
-             "were not changed)"]
+             f"compute under the same name, in {runners[0].path.name}'s order (debug copies "
+             "exposing them as outputs; the files were not changed)"]
     suspects = _suspects(b, first, agreeing) if first is not None else ()
-    if first is not None:
-        notes.append(f"first diverging tensor: {first} (shared tensors compared by name in "
-                     f"{runners[0].path.name}'s order); {runners[1].path.name} computes it from "
-                     f"tensors that still agree with {', '.join(suspects) or 'no node'}")
-    elif output_failed:
+    if first is None and output_failed:
         first = "output"  # every shared tensor agreed: the difference is after them
     return layers, first, suspects, notes
 
@@ -383,9 +379,10 @@ def compare_onnx(
         timeout: Seconds one onnxruntime run may take.
 
     Returns:
-        The report: ``first_divergence`` is the first shared tensor out of tolerance (in the
-        first file's topological order), ``divergence_suspects`` the second file's nodes that
-        computed it from tensors that still agreed, ``layers`` the error of every shared tensor.
+        The report, with ``divergence_kind="tensor"``: ``first_divergence`` is the first shared
+        tensor out of tolerance (in the first file's topological order),
+        ``divergence_suspects`` the second file's nodes that computed it from tensors that still
+        agreed, ``layers`` the error of every shared tensor.
 
     Raises:
         InvalidInputError: A file is missing or unreadable, the files' inputs or outputs
@@ -413,7 +410,8 @@ def compare_onnx(
         candidate=f"{runner_b.path.name} in onnxruntime",
         backend=f"onnxruntime:{runner_b.providers_used[0]}", tolerance=tolerance,
         outputs=tuple(outputs), failures=tuple(failures), first_divergence=first,
-        divergence_suspects=suspects, layers=tuple(layers), notes=(*run.notes, *notes),
+        divergence_suspects=suspects, divergence_kind="tensor", layers=tuple(layers),
+        notes=(*run.notes, *notes),
         details={"reference_file": str(runner_a.path), "candidate_file": str(runner_b.path),
                  "inputs": _describe(feed), "seed": None if inputs is not None else seed,
                  "providers_requested": requested, "providers_used": runner_b.providers_used},

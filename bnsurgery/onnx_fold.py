@@ -8,9 +8,15 @@ when nothing else can see the difference: the producer's output feeds the BatchN
 producer's weight and bias are initializers no other node uses (and no graph input overrides),
 the BatchNorm is in inference form (one output, constant statistics) and the producer's
 attributes allow a per-output-channel scale. Every BatchNormalization node is reported, folded or
-with the reason it was not. The folded graph is run in onnxruntime against the unfolded one
+with the reason it was not. :func:`batchnorm_fold_plan` makes these decisions without changing
+anything; folding carries them out and ``bnsurgery inspect model.onnx`` reports them, so the
+nodes ``inspect`` calls foldable are exactly the ones ``fuse`` folds, and the others carry the
+same reasons. The folded graph is run in onnxruntime against the unfolded one
 (:func:`bnsurgery.onnx_compare.compare_onnx`, the package's tolerances) before anything is
 written, and it is written atomically.
+
+Importing this module does not import torch (the arithmetic and the check import it when a node
+folds): ``bnsurgery inspect model.onnx`` reads the graph through the fold plan, without torch.
 """
 
 from __future__ import annotations
@@ -18,29 +24,62 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from bnsurgery._lazy import require
 from bnsurgery.errors import FusionError, InvalidInputError, format_message
 from bnsurgery.files import write_bytes
-from bnsurgery.fold import batchnorm_scale_shift, fold_layer_weights
 from bnsurgery.messages import first_line
-from bnsurgery.onnx_compare import compare_onnx
-from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
-from bnsurgery.report import EquivalenceReport
 from bnsurgery.results import JsonResult
 
-__all__ = ["OnnxBatchNormFold", "OnnxFoldResult", "fold_graph_batchnorms", "fold_onnx_batchnorm"]
+if TYPE_CHECKING:
+    from torch import Tensor
 
-_TARGETS = ("Conv", "ConvTranspose", "Gemm")
+    from bnsurgery.report import EquivalenceReport
+
+__all__ = [
+    "FOLD_TARGETS",
+    "BatchNormFoldDecision",
+    "OnnxBatchNormFold",
+    "OnnxFoldResult",
+    "batchnorm_fold_plan",
+    "fold_graph_batchnorms",
+    "fold_onnx_batchnorm",
+]
+
+#: Ops a following BatchNormalization can be folded into (per output channel of their weight).
+FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
 #: Element types the fold arithmetic can round back to (numpy has no bfloat16).
 _FLOAT_TYPES = ("float16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class BatchNormFoldDecision(JsonResult):
+    """Whether one ``BatchNormalization`` node folds, decided before anything is changed.
+
+    Attributes:
+        name: The node's name (its output's name when it has none).
+        producer: The node before it (once the BatchNorms before it have folded), when there
+            is one.
+        producer_op: That node's op type.
+        reason: Why it does not fold; ``None`` when it folds into ``producer``.
+    """
+
+    json_derived: ClassVar[tuple[str, ...]] = ("folds",)
+
+    name: str
+    producer: str | None
+    producer_op: str | None
+    reason: str | None
+
+    @property
+    def folds(self) -> bool:
+        """Whether the node folds into its producer."""
+        return self.reason is None
 
 
 @dataclass(frozen=True)
@@ -104,7 +143,12 @@ class OnnxFoldResult(JsonResult):
 
 
 class _Graph:
-    """Lookups over one graph, rebuilt after each fold (a fold changes producers)."""
+    """Lookups over one graph, rebuilt after each fold (a fold changes producers).
+
+    The fold decisions read only names, shapes and dtypes (:meth:`shape`, :meth:`dtype`,
+    :meth:`data_type`), never values, so that they can be made on a graph whose initializers
+    carry no data.
+    """
 
     def __init__(self, onnx: Any, graph: Any) -> None:
         self.onnx, self.graph = onnx, graph
@@ -132,8 +176,16 @@ class _Graph:
         return name
 
     def array(self, name: str) -> Tensor:
+        import torch
+
         proto = self.graph.initializer[self.initializers[name]]
         return torch.from_numpy(self.onnx.numpy_helper.to_array(proto).copy())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.graph.initializer[self.initializers[name]].dims)
+
+    def data_type(self, name: str) -> int:
+        return int(self.graph.initializer[self.initializers[name]].data_type)
 
     def dtype(self, name: str) -> str:
         proto = self.graph.initializer[self.initializers[name]]
@@ -141,7 +193,11 @@ class _Graph:
 
     def set_array(self, name: str, value: Tensor) -> None:
         """Store ``value`` under ``name``, replacing an initializer or adding one."""
-        proto = self.onnx.numpy_helper.from_array(value.numpy(), name)
+        self.set_proto(self.onnx.numpy_helper.from_array(value.numpy(), name))
+
+    def set_proto(self, proto: Any) -> None:
+        """Store the initializer ``proto`` under its name, replacing one or adding it."""
+        name = proto.name
         if name in self.initializers:
             self.graph.initializer[self.initializers[name]].CopyFrom(proto)
         else:
@@ -202,26 +258,26 @@ def _weight_reason(g: _Graph, producer: Any, name: str, what: str) -> str | None
 def _out_channels(g: _Graph, producer: Any) -> tuple[int | None, str | None]:
     """The producer's output channels (its output's axis 1), or why they are not foldable."""
     attrs = _attributes(g.onnx, producer)
-    weight = g.array(producer.input[1])
+    weight = g.shape(producer.input[1])
     if producer.op_type == "Gemm":
         if attrs.get("transA", 0):
             return None, f"{_label(producer)} has transA=1 (only transA=0 is folded)"
-        if weight.dim() != 2:
+        if len(weight) != 2:
             return None, f"the weight of {_label(producer)} is not 2-D"
-        channels = weight.shape[0] if attrs.get("transB", 0) else weight.shape[1]
+        channels = weight[0] if attrs.get("transB", 0) else weight[1]
         if len(producer.input) > 2 and producer.input[2]:
-            shape = tuple(g.array(producer.input[2]).shape)
+            shape = g.shape(producer.input[2])
             if shape not in ((channels,), (1, channels)):
                 return None, (f"the C of {_label(producer)} has shape {list(shape)}, not one "
                               f"value per output channel ([{channels}] or [1, {channels}])")
         return int(channels), None
     group = int(attrs.get("group", 1))
-    if weight.dim() < 3 or group < 1 or weight.shape[0] % group:
-        return None, (f"the weight of {_label(producer)} has shape {list(weight.shape)}, which "
+    if len(weight) < 3 or group < 1 or weight[0] % group:
+        return None, (f"the weight of {_label(producer)} has shape {list(weight)}, which "
                       f"does not fit group={group}")
     if producer.op_type == "ConvTranspose":
-        return int(weight.shape[1] * group), None  # (in, out/group, k...): axis 1 per group
-    return int(weight.shape[0]), None
+        return weight[1] * group, None  # (in, out/group, k...): axis 1 per group
+    return weight[0], None
 
 
 def _fold_reason(g: _Graph, node: Any) -> tuple[Any, str | None]:
@@ -232,8 +288,8 @@ def _fold_reason(g: _Graph, node: Any) -> tuple[Any, str | None]:
         return producer, reason
     if producer is None:
         return None, "its input is a graph input, not a layer's output"
-    if producer.op_type not in _TARGETS or producer.domain not in ("", "ai.onnx"):
-        return producer, f"it follows {producer.op_type}, not one of {', '.join(_TARGETS)}"
+    if producer.op_type not in FOLD_TARGETS or producer.domain not in ("", "ai.onnx"):
+        return producer, f"it follows {producer.op_type}, not one of {', '.join(FOLD_TARGETS)}"
     if g.consumers[node.input[0]] != 1:
         return producer, f"the output of {_label(producer)} is also used elsewhere"
     if len(producer.output) != 1:
@@ -246,15 +302,19 @@ def _fold_reason(g: _Graph, node: Any) -> tuple[Any, str | None]:
     channels, reason = _out_channels(g, producer)
     if reason is not None:
         return producer, reason
-    statistics = g.array(g.resolve(node.input[3]))
-    if tuple(statistics.shape) != (channels,):
-        return producer, (f"it has {list(statistics.shape)} statistics, {_label(producer)} "
+    statistics = g.shape(g.resolve(node.input[3]))
+    if statistics != (channels,):
+        return producer, (f"it has {list(statistics)} statistics, {_label(producer)} "
                           f"{channels} output channels")
     return producer, None
 
 
 def _fold_into(g: _Graph, node: Any, producer: Any) -> None:
-    """Fold ``node`` into ``producer`` in place (checked foldable by :func:`_fold_reason`)."""
+    """Fold ``node`` into ``producer`` in place (decided foldable by :func:`_fold_reason`)."""
+    import torch
+
+    from bnsurgery.fold import batchnorm_scale_shift, fold_layer_weights
+
     onnx = g.onnx
     bn = _attributes(onnx, node)
     weight_bn, bias_bn, mean, var = (g.array(g.resolve(name)) for name in node.input[1:5])
@@ -263,7 +323,7 @@ def _fold_into(g: _Graph, node: Any, producer: Any) -> None:
     attrs = _attributes(onnx, producer)
     weight_name = producer.input[1]
     weight = g.array(weight_name)
-    has_bias = len(producer.input) > 2 and bool(producer.input[2])
+    has_bias = _has_bias(producer)
     bias = g.array(producer.input[2]).to(torch.float64).reshape(-1) if has_bias else None
     if producer.op_type == "Gemm":
         transposed_b = bool(attrs.get("transB", 0))
@@ -280,8 +340,25 @@ def _fold_into(g: _Graph, node: Any, producer: Any) -> None:
                                     groups=int(attrs.get("group", 1)), dtype=weight.dtype)
         new_weight = folded.weight
     g.set_array(weight_name, new_weight)
-    bias_name = producer.input[2] if has_bias else _fresh_name(g, f"{weight_name}.folded_bias")
-    g.set_array(bias_name, folded.bias)
+    _splice(g, node, producer,
+            lambda name: onnx.numpy_helper.from_array(folded.bias.numpy(), name))
+
+
+def _has_bias(producer: Any) -> bool:
+    return len(producer.input) > 2 and bool(producer.input[2])
+
+
+def _splice(g: _Graph, node: Any, producer: Any, bias: Callable[[str], Any]) -> None:
+    """The graph surgery of a fold: ``producer`` gets the bias ``bias(name)`` (under its own
+    bias's name, or a fresh one it now reads) and writes ``node``'s output; ``node`` goes.
+
+    Both a real fold and :func:`batchnorm_fold_plan`'s simulated one make exactly this change,
+    so the decisions after it see the same graph either way.
+    """
+    has_bias = _has_bias(producer)
+    bias_name = (producer.input[2] if has_bias
+                 else _fresh_name(g, f"{producer.input[1]}.folded_bias"))
+    g.set_proto(bias(bias_name))
     if not has_bias:
         del producer.input[2:]
         producer.input.append(bias_name)
@@ -323,26 +400,78 @@ def _prune(onnx: Any, graph: Any, names: Sequence[str]) -> None:
         pending = {node.input[0] for node in identities}
 
 
+def _skeleton(onnx: Any, graph: Any) -> Any:
+    """A copy of ``graph`` whose initializers keep their names, dtypes and shapes but no values:
+    enough to decide every fold, at the cost of the nodes alone."""
+    copy = onnx.GraphProto()
+    copy.node.extend(graph.node)
+    copy.input.extend(graph.input)
+    copy.output.extend(graph.output)
+    copy.initializer.extend(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+                            for t in graph.initializer)
+    return copy
+
+
+def _valueless(onnx: Any, data_type: int, dims: list[Any], name: str) -> Any:
+    """An initializer with a name, dtype and shape but no values: a simulated fold's bias."""
+    return onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+
+
+def _node_name(node: Any) -> str:
+    return node.name or node.output[0]
+
+
+def batchnorm_fold_plan(onnx: Any, model: Any) -> tuple[BatchNormFoldDecision, ...]:
+    """Decide, for every BatchNormalization of ``model``'s main graph, whether it folds.
+
+    The one place the folding rules are applied: :func:`fold_graph_batchnorms` folds what this
+    decides, and :func:`bnsurgery.onnx_inspect.inspect_onnx` reports it. ``model`` is not
+    changed. The decisions are made in graph order on a value-less copy of the graph, where each
+    fold decided is carried out as a real one changes the graph (:func:`_splice`), so that a
+    BatchNorm after another one is judged on the graph it will meet once the first has folded.
+    Only names, shapes and dtypes are read: a file loaded without its external data gets the
+    same decisions.
+
+    Args:
+        onnx: The ``onnx`` module.
+        model: An ``onnx.ModelProto``.
+
+    Returns:
+        One decision per BatchNormalization node, in graph order.
+    """
+    graph = _skeleton(onnx, model.graph)
+    decisions = []
+    for node in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        g = _Graph(onnx, graph)
+        producer, reason = _fold_reason(g, node)
+        decisions.append(BatchNormFoldDecision(
+            _node_name(node), None if producer is None else _node_name(producer),
+            None if producer is None else producer.op_type, reason))
+        if reason is None:
+            channels, _ = _out_channels(g, producer)
+            _splice(g, node, producer, partial(_valueless, onnx, g.data_type(producer.input[1]),
+                                               [channels]))
+    return tuple(decisions)
+
+
 def fold_graph_batchnorms(onnx: Any, model: Any) -> list[OnnxBatchNormFold]:
-    """Fold every foldable BatchNormalization of ``model``'s main graph, in place.
+    """Fold every BatchNormalization of ``model``'s main graph that
+    :func:`batchnorm_fold_plan` decides foldable, in place.
 
     A BatchNorm after another one folds too once the first has folded into the layer before
     them both: the lookups are rebuilt after every fold.
     """
+    nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     records = []
     released: list[str] = []
-    for node in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
-        g = _Graph(onnx, model.graph)
-        producer, reason = _fold_reason(g, node)
-        name = node.name or node.output[0]
-        producer_name = None if producer is None else (producer.name or producer.output[0])
-        producer_op = None if producer is None else producer.op_type
-        folds = reason is None
-        if folds:
+    for node, decision in zip(nodes, batchnorm_fold_plan(onnx, model), strict=True):
+        if decision.folds:
+            g = _Graph(onnx, model.graph)
             released += list(node.input[1:5])
-            _fold_into(g, node, producer)
-        records.append(OnnxBatchNormFold(name, producer_name, producer_op, folds,
-                                         reason or f"folded into {_label(producer)}"))
+            _fold_into(g, node, g.producers[node.input[0]])
+        records.append(OnnxBatchNormFold(
+            decision.name, decision.producer, decision.producer_op, decision.folds,
+            decision.reason or f"folded into {decision.producer_op} {decision.producer}"))
     _prune(onnx, model.graph, released)
     return records
 
@@ -370,6 +499,8 @@ def _read(onnx: Any, path_or_model: Any) -> tuple[Any, str, Path | None]:
 def _check_folded(onnx: Any, original: Any, source: Path | None, folded: Any,
                   options: Mapping[str, Any]) -> EquivalenceReport:
     """The folded graph against the unfolded one in onnxruntime, through temporary files."""
+    from bnsurgery.onnx_compare import compare_onnx
+
     with tempfile.TemporaryDirectory(prefix="bnsurgery-fold-") as folder:
         reference = source
         if reference is None:
@@ -391,7 +522,9 @@ def fold_onnx_batchnorm(
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     per_tensor: bool | None = None,
     seed: int = 0,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    # ort_session.DEFAULT_TIMEOUT_S, repeated because importing that module imports torch; a
+    # test keeps the two equal.
+    timeout: float = 300.0,
 ) -> OnnxFoldResult:
     """Fold BatchNormalization nodes into the Conv/ConvTranspose/Gemm before them (see module).
 

@@ -3,8 +3,11 @@
 Inputs and outputs with shapes and dtypes, opsets, op counts, parameter count and size,
 multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul (from the shapes onnx's shape inference
 finds; a symbolic dimension counts as 1), metadata, and every ``BatchNormalization`` node left
-with whether it could be folded into the layer before it. Only the file's own bytes are read:
-external weight files are not opened and nothing is executed.
+with whether it could be folded into the layer before it: decided by
+:func:`bnsurgery.onnx_fold.batchnorm_fold_plan`, the rules ``bnsurgery fuse model.onnx`` folds
+by, so what is reported foldable here is what ``fuse`` folds, and the rest carry the reason
+``fuse`` gives. Only the file's own bytes are read: external weight files are not opened (the
+decisions need shapes and dtypes, not values) and nothing is executed.
 """
 
 from __future__ import annotations
@@ -18,17 +21,23 @@ from typing import Any
 
 from bnsurgery._lazy import require
 from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.onnx_fold import FOLD_TARGETS, batchnorm_fold_plan
 from bnsurgery.results import JsonResult
 
 __all__ = ["FOLD_TARGETS", "OnnxBatchNorm", "OnnxSummary", "inspect_onnx"]
 
-#: Ops a following BatchNormalization can be folded into (per output channel of their weight).
-FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
-
 
 @dataclass(frozen=True)
 class OnnxBatchNorm(JsonResult):
-    """One ``BatchNormalization`` node and whether it folds into the node before it."""
+    """One ``BatchNormalization`` node and whether it folds into the node before it.
+
+    Attributes:
+        name: The node's name (its output's name when it has none).
+        producer: The node before it (once the BatchNorms before it have folded), if any.
+        producer_op: That node's op type.
+        foldable: Whether ``bnsurgery fuse`` folds it.
+        reason: ``"folds into Conv conv1"``, or why it does not (the reason ``fuse`` gives).
+    """
 
     name: str
     producer: str | None
@@ -146,7 +155,7 @@ def inspect_onnx(path: str | os.PathLike[str]) -> OnnxSummary:
         opsets={o.domain: o.version for o in model.opset_import},
         op_counts=dict(Counter(n.op_type for n in graph.node).most_common()),
         parameters=parameters, parameter_bytes=parameter_bytes, macs=macs,
-        macs_unknown=tuple(unknown), batchnorms=tuple(_batchnorms(graph, initializers)),
+        macs_unknown=tuple(unknown), batchnorms=_batchnorms(onnx, model),
         metadata={p.key: p.value for p in model.metadata_props})
 
 
@@ -179,32 +188,7 @@ def _macs(node: Any, shapes: Mapping[str, tuple[int | str, ...]]) -> int | None:
     return math.prod(_dims(output)) * depth
 
 
-def _batchnorms(graph: Any, initializers: Mapping[str, Any]) -> list[OnnxBatchNorm]:
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: Counter[str] = Counter(name for node in graph.node for name in node.input)
-    graph_outputs = {v.name for v in graph.output}
-    found = []
-    for node in graph.node:
-        if node.op_type != "BatchNormalization":
-            continue
-        name = node.name or node.output[0]
-        producer = producers.get(node.input[0])
-        reason = None
-        if len(node.output) > 1 and any(node.output[1:]):
-            reason = "training-mode node (it outputs running statistics)"
-        elif not all(i in initializers for i in node.input[1:5]):
-            reason = "its scale, bias, mean or variance is computed in the graph, not constant"
-        elif producer is None:
-            reason = "its input is a graph input, not a layer's output"
-        elif producer.op_type not in FOLD_TARGETS:
-            reason = f"it follows {producer.op_type}, not one of {', '.join(FOLD_TARGETS)}"
-        elif consumers[node.input[0]] > 1 or node.input[0] in graph_outputs:
-            reason = f"the output of {producer.name or producer.op_type} is also used elsewhere"
-        elif len(producer.input) < 2 or producer.input[1] not in initializers:
-            reason = f"the weight of {producer.name or producer.op_type} is not constant"
-        producer_name = None if producer is None else (producer.name or producer.output[0])
-        producer_op = None if producer is None else producer.op_type
-        found.append(OnnxBatchNorm(
-            name, producer_name, producer_op, reason is None,
-            reason or f"folds into {producer_op} {producer_name}"))
-    return found
+def _batchnorms(onnx: Any, model: Any) -> tuple[OnnxBatchNorm, ...]:
+    return tuple(OnnxBatchNorm(d.name, d.producer, d.producer_op, d.folds,
+                               d.reason or f"folds into {d.producer_op} {d.producer}")
+                 for d in batchnorm_fold_plan(onnx, model))

@@ -3,10 +3,11 @@
 An :class:`EquivalenceReport` is what every check in :mod:`bnsurgery.validate` and
 :mod:`bnsurgery.tensorrt` returns: one :class:`OutputComparison` per output (and per batch size of
 a dynamic-batch sweep), the :class:`Tolerance` the numbers were judged against, the first module
-whose output diverged when a check failed, and the environment (library versions, opset, exporter,
-execution providers, GPU, TF32 state) needed to reproduce it. A check that could not run is a
-*skipped* report, which never counts as passed. (:class:`OutputComparison` and
-:class:`Tolerance` are defined in :mod:`bnsurgery.comparison` and re-exported here.)
+whose output diverged when a check failed (or, between two ONNX files, the first tensor), and the
+environment (library versions, opset, exporter, execution providers, GPU, TF32 state) needed to
+reproduce it. A check that could not run is a *skipped* report, which never counts as passed.
+(:class:`OutputComparison` and :class:`Tolerance` are defined in :mod:`bnsurgery.comparison` and
+re-exported here.)
 
 This module also writes reports to disk (through :mod:`bnsurgery.files`, atomically):
 ``report.json`` and an optional PNG of the error per layer, with
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -93,14 +94,18 @@ class EquivalenceReport(JsonResult):
         failures: Problems that fail the check besides numbers (a provider that was requested but
             not used, a batch size that would not run).
         first_divergence: The first module boundary whose output exceeded the tolerance, when a
-            per-layer comparison was made and found one.
+            per-layer comparison was made and found one (see ``divergence_kind``).
         divergence_suspects: Modules that ran between the last agreeing boundary and the first
-            diverging one and were not compared themselves (convolutions, BatchNorms, ...).
+            diverging one and were not compared themselves (convolutions, BatchNorms, ...); for
+            a tensor, the candidate's nodes that compute it from tensors that still agree.
         layers: Errors at every compared module boundary, in execution order.
         notes: Anything else worth knowing (sweep skipped, float64 run impossible, ...).
         details: Extra JSON-ready facts: file, opset, exporter, providers requested and used.
         timings: Seconds per measured step, e.g. ``{"reference_forward": 0.01}``.
         environment: Library versions, device, GPU name and TF32 state when the check ran.
+        divergence_kind: What ``first_divergence`` and ``layers`` name: ``"module"``, a module
+            of the reference model, or ``"tensor"``, a tensor both graphs compute under the
+            same name (two ONNX files, which have no modules).
     """
 
     json_derived: ClassVar[tuple[str, ...]] = ("status", "passed")
@@ -121,6 +126,7 @@ class EquivalenceReport(JsonResult):
     details: Mapping[str, Any] = field(default_factory=dict, hash=False)
     timings: Mapping[str, float] = field(default_factory=dict, hash=False)
     environment: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    divergence_kind: Literal["module", "tensor"] = "module"
 
     @property
     def passed(self) -> bool:
@@ -165,8 +171,10 @@ class EquivalenceReport(JsonResult):
             lines.append(f"  failure: {printable(failure)}")
         if self.first_divergence:
             suspects = printable(", ".join(self.divergence_suspects) or "none recorded")
-            lines.append(f"  first diverging module: {printable(self.first_divergence)} "
-                         f"(ran just before it, not compared: {suspects})")
+            context = ("the candidate computes it from tensors that still agree with"
+                       if self.divergence_kind == "tensor" else "ran just before it, not compared")
+            lines.append(f"  first diverging {self.divergence_kind}: "
+                         f"{printable(self.first_divergence)} ({context}: {suspects})")
         for note in self.notes:
             lines.append(f"  note: {printable(note)}")
         return "\n".join(lines)

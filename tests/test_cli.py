@@ -229,7 +229,7 @@ def test_validate_exit_codes(exported, capsys, tmp_path):
                           "--providers", "cpu", "--seed", "1")
     assert code == 1
     assert "onnxruntime check FAILED" in out
-    assert "first diverging module" in out
+    assert "first diverging module" in out and "first diverging tensor" not in out
 
 
 @needs_torchvision
@@ -822,7 +822,9 @@ def test_validate_two_onnx_files_exit_codes(capsys, onnx_files):
     assert "onnxruntime check passed: same.onnx in onnxruntime vs a.onnx" in out
     code, out, _ = _run(capsys, "validate", str(a), str(off), "--providers", "cpu", "-q")
     assert code == 1
-    assert "first diverging tensor: conv.out" in out and "Conv conv" in out
+    assert ("  first diverging tensor: conv.out (the candidate computes it from tensors that "
+            "still agree with: Conv conv)") in out.splitlines()
+    assert "first diverging module" not in out  # two ONNX files have tensors, not modules
 
 
 def test_validate_two_onnx_files_as_json(capsys, onnx_files, tmp_path):
@@ -837,7 +839,7 @@ def test_validate_two_onnx_files_as_json(capsys, onnx_files, tmp_path):
     assert document["input_shape"] == [2, 3, 8, 8] and document["model"] is None
     assert document["weights"] is None and document["seed"] == 0
     (report,) = document["reports"]
-    assert report["first_divergence"] == "conv.out"
+    assert report["first_divergence"] == "conv.out" and report["divergence_kind"] == "tensor"
     assert [layer["name"] for layer in report["layers"]][0] == "conv.out"
     assert _conforming((tmp_path / "report.json").read_text())["summary"]["failed"] == 1
 
@@ -908,21 +910,21 @@ def test_fuse_an_onnx_file_refuses_bad_output_and_strict_misses(capsys, onnx_fil
 
 def test_fuse_an_onnx_file_that_folds_wrongly_exits_1_and_writes_nothing(capsys, onnx_files,
                                                                          tmp_path, monkeypatch):
-    import bnsurgery.onnx_fold as onnx_fold
+    import bnsurgery.fold as fold_maths  # onnx_fold imports it when a node folds
 
-    real = onnx_fold.fold_layer_weights
+    real = fold_maths.fold_layer_weights
 
     def off_by_five_percent(*args, **kwargs):
         folded = real(*args, **kwargs)
         return type(folded)(folded.weight * 1.05, folded.bias, folded.weight64, folded.bias64)
 
-    monkeypatch.setattr(onnx_fold, "fold_layer_weights", off_by_five_percent)
+    monkeypatch.setattr(fold_maths, "fold_layer_weights", off_by_five_percent)
     a, _, _ = onnx_files
     out = tmp_path / "folded.onnx"
     code, text, _ = _run(capsys, "fuse", str(a), "-o", str(out), "--providers", "cpu", "-q")
     assert code == 1 and not out.exists()
     assert f"not saved: the folded graph does not match {a}" in text
-    assert "first diverging tensor: bn.out" in text
+    assert "first diverging tensor: bn.out" in text and "first diverging module" not in text
 
 
 def test_fuse_and_validate_onnx_files_plot_the_error_per_tensor(capsys, onnx_files, tmp_path):

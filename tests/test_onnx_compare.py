@@ -56,7 +56,17 @@ def test_first_diverging_tensor_is_the_changed_layers_output(files):
     layers = {layer.name: layer for layer in report.layers}
     assert list(layers) == ["conv.out", "bn.out", "relu.out", "flat.out", "y"]  # graph order
     assert all(layer.diverged for layer in layers.values())
-    assert any("first diverging tensor: conv.out" in note for note in report.notes)
+    assert report.divergence_kind == "tensor"
+
+
+def test_the_text_names_a_diverging_tensor_not_a_module(files):
+    a, _, off = files
+    report = compare_onnx(a, off, providers="cpu")
+    text = str(report)
+    assert ("  first diverging tensor: conv.out (the candidate computes it from tensors that "
+            "still agree with: Conv conv)") in text.splitlines()
+    assert "module" not in text  # two ONNX files have no modules to name
+    assert "in a.onnx's order" in text  # the order the tensors were compared in
 
 
 def test_a_later_change_leaves_the_earlier_tensors_agreeing(tmp_path):
@@ -174,4 +184,5 @@ def test_the_report_round_trips_through_json(files):
     data = json.loads(json.dumps(report.to_dict()))
     assert data == report.to_dict()
     assert data["first_divergence"] == "conv.out" and data["passed"] is False
+    assert data["divergence_kind"] == "tensor"
     assert [layer["name"] for layer in data["layers"]][:1] == ["conv.out"]

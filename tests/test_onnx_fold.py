@@ -6,6 +6,7 @@ directly (not through the module's own check), and must agree to the fp32 tolera
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import stat
@@ -14,14 +15,30 @@ import numpy as np
 import pytest
 import torch
 
-import bnsurgery.onnx_fold as onnx_fold
+import bnsurgery.fold as fold_maths
 from bnsurgery.errors import FusionError, InvalidInputError
-from bnsurgery.onnx_fold import fold_onnx_batchnorm
+from bnsurgery.onnx_fold import batchnorm_fold_plan, fold_onnx_batchnorm
 
 ort = pytest.importorskip("onnxruntime")
-from onnx_graphs import Graph, TensorProto, conv_net, onnx, save  # noqa: E402
-
-FLOAT = TensorProto.FLOAT
+from onnx_graphs import (  # noqa: E402
+    BUILDERS,
+    TensorProto,
+    batchnorm_chain,
+    computed_weight,
+    conv_graph,
+    conv_net,
+    float16_conv,
+    gemm_graph,
+    identity_parameters,
+    onnx,
+    other_producers,
+    producer_output_is_a_graph_output,
+    save,
+    shared_weights,
+    training_batchnorm,
+    two_consumers,
+    weight_is_a_graph_input,
+)
 
 
 def _run(model, feed):
@@ -39,18 +56,6 @@ def _assert_same_numbers(original, folded, shape, *, seed=0):
     assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
 
 
-def _conv_graph(op="Conv", *, group=1, bias=True, channels_out=4):
-    g = Graph(1)
-    if op == "Conv":
-        weight = g.constant("w", channels_out, 4 // group, 3, 3)
-    else:  # ConvTranspose: (in, out / group, k, k)
-        weight = g.constant("w", 4, channels_out // group, 3, 3)
-    inputs = ["x", weight] + ([g.constant("b", channels_out)] if bias else [])
-    layer = g.node(op, inputs, ["layer.out"], "layer", group=group, pads=[1, 1, 1, 1])
-    g.batchnorm("bn", layer, channels_out, output="y")
-    return g.model([("x", FLOAT, ["N", 4, 5, 5])], [("y", FLOAT, ["N", channels_out, 5, 5])])
-
-
 @pytest.mark.parametrize(("op", "group", "bias", "out"), [
     pytest.param("Conv", 1, True, 4, id="conv"),
     pytest.param("Conv", 1, False, 6, id="conv-no-bias"),
@@ -60,7 +65,7 @@ def _conv_graph(op="Conv", *, group=1, bias=True, channels_out=4):
     pytest.param("ConvTranspose", 2, False, 6, id="convtranspose-grouped"),
 ])
 def test_conv_layers_fold(op, group, bias, out):
-    model = _conv_graph(op, group=group, bias=bias, channels_out=out)
+    model = conv_graph(op, group=group, bias=bias, channels_out=out)
     result = fold_onnx_batchnorm(model, providers="cpu", input_shape=[2, 4, 5, 5])
     assert [b.folded for b in result.batchnorms] == [True]
     assert result.batchnorms[0].reason == "folded into " + f"{op} layer"
@@ -72,17 +77,6 @@ def test_conv_layers_fold(op, group, bias, out):
     assert not any(name.startswith("bn.") for name in names)  # statistics pruned
 
 
-def _gemm_graph(*, trans_b, c_shape, alpha=0.7, beta=0.3, trans_a=0):
-    g = Graph(2)
-    weight = g.constant("w", 5, 6) if trans_b else g.constant("w", 6, 5)
-    inputs = ["x", weight] + ([g.constant("c", *c_shape)] if c_shape else [])
-    fc = g.node("Gemm", inputs, ["fc.out"], "fc", transA=trans_a, transB=trans_b, alpha=alpha,
-                beta=beta)
-    g.batchnorm("bn", fc, 5, output="y")
-    shape = [6, "N"] if trans_a else ["N", 6]
-    return g.model([("x", FLOAT, shape)], [("y", FLOAT, ["N", 5])])
-
-
 @pytest.mark.parametrize(("trans_b", "c_shape"), [
     pytest.param(1, (5,), id="transB-c"),
     pytest.param(0, (5,), id="c"),
@@ -90,7 +84,7 @@ def _gemm_graph(*, trans_b, c_shape, alpha=0.7, beta=0.3, trans_a=0):
     pytest.param(1, None, id="no-c"),
 ])
 def test_gemm_folds_with_alpha_beta_and_trans_b(trans_b, c_shape):
-    model = _gemm_graph(trans_b=trans_b, c_shape=c_shape)
+    model = gemm_graph(trans_b=trans_b, c_shape=c_shape)
     result = fold_onnx_batchnorm(model, providers="cpu", input_shape=[3, 6])
     assert [b.folded for b in result.batchnorms] == [True] and result.passed
     _assert_same_numbers(model, result.model, (4, 6))
@@ -100,7 +94,7 @@ def test_gemm_folds_with_alpha_beta_and_trans_b(trans_b, c_shape):
 
 
 def test_the_fold_is_the_float64_maths_of_fold_py():
-    model = _conv_graph(bias=True)
+    model = conv_graph(bias=True)
     folded = fold_onnx_batchnorm(model, providers="cpu").model
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     got = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
@@ -115,11 +109,7 @@ def test_the_fold_is_the_float64_maths_of_fold_py():
 
 
 def test_a_chain_of_batchnorms_folds_into_one_layer():
-    g = Graph(3)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 1, 1)], ["conv.out"], "conv")
-    first = g.batchnorm("bn1", conv, 4)
-    g.batchnorm("bn2", first, 4, output="y")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = batchnorm_chain()
     result = fold_onnx_batchnorm(model, providers="cpu")
     assert [b.folded for b in result.batchnorms] == [True, True]
     assert [n.op_type for n in result.model.graph.node] == ["Conv"]
@@ -128,15 +118,7 @@ def test_a_chain_of_batchnorms_folds_into_one_layer():
 
 def test_batchnorm_parameters_behind_identity_nodes_fold_and_are_pruned():
     """The legacy exporter shares equal tensors through Identity nodes; they are constants."""
-    g = Graph(9)
-    ones = g.constant("shared", 4, positive=True)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 1, 1)], ["conv.out"], "conv")
-    g.node("Identity", [ones], ["bn.var"], "copy_var")
-    g.node("Identity", [ones], ["bn.scale"], "copy_scale")
-    g.nodes.append(onnx.helper.make_node(
-        "BatchNormalization", [conv, "bn.scale", g.constant("bn.bias", 4),
-                               g.constant("bn.mean", 4), "bn.var"], ["y"], name="bn"))
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = identity_parameters()
     result = fold_onnx_batchnorm(model, providers="cpu")
     assert [b.folded for b in result.batchnorms] == [True] and result.passed
     assert [n.op_type for n in result.model.graph.node] == ["Conv"]  # Identity nodes pruned
@@ -153,94 +135,77 @@ def _kept(model, **options):
 
 
 def test_shared_weights_do_not_fold():
-    g = Graph(4)
-    weight = g.constant("w", 4, 4, 1, 1)
-    a = g.node("Conv", ["x", weight], ["a"], "conv_a")
-    b = g.node("Conv", ["x", weight], ["b"], "conv_b")
-    bn = g.batchnorm("bn", a, 4)
-    g.node("Add", [bn, b], ["y"], "add")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = shared_weights()
     assert _kept(model) == ["the weight of Conv conv_a is shared with another node"]
 
 
 def test_a_producer_with_two_consumers_does_not_fold():
-    g = Graph(5)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 1, 1)], ["conv.out"], "conv")
-    bn = g.batchnorm("bn", conv, 4)
-    g.node("Add", [bn, conv], ["y"], "add")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = two_consumers()
     assert _kept(model) == ["the output of Conv conv is also used elsewhere"]
 
 
 def test_a_producer_output_that_is_a_graph_output_does_not_fold():
-    g = Graph(5)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 1, 1)], ["conv.out"], "conv")
-    g.batchnorm("bn", conv, 4, output="y")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])],
-                    [("y", FLOAT, ["N", 4, 3, 3]), ("conv.out", FLOAT, ["N", 4, 3, 3])])
+    model = producer_output_is_a_graph_output()
     assert _kept(model) == ["the output of Conv conv is also used elsewhere"]
 
 
 def test_batchnorm_with_training_outputs_does_not_fold():
-    g = Graph(6)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 1, 1)], ["conv.out"], "conv")
-    g.nodes.append(onnx.helper.make_node(
-        "BatchNormalization", [conv, *(g.constant(f"bn.{p}", 4, positive=True)
-                                       for p in ("scale", "bias", "mean", "var"))],
-        ["y", "running_mean", "running_var"], name="bn", training_mode=1))
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = training_batchnorm()
     reasons = [b.reason for b in fold_onnx_batchnorm(model, providers="cpu").batchnorms]
     assert reasons == ["training-mode node (it outputs or updates running statistics)"]
 
 
 def test_gemm_with_trans_a_does_not_fold():
-    model = _gemm_graph(trans_b=1, c_shape=(5,), trans_a=1)
+    model = gemm_graph(trans_b=1, c_shape=(5,), trans_a=1)
     assert _kept(model) == ["Gemm fc has transA=1 (only transA=0 is folded)"]
 
 
 def test_gemm_with_a_per_row_c_does_not_fold():
-    model = _gemm_graph(trans_b=1, c_shape=(3, 5))
+    model = gemm_graph(trans_b=1, c_shape=(3, 5))
     assert _kept(model) == ["the C of Gemm fc has shape [3, 5], not one value per output "
                             "channel ([5] or [1, 5])"]
 
 
 def test_dynamic_weights_do_not_fold():
-    g = Graph(7)
-    computed = g.node("Identity", [g.constant("w0", 4, 4, 1, 1)], ["w"], "copy")
-    conv = g.node("Conv", ["x", computed], ["conv.out"], "conv")
-    g.batchnorm("bn", conv, 4, output="y")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = computed_weight()
     assert _kept(model) == ["the weight of Conv conv is computed in the graph, not an "
                             "initializer"]
 
 
 def test_weights_a_graph_input_can_override_do_not_fold():
-    g = Graph(7)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 1, 1)], ["conv.out"], "conv")
-    g.batchnorm("bn", conv, 4, output="y")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3]), ("w", FLOAT, [4, 4, 1, 1])],
-                    [("y", FLOAT, ["N", 4, 3, 3])])
+    model = weight_is_a_graph_input()
     assert _kept(model) == ["the weight of Conv conv is also a graph input, which a caller can "
                             "override at run time (export with keep_initializers_as_inputs="
                             "False)"]
 
 
 def test_other_producers_and_graph_inputs_do_not_fold():
-    g = Graph(8)
-    relu = g.node("Relu", ["x"], ["relu.out"], "relu")
-    first = g.batchnorm("bn1", relu, 4)
-    g.batchnorm("bn0", "x", 4, output="x2")
-    g.node("Add", [first, "x2"], ["y"], "add")
-    model = g.model([("x", FLOAT, ["N", 4, 3, 3])], [("y", FLOAT, ["N", 4, 3, 3])])
+    model = other_producers()
     assert _kept(model) == ["it follows Relu, not one of Conv, ConvTranspose, Gemm",
                             "its input is a graph input, not a layer's output"]
+
+
+@pytest.mark.parametrize("build", list(BUILDERS.values()), ids=list(BUILDERS))
+def test_the_plan_changes_nothing_and_is_what_the_fold_does(build):
+    model = build()
+    before = model.SerializeToString()
+    plan = batchnorm_fold_plan(onnx, model)
+    assert model.SerializeToString() == before
+    result = fold_onnx_batchnorm(model, providers="cpu")
+    assert [(d.name, d.producer, d.producer_op, d.folds) for d in plan] == [
+        (b.name, b.producer, b.producer_op, b.folded) for b in result.batchnorms]
+    assert [d.reason for d in plan if not d.folds] == [
+        b.reason for b in result.batchnorms if not b.folded]
+    left = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(left) == sum(not d.folds for d in plan)  # the folded graph's own count
+    assert plan[0].to_dict()["folds"] is plan[0].folds
 
 
 def test_strict_refuses_what_does_not_fold_and_writes_nothing(tmp_path):
     out = tmp_path / "out.onnx"
     with pytest.raises(FusionError, match="1 BatchNormalization nodes cannot be folded: bn: "
                                           "Gemm fc has transA=1") as info:
-        fold_onnx_batchnorm(_gemm_graph(trans_b=1, c_shape=(5,), trans_a=1), output=out,
+        fold_onnx_batchnorm(gemm_graph(trans_b=1, c_shape=(5,), trans_a=1), output=out,
                             strict=True, providers="cpu")
     assert "Hint: pass strict=False" in str(info.value) and not out.exists()
 
@@ -249,13 +214,13 @@ def test_a_wrong_fold_is_caught_before_anything_is_written(tmp_path, monkeypatch
     source = save(conv_net(0), tmp_path / "in.onnx")
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old")
-    real = onnx_fold.fold_layer_weights
+    real = fold_maths.fold_layer_weights  # onnx_fold imports it when a node folds
 
     def off_by_five_percent(*args, **kwargs):
         folded = real(*args, **kwargs)
         return type(folded)(folded.weight * 1.05, folded.bias, folded.weight64, folded.bias64)
 
-    monkeypatch.setattr(onnx_fold, "fold_layer_weights", off_by_five_percent)
+    monkeypatch.setattr(fold_maths, "fold_layer_weights", off_by_five_percent)
     result = fold_onnx_batchnorm(source, output=out, providers="cpu")
     assert not result.passed and result.output is None
     assert result.check.first_divergence == "bn.out"  # the folded Conv now writes bn.out
@@ -276,6 +241,13 @@ def test_the_file_is_written_atomically_keeping_its_mode(tmp_path):
     assert onnx.load(str(source)).graph.node[1].op_type == "BatchNormalization"  # input intact
 
 
+def test_the_default_time_limit_is_the_runners():
+    from bnsurgery.ort_session import DEFAULT_TIMEOUT_S
+
+    timeout = inspect.signature(fold_onnx_batchnorm).parameters["timeout"].default
+    assert timeout == DEFAULT_TIMEOUT_S
+
+
 def test_missing_and_unreadable_files_are_refused(tmp_path):
     with pytest.raises(InvalidInputError, match="The ONNX file does not exist"):
         fold_onnx_batchnorm(tmp_path / "missing.onnx")
@@ -294,13 +266,7 @@ def test_the_result_round_trips_through_json(tmp_path):
 
 
 def test_float16_files_fold_in_float16_with_the_fp16_tolerance():
-    g = Graph(10)
-    conv = g.node("Conv", ["x", g.constant("w", 4, 4, 3, 3, dtype=np.float16),
-                           g.constant("b", 4, dtype=np.float16)], ["conv.out"], "conv",
-                  pads=[1, 1, 1, 1])
-    g.batchnorm("bn", conv, 4, output="y", dtype=np.float16)
-    model = g.model([("x", TensorProto.FLOAT16, ["N", 4, 5, 5])],
-                    [("y", TensorProto.FLOAT16, ["N", 4, 5, 5])])
+    model = float16_conv()
     result = fold_onnx_batchnorm(model, providers="cpu")
     assert result.passed and result.check.tolerance.label == "fp16"
     weights = {t.name: t.data_type for t in result.model.graph.initializer}

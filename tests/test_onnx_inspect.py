@@ -1,19 +1,30 @@
-"""Tests for bnsurgery.onnx_inspect on small hand-built graphs."""
+"""Tests for bnsurgery.onnx_inspect on small hand-built graphs.
+
+What ``inspect`` reports foldable is checked against what ``fuse`` then folds, over every graph
+of ``tests/onnx_graphs.py``: the folded graph's own nodes say which BatchNorms are gone.
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bnsurgery.cli import main
 from bnsurgery.errors import InvalidInputError
+from bnsurgery.onnx_fold import fold_onnx_batchnorm
 from bnsurgery.onnx_inspect import inspect_onnx
 from bnsurgery.schema import check_document
 
 onnx = pytest.importorskip("onnx")
+from onnx_graphs import BUILDERS, mixed_net, save  # noqa: E402
+
 helper = onnx.helper
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _constant(name, *shape):
@@ -81,6 +92,17 @@ def test_inspect_an_onnx_file_through_the_cli(graph_file, capsys):
     assert "BatchNormalization nodes left: 2, 1 foldable" in text and "follows Relu" in text
 
 
+def test_inspecting_an_onnx_file_does_not_import_torch(graph_file):
+    """The fold plan it reports is read without torch, as the file's summary is."""
+    code = ("import sys; from bnsurgery.onnx_inspect import inspect_onnx; "
+            f"summary = inspect_onnx({str(graph_file)!r}); "
+            "print(sum(b.foldable for b in summary.batchnorms), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "False"]
+
+
 def test_a_file_that_is_not_onnx_is_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
@@ -88,3 +110,44 @@ def test_a_file_that_is_not_onnx_is_bad_input(tmp_path, capsys):
         inspect_onnx(bad)
     assert main(["inspect", str(bad)]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def _batchnorm_names(model) -> set[str]:
+    return {n.name or n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"}
+
+
+def _assert_inspect_matches_fuse(reported, result, source) -> None:
+    """``reported`` (inspect's) against ``result`` (fuse's) and the graphs themselves."""
+    folded = {b.name for b in result.batchnorms if b.folded}
+    assert {b.name for b in reported if b.foldable} == folded
+    assert folded == _batchnorm_names(source) - _batchnorm_names(result.model)
+    assert [b.name for b in reported] == [b.name for b in result.batchnorms]
+    for seen, done in zip(reported, result.batchnorms, strict=True):
+        assert (seen.producer, seen.producer_op) == (done.producer, done.producer_op), seen.name
+        expected = (f"folds into {done.producer_op} {done.producer}" if done.folded
+                    else done.reason)
+        assert seen.reason == expected, seen.name
+
+
+@pytest.mark.parametrize("build", list(BUILDERS.values()), ids=list(BUILDERS))
+def test_what_inspect_calls_foldable_is_what_fuse_folds(build, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = build()
+    path = save(model, tmp_path / "model.onnx")
+    reported = inspect_onnx(path).batchnorms
+    result = fold_onnx_batchnorm(path, providers="cpu")
+    assert result.passed  # what was folded still computes the same numbers
+    _assert_inspect_matches_fuse(reported, result, model)
+
+
+def test_inspect_decides_without_the_external_weights(tmp_path):
+    """``inspect`` does not open external data files; its verdicts need shapes, not values."""
+    pytest.importorskip("onnxruntime")
+    model = mixed_net()
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="external.data", size_threshold=0)
+    result = fold_onnx_batchnorm(path, providers="cpu")
+    assert result.passed and 0 < result.folded < len(result.batchnorms)
+    (tmp_path / "external.data").unlink()
+    _assert_inspect_matches_fuse(inspect_onnx(path).batchnorms, result, model)

@@ -75,6 +75,19 @@ def test_str_is_readable_and_names_the_divergence():
     for expected in ("layer2.0.relu", "layer2.0.conv1", "opset: 18", "dynamo=True",
                      "CPUExecutionProvider", "FAIL", "note: a note", "max|err|"):
         assert expected in text
+    assert ("  first diverging module: layer2.0.relu (ran just before it, not compared: "
+            "layer2.0.conv1, layer2.0.bn1)") in text.splitlines()
+    assert report.divergence_kind == "module"  # what a PyTorch reference's divergence names
+
+
+def test_a_diverging_tensor_is_called_a_tensor():
+    report = _report(outputs=(_output(1.0),), first_divergence="conv.out",
+                     divergence_suspects=("Conv conv",), divergence_kind="tensor")
+    lines = str(report).splitlines()
+    assert ("  first diverging tensor: conv.out (the candidate computes it from tensors that "
+            "still agree with: Conv conv)") in lines
+    assert not any("first diverging module" in line for line in lines)
+    assert report.to_dict()["divergence_kind"] == "tensor"
 
 
 def test_to_dict_is_strict_json_with_environment():

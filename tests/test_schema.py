@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def test_missing_keys_and_nested_errors_are_named():
     errors = check_document(document)
     assert "$: missing key 'plan'" in errors
     assert any(e.startswith("$.reports[0].status: 'skipped: no CUDA'") for e in errors)
+
+
+def test_a_report_says_what_its_divergence_names():
+    entry = report_entry(dataclasses.replace(_report(error=1.0), first_divergence="conv.out",
+                                             divergence_kind="tensor"))
+    assert entry["divergence_kind"] == "tensor"
+    assert check_document(_document(reports=[entry], status="failed", passed=False,
+                                    exit_code=1)) == []
+    entry["divergence_kind"] = "layer"
+    errors = check_document(_document(reports=[entry], status="failed", passed=False,
+                                      exit_code=1))
+    assert len(errors) == 1 and errors[0].startswith("$.reports[0].divergence_kind: 'layer'")
 
 
 def test_report_entries_say_skipped_not_failed():
