@@ -403,7 +403,8 @@ def compare_onnx(
     if per_tensor or (per_tensor is None and failed):
         diagnosis = _tensor_divergence(onnx, a, b, list(feed.values()),
                                        runners=(runner_a, runner_b), providers=requested,
-                                       tolerance=tolerance, output_failed=failed)
+                                       tolerance=tolerance,
+                                       output_failed=not all(o.passed for o in outputs))
     layers, first, suspects, notes = diagnosis
     return EquivalenceReport(
         check="onnxruntime", reference=f"{runner_a.path.name} in onnxruntime",

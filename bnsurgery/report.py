@@ -63,10 +63,11 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class LayerError(JsonResult):
-    """Error at one module boundary, in the reference model's execution order.
+    """Error at one module boundary (or, comparing two ONNX files, one tensor), in order.
 
     Attributes:
         name: Qualified module name; ``"name#2"`` for the second call of a module used twice.
+            Comparing two ONNX files: the tensor's name, in the first file's order.
         max_abs_error: Largest absolute difference at this boundary.
         max_rel_error: The same relative to the largest absolute reference value there.
         diverged: Whether the error exceeds the tolerance.
@@ -98,7 +99,7 @@ class EquivalenceReport(JsonResult):
         divergence_suspects: Modules that ran between the last agreeing boundary and the first
             diverging one and were not compared themselves (convolutions, BatchNorms, ...); for
             a tensor, the candidate's nodes that compute it from tensors that still agree.
-        layers: Errors at every compared module boundary, in execution order.
+        layers: Errors at every compared module boundary (or tensor), in execution order.
         notes: Anything else worth knowing (sweep skipped, float64 run impossible, ...).
         details: Extra JSON-ready facts: file, opset, exporter, providers requested and used.
         timings: Seconds per measured step, e.g. ``{"reference_forward": 0.01}``.
