@@ -1,7 +1,8 @@
 """The compiled C++ BatchNorm kernel for CPU: the ``cpp`` backend of :mod:`bnsurgery.kernels`.
 
-The source, ``bnsurgery/csrc/batch_norm_cpu.cpp``, is written from scratch (no torch batch-norm
-call) and defines three operators in the ``bnsurgery`` namespace: ``cpp_batch_norm_eval``,
+The sources (:data:`SOURCES`, compiled into one library) are written from scratch (no torch
+batch-norm call). ``bnsurgery/csrc/batch_norm_cpu.cpp`` defines three operators in the
+``bnsurgery`` namespace: ``cpp_batch_norm_eval``,
 ``cpp_batch_norm_train`` (which updates the running statistics in place, declared in its schema)
 and ``cpp_batch_norm_backward``. The two forward operators also carry their derivative: a C++
 autograd node, registered for the ``Autograd`` dispatch key, whose backward calls
@@ -11,7 +12,11 @@ operator call forward and one node backward, with no Python in between. The libr
 Python module whose ``fast_batch_norm`` makes the argument checks of
 :func:`bnsurgery.functional.batch_norm` in C++ before calling the operator (or returns ``None``
 for the Python path to say what is wrong): a small BatchNorm then costs what torch's own does,
-rather than twice that in Python checks and a boxed operator call. Fake implementations
+rather than twice that in Python checks and a boxed operator call.
+``bnsurgery/csrc/sync_cpu.cpp`` defines the local steps of :class:`bnsurgery.SyncBatchNorm`
+(:data:`SYNC_OPERATORS`, called through the ``sync_*`` functions here): a rank's statistics, the
+normalisation with the global ones, and the backward's local sums and input gradient, the
+collectives between them staying in Python. Fake implementations
 registered here let ``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` reason
 about them without running them.
 
@@ -52,16 +57,25 @@ __all__ = [
     "CACHE_ENV_VAR",
     "OPERATORS",
     "SOURCE",
+    "SOURCES",
+    "SYNC_OPERATORS",
     "backward",
     "build",
     "cache_dir",
     "fast_entry",
     "forward",
+    "sync_gradient_sums",
+    "sync_input_gradient",
+    "sync_normalise",
+    "sync_statistics",
     "unavailable_reason",
 ]
 
-#: The C++ source of the kernel.
+#: The C++ source of the BatchNorm kernel (the first of :data:`SOURCES`).
 SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
+
+#: Every C++ source of the library, compiled together: one build, one cache key, one module.
+SOURCES = (SOURCE, SOURCE.parent / "sync_cpu.cpp")
 
 #: The forward operators are differentiable themselves (a C++ autograd node registered for the
 #: Autograd dispatch key), so :func:`bnsurgery.functional.batch_norm` calls them directly in
@@ -71,9 +85,16 @@ AUTOGRAD_IN_KERNEL = True
 #: Overrides where compiled kernels are cached (default: the user's cache directory).
 CACHE_ENV_VAR = "BNSURGERY_CACHE_DIR"
 
+#: SyncBatchNorm's local steps, as ``torch.ops`` names (see :mod:`bnsurgery.sync_batchnorm`).
+SYNC_OPERATORS = ("bnsurgery::cpp_sync_statistics", "bnsurgery::cpp_sync_normalise",
+                  "bnsurgery::cpp_sync_grad_sums", "bnsurgery::cpp_sync_grad_input")
+
+# The BatchNorm operators, in the order forward() and backward() index them.
+_BATCH_NORM_OPERATORS = ("bnsurgery::cpp_batch_norm_eval", "bnsurgery::cpp_batch_norm_train",
+                         "bnsurgery::cpp_batch_norm_backward")
+
 #: The operators the library registers, as ``torch.ops`` names.
-OPERATORS = ("bnsurgery::cpp_batch_norm_eval", "bnsurgery::cpp_batch_norm_train",
-             "bnsurgery::cpp_batch_norm_backward")
+OPERATORS = (*_BATCH_NORM_OPERATORS, *SYNC_OPERATORS)
 
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
@@ -106,7 +127,8 @@ def _cpu_identity() -> str:
 
 def _key() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(),
+                 sys.version.encode(),
                  platform.machine().encode(), _cpu_identity().encode(),
                  " ".join(_CFLAGS + _LDFLAGS).encode()):
         digest.update(part)
@@ -147,7 +169,7 @@ def _compile(directory: Path, name: str, verbose: bool) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # compiler-version chatter; failures raise
         module = cpp_extension.load(
-            name=name, sources=[str(SOURCE)], build_directory=str(directory),
+            name=name, sources=[str(source) for source in SOURCES], build_directory=str(directory),
             extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, is_python_module=True,
             verbose=verbose)
     _state["module"] = module
@@ -262,12 +284,16 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
 def _resolve_operators() -> tuple:
     """The operators' overloads, looked up once: ``torch.ops`` attribute access and the
     overload packet's resolution cost microseconds per call, which small inputs feel."""
-    overloads = (getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in OPERATORS)
-    # An overload's ``_op`` is the C++ callable its ``__call__`` forwards to: calling it directly
-    # saves a Python frame per call (a tenth of a small BatchNorm). Same dispatch, same result.
-    ops = tuple(getattr(overload, "_op", overload) for overload in overloads)
+    ops = _direct_callables(_BATCH_NORM_OPERATORS)
     _state["ops"] = ops
     return ops
+
+
+def _direct_callables(names: tuple[str, ...]) -> tuple:
+    overloads = (getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in names)
+    # An overload's ``_op`` is the C++ callable its ``__call__`` forwards to: calling it directly
+    # saves a Python frame per call (a tenth of a small BatchNorm). Same dispatch, same result.
+    return tuple(getattr(overload, "_op", overload) for overload in overloads)
 
 
 def _output_like(x: Tensor) -> Tensor:
@@ -308,4 +334,72 @@ def _register_fakes() -> None:
     torch.library.register_fake("bnsurgery::cpp_batch_norm_eval", _fake_eval)
     torch.library.register_fake("bnsurgery::cpp_batch_norm_train", _fake_train)
     torch.library.register_fake("bnsurgery::cpp_batch_norm_backward", _fake_backward)
+    torch.library.register_fake("bnsurgery::cpp_sync_statistics", _fake_sync_statistics)
+    torch.library.register_fake("bnsurgery::cpp_sync_normalise", _fake_sync_normalise)
+    torch.library.register_fake("bnsurgery::cpp_sync_grad_sums", _fake_sync_grad_sums)
+    torch.library.register_fake("bnsurgery::cpp_sync_grad_input", _fake_sync_grad_input)
     _state["registered"] = True
+
+
+# --- SyncBatchNorm's local steps -------------------------------------------------------------
+# The formulas are in bnsurgery/sync_batchnorm.py and bnsurgery/csrc/sync_cpu.cpp. Each function
+# takes the library as built (callers check unavailable_reason first, as select_backend does).
+
+
+def _sync_operators() -> tuple:
+    ops: Any = _state.get("sync_ops")
+    if ops is None:
+        ops = _state["sync_ops"] = _direct_callables(SYNC_OPERATORS)
+    return ops
+
+
+def sync_statistics(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """This rank's ``(n_r, S_r, M2_r)``: values per channel, per-channel sum and sum of squared
+    deviations from its own mean (both float64, ``(C,)``). ``x`` is ``(N, C, ...)``."""
+    sums, sq_devs = _sync_operators()[0](x)
+    return x.numel() // x.shape[1], sums, sq_devs
+
+
+def sync_normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, rounded mean, mean residual, invstd)`` from the global float64 ``mean`` and biased
+    ``var``; ``y`` has ``x``'s dtype and layout, the rest the accumulation dtype."""
+    return _sync_operators()[1](x, mean, var, weight, bias, eps)
+
+
+def sync_gradient_sums(grad_out: Tensor, x: Tensor, mean: Tensor,
+                       mean_residual: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's float64 ``sum(g)`` and ``sum(g * (x - mean))``, the mean being the rounded
+    ``mean`` plus ``mean_residual`` (as :func:`sync_normalise` returns them)."""
+    return _sync_operators()[2](grad_out, x, mean, mean_residual)
+
+
+def sync_input_gradient(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                        mean_residual: Tensor, invstd: Tensor, sum_dy: Tensor,
+                        sum_dy_xmu: Tensor, count: int) -> Tensor:
+    """``dL/dx`` from the GLOBAL ``sum_dy`` and ``sum_dy_xmu`` over ``count`` values per
+    channel; ``x``'s dtype and layout."""
+    return _sync_operators()[3](grad_out, x, weight, mean, mean_residual, invstd, sum_dy,
+                                sum_dy_xmu, count)
+
+
+def _channel_vector(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=dtype)
+
+
+def _fake_sync_statistics(x):
+    return _channel_vector(x, torch.float64), _channel_vector(x, torch.float64)
+
+
+def _fake_sync_normalise(x, mean, var, weight, bias, eps):
+    y = torch.empty_like(x) if x.numel() == 0 else _output_like(x)
+    return y, _stats_like(x), _stats_like(x), _stats_like(x)
+
+
+def _fake_sync_grad_sums(grad_out, x, mean, mean_residual):
+    return _fake_sync_statistics(x)
+
+
+def _fake_sync_grad_input(grad_out, x, weight, mean, mean_residual, invstd, sum_dy, sum_dy_xmu,
+                          count):
+    return torch.empty_like(x) if x.numel() == 0 else _output_like(x)

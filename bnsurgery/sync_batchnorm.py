@@ -47,12 +47,21 @@ as in ``torch.nn.SyncBatchNorm``: DistributedDataParallel reduces them with ever
 Without an initialised process group, with a world of one process, or in evaluation mode, no
 communication happens and the layer computes exactly what :class:`bnsurgery.BatchNorm2d` does.
 The backward is not differentiable twice: differentiating it again raises.
+
+What each rank computes between the collectives runs, on CPU, in the compiled kernels of
+:mod:`bnsurgery.kernel_cpp` (``bnsurgery/csrc/sync_cpu.cpp``: one pass over the input for its
+statistics, one to normalise; one for the gradient sums, one for ``dL/dx``) whenever
+:func:`bnsurgery.kernels.select_backend` picks that backend for the input. Elsewhere (CUDA, graph
+capture, ``BNSURGERY_KERNEL=reference``, no compiler) the pure-tensor building blocks of
+:mod:`bnsurgery.kernel_tensor` compute the same formulas, written out below as the readable
+reference. The collectives and the failure handling are the same for both.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -78,6 +87,7 @@ from bnsurgery.kernel_tensor import (
     per_channel,
     update_running_stats,
 )
+from bnsurgery.kernels import BACKENDS, select_backend
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -114,16 +124,26 @@ def _input_problem(x: object, num_features: int) -> int:
 
 @dataclass(frozen=True)
 class _RankStatistics:
-    """One rank's share of the forward: ``n_r``, ``S_r``, ``M2_r`` and what normalising reuses."""
+    """One rank's share of the forward: ``n_r``, ``S_r``, ``M2_r`` and what normalising reuses
+    (the pure-tensor path only: the compiled one normalises from ``x`` itself)."""
 
     count: int
     sums: Tensor  # (C,) float64
     sq_devs: Tensor  # (C,) float64
-    mean: Tensor  # (C,) this rank's mean, rounded to the accumulation dtype
-    centred: Tensor  # x - mean, in the accumulation dtype; normalised in place afterwards
+    mean: Tensor | None = None  # (C,) this rank's mean, rounded to the accumulation dtype
+    centred: Tensor | None = None  # x - mean, accumulation dtype; normalised in place afterwards
 
 
-def _rank_statistics(x: Tensor) -> _RankStatistics:
+def _local_kernels(x: Tensor) -> ModuleType | None:
+    """The compiled CPU backend's module when it computes this rank's share of ``x``, else
+    ``None``: the pure-tensor building blocks do (the backend choice of a plain BatchNorm)."""
+    if not x.is_cpu:
+        return None
+    backend = select_backend(x)
+    return backend if backend.__name__ == BACKENDS["cpp"] else None
+
+
+def _rank_statistics(x: Tensor, kernels: ModuleType | None = None) -> _RankStatistics:
     """``(n_r, S_r, M2_r)`` of one rank, with the corrected two-pass algorithm.
 
     The first pass gives the mean ``m`` rounded to the accumulation precision, the second the
@@ -135,7 +155,12 @@ def _rank_statistics(x: Tensor) -> _RankStatistics:
     The rank means enter the merge's between-rank term to first order, so without the
     correction a float32 mean rounded near a large offset (values of 1000 +- 1, say) would cost
     digits of the variance that one process on the whole batch keeps.
+
+    With ``kernels`` (see :func:`_local_kernels`) the compiled kernel computes the same triple,
+    from per-chunk corrected two-pass sums merged in float64.
     """
+    if kernels is not None:
+        return _RankStatistics(*kernels.sync_statistics(x))
     count = x.numel() // x.shape[1]
     mean, centred = centre(x)
     block = channel_block(centred)
@@ -246,6 +271,67 @@ def _exchange_statistics(x: object, problem: int, stats: _RankStatistics | None,
     return total, mean, var
 
 
+def _global_factors(mean64: Tensor, var64: Tensor, total: int, eps: float, acc: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, mean_residual, invstd)`` in the accumulation dtype from the global float64
+    statistics (zeros for an empty global batch)."""
+    if total == 0:
+        zeros = torch.zeros(mean64.numel(), dtype=acc, device=mean64.device)
+        return zeros, zeros, zeros
+    mean = mean64.to(acc)
+    # What rounding the mean to the accumulation precision lost; the backward adds it back
+    # (for float32 inputs far from zero it would otherwise bias the gradients).
+    mean_residual = (mean64 - mean.to(_PAYLOAD_DTYPE)).to(acc)
+    return mean, mean_residual, torch.rsqrt(var64 + eps).to(acc)
+
+
+def _normalise(x: Tensor, stats: _RankStatistics, mean64: Tensor, invstd: Tensor,
+               weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias, from this rank's centred values: x - mean =
+    (x - rank mean) - (mean - rank mean), the last term per channel."""
+    acc = invstd.dtype
+    centred, rank_mean = cast(Tensor, stats.centred), cast(Tensor, stats.mean)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    offset = (mean64 - rank_mean.to(_PAYLOAD_DTYPE)).to(acc)
+    shift = -offset * scale if bias is None else bias.to(acc) - offset * scale
+    if centred.dtype != x.dtype:  # half input: float32 arithmetic, rounded once
+        return affine(centred, scale, shift, x.dtype)
+    # In place on the temporary: no fresh input-sized allocation.
+    return centred.mul_(per_channel(scale, x)).add_(per_channel(shift, x))
+
+
+def _gradient_sums(grad_out: Tensor, x: Tensor, mean: Tensor, mean_residual: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """This rank's ``(sum(g), sum(g * (x - mean)), scratch, g)`` in the accumulation dtype.
+
+    One input-sized scratch buffer: x - mean, then g * (x - mean) for its sum, then dL/dx (see
+    :func:`_input_gradient`). sum(g * (x - mean)) = sum(g * (x - rounded mean)) - residual *
+    sum(g).
+    """
+    acc = mean.dtype
+    _, scratch = centre(x, mean)
+    g = like(grad_out, scratch)
+    sum_dy = channel_sum(channel_block(g), acc)
+    sum_dy_xmu = channel_sum(channel_block(scratch.mul_(g)), acc) - mean_residual * sum_dy
+    return sum_dy, sum_dy_xmu, scratch, g
+
+
+def _input_gradient(x: Tensor, g: Tensor, scratch: Tensor, weight: Tensor | None, mean: Tensor,
+                    mean_residual: Tensor, invstd: Tensor, sum_dy: Tensor, sum_dy_xmu: Tensor,
+                    total: int) -> Tensor:
+    """dL/dx = a * g + b * (x - mean) + c per channel, with a = weight * invstd,
+    b = -a * invstd^2 * mean(g * (x - mean)) and c = -a * mean(g), the means taken over the
+    global batch (``sum_dy``, ``sum_dy_xmu`` over ``total`` values); x - mean = (x - rounded
+    mean) - residual, whose last term folds into c. Written into ``scratch``."""
+    acc = invstd.dtype
+    a = invstd if weight is None else invstd * weight.to(acc)
+    b = -a * invstd.square() * (sum_dy_xmu / total).to(acc)
+    c = -a * (sum_dy / total).to(acc) - b * mean_residual
+    grad_x = torch.sub(x, per_channel(mean, x), out=scratch)
+    grad_x.mul_(per_channel(b, x)).addcmul_(g, per_channel(a, x))
+    return grad_x.add_(per_channel(c, x)).to(x.dtype)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Forward with one all_reduce of statistics, backward with one all_reduce of gradient sums."""
 
@@ -258,39 +344,29 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # ``x`` is validated inside the collective (it may not even be a tensor here), so the
         # payload is sized by num_features, which every rank agrees on, and not by the input.
         problem = _input_problem(x, num_features)
-        stats = failure = None
+        stats = failure = kernels = None
         if problem == _OK and x.numel() > 0:
             try:
-                stats = _rank_statistics(x)
+                kernels = _local_kernels(x)
+                stats = _rank_statistics(x, kernels)
             except RuntimeError as exc:  # e.g. out of memory: re-raised after the collective
                 problem, failure = _FAILED, exc
         device = x.device if isinstance(x, Tensor) else next(
             (t.device for t in (weight, running_mean) if t is not None), torch.device("cpu"))
         total, mean64, var64 = _exchange_statistics(x, problem, stats, num_features, group,
                                                     world_size, rank, device, layer, failure)
-        acc = accumulate_dtype(x.dtype)
-        zeros = torch.zeros(num_features, dtype=acc, device=x.device)
-        mean, mean_residual, invstd = zeros, zeros, zeros
         if total > 0:
             update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
-            mean = mean64.to(acc)
-            # What rounding the mean to the accumulation precision lost; the backward adds it
-            # back (for float32 inputs far from zero it would otherwise bias the gradients).
-            mean_residual = (mean64 - mean.to(_PAYLOAD_DTYPE)).to(acc)
-            invstd = torch.rsqrt(var64 + eps).to(acc)
-        if stats is not None:
-            # y = (x - mean) * invstd * weight + bias, from this rank's centred values:
-            # x - mean = (x - rank mean) - (mean - rank mean), the last term per channel.
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            offset = (mean64 - stats.mean.to(_PAYLOAD_DTYPE)).to(acc)
-            shift = -offset * scale if bias is None else bias.to(acc) - offset * scale
-            if stats.centred.dtype != x.dtype:  # half input: float32 arithmetic, rounded once
-                y = affine(stats.centred, scale, shift, x.dtype)
-            else:  # in place on the temporary: no fresh input-sized allocation
-                y = stats.centred.mul_(per_channel(scale, x)).add_(per_channel(shift, x))
+        if stats is not None and kernels is not None:
+            y, mean, mean_residual, invstd = kernels.sync_normalise(x, mean64, var64, weight,
+                                                                    bias, eps)
         else:
-            y = x.clone()  # an empty batch: nothing to normalise
+            mean, mean_residual, invstd = _global_factors(mean64, var64, total, eps,
+                                                          accumulate_dtype(x.dtype))
+            # An empty batch has nothing to normalise.
+            y = x.clone() if stats is None else _normalise(x, stats, mean64, invstd, weight, bias)
         ctx.save_for_backward(x, weight, mean, mean_residual, invstd)
+        ctx.kernels = kernels
         ctx.total = total
         ctx.group = group
         ctx.layer = layer
@@ -302,43 +378,38 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, weight, mean, mean_residual, invstd = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        acc, channels = invstd.dtype, mean.numel()
-        sum_dy = sum_dy_xmu = torch.zeros(channels, dtype=acc, device=x.device)
+        kernels, channels = ctx.kernels, mean.numel()
+        sum_dy = sum_dy_xmu = torch.zeros(channels, dtype=invstd.dtype, device=x.device)
         scratch = g = None
         failure = None
         if x.numel() > 0:  # an empty batch contributes zeros, but still joins the collective
             try:
-                # One input-sized scratch buffer: x - mean, then g * (x - mean) for its sum, then
-                # dL/dx. sum(g * (x - mean)) = sum(g * (x - rounded mean)) - residual * sum(g).
-                _, scratch = centre(x, mean)
-                g = like(grad_out, scratch)
-                sum_dy = channel_sum(channel_block(g), acc)
-                sum_dy_xmu = (channel_sum(channel_block(scratch.mul_(g)), acc)
-                              - mean_residual * sum_dy)
+                if kernels is not None:
+                    sum_dy, sum_dy_xmu = kernels.sync_gradient_sums(grad_out, x, mean,
+                                                                    mean_residual)
+                else:
+                    sum_dy, sum_dy_xmu, scratch, g = _gradient_sums(grad_out, x, mean,
+                                                                    mean_residual)
             except RuntimeError as exc:  # e.g. out of memory: re-raised after the collective
                 failure = exc
         grad_x = grad_w = grad_b = None
         if needs_x:
             # One all_reduce: [number of ranks that failed, sum(g), sum(g * (x - mean))].
-            sums = torch.cat([torch.full((1,), float(failure is not None), dtype=acc,
+            sums = torch.cat([torch.full((1,), float(failure is not None), dtype=sum_dy.dtype,
                                          device=x.device), sum_dy, sum_dy_xmu])
             sums = sums.to(_PAYLOAD_DTYPE)
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
             _raise_for_failed_ranks(int(sums[0].item()), failure, ctx.layer)
             total = max(ctx.total, 1)
-            if scratch is None:
+            global_dy, global_dy_xmu = sums[1:1 + channels], sums[1 + channels:]
+            if x.numel() == 0:
                 grad_x = torch.zeros_like(x)
+            elif kernels is not None:
+                grad_x = kernels.sync_input_gradient(grad_out, x, weight, mean, mean_residual,
+                                                     invstd, global_dy, global_dy_xmu, total)
             else:
-                # dL/dx = a * g + b * (x - mean) + c per channel, with a = weight * invstd,
-                # b = -a * invstd^2 * mean(g * (x - mean)) and c = -a * mean(g), the means
-                # taken over the global batch; x - mean = (x - rounded mean) - residual, whose
-                # last term folds into c.
-                a = invstd if weight is None else invstd * weight.to(acc)
-                b = -a * invstd.square() * (sums[1 + channels:] / total).to(acc)
-                c = -a * (sums[1:1 + channels] / total).to(acc) - b * mean_residual
-                grad_x = torch.sub(x, per_channel(mean, x), out=scratch)
-                grad_x.mul_(per_channel(b, x)).addcmul_(cast(Tensor, g), per_channel(a, x))
-                grad_x = grad_x.add_(per_channel(c, x)).to(x.dtype)
+                grad_x = _input_gradient(x, cast(Tensor, g), cast(Tensor, scratch), weight, mean,
+                                         mean_residual, invstd, global_dy, global_dy_xmu, total)
         elif failure is not None:
             raise failure
         if needs_w:

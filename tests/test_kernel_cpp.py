@@ -262,8 +262,28 @@ def _op_samples():
                                              [True, True, True])),
                 ("cpp_batch_norm_backward", (grad, x, None, mean, invstd, False,
                                              [True, False, True])),
+                *_sync_op_samples(x, grad, weight, bias, mean, invstd),
             ]
+    empty = torch.randn(0, 4, 3)
+    samples += _sync_op_samples(empty, empty.clone(), None, None, torch.zeros(4), torch.ones(4))
     return samples
+
+
+def _sync_op_samples(x, grad, weight, bias, mean, invstd):
+    """SyncBatchNorm's local steps (bnsurgery/csrc/sync_cpu.cpp) on one input."""
+    channels = x.shape[1]
+    mean64, var64 = mean.double() + 0.25, torch.rand(channels, dtype=torch.float64) + 0.5
+    residual = torch.full((channels,), 1e-7)
+    sums = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
+    count = max(1, 2 * x.numel() // channels)
+    return [
+        ("cpp_sync_statistics", (x,)),
+        ("cpp_sync_normalise", (x, mean64, var64, weight, bias, 1e-5)),
+        ("cpp_sync_normalise", (x, mean64, var64, None, None, 1e-5)),
+        ("cpp_sync_grad_sums", (grad, x, mean, residual)),
+        ("cpp_sync_grad_input", (grad, x, weight, mean, residual, invstd, *sums, count)),
+        ("cpp_sync_grad_input", (grad, x, None, mean, residual, invstd, *sums, count)),
+    ]
 
 
 def test_opcheck_every_registered_operator(built):
@@ -293,6 +313,22 @@ def test_no_torch_batch_norm_kernel_runs(cpp):
             "bnsurgery::cpp_batch_norm_eval"} <= names
     torch_batch_norm = {n for n in names if "batch_norm" in n and not n.startswith("bnsurgery::")}
     assert not torch_batch_norm
+
+
+def test_the_cache_key_covers_every_source(tmp_path, monkeypatch):
+    """A change to any source makes a new build, not a stale library from the cache."""
+    copies = []
+    for source in kernel_cpp.SOURCES:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(kernel_cpp, "SOURCES", tuple(copies))
+    keys = [kernel_cpp._key()]
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes() + b"\n// edited\n")
+        keys.append(kernel_cpp._key())
+    assert len(set(keys)) == len(keys)
+    assert len(copies) >= 2 and {c.name for c in copies} >= {"batch_norm_cpu.cpp", "sync_cpu.cpp"}
 
 
 def test_auto_chooses_the_compiled_kernel_on_cpu(built, monkeypatch):

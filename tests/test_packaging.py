@@ -36,3 +36,18 @@ def test_torch_floor_is_the_tested_release():
     floor = _release(requirement.removeprefix("torch>="))
     assert floor <= _release(version("torch"))
     assert floor >= (2, 14)
+
+
+def test_every_kernel_source_is_shipped():
+    """The compiled CPU kernel is built on the user's machine from the sources in the wheel."""
+    from fnmatch import fnmatch
+
+    from bnsurgery import kernel_cpp
+
+    patterns = PROJECT["tool"]["setuptools"]["package-data"]["bnsurgery"]
+    package = Path(kernel_cpp.__file__).parent
+    assert kernel_cpp.SOURCES[0] == kernel_cpp.SOURCE
+    for source in kernel_cpp.SOURCES:
+        assert source.is_file(), source
+        relative = source.relative_to(package).as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in patterns), relative

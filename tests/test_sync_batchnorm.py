@@ -1,10 +1,15 @@
 """SyncBatchNorm: single-process behaviour, and two gloo processes against one process.
 
-The distributed tests start two CPU processes once per module (a file rendezvous, a timeout on
-the processes and on every collective, so a hang fails instead of blocking). The processes run
-every scenario, save what they computed, and the tests here compare it with ONE process running a
-plain BatchNorm on the concatenated batch: float64 runs must agree to rounding, float32 runs may
-be at most about as far from the float64 reference as a single float32 process is.
+The distributed tests start two CPU processes once per module and kernel (a file rendezvous, a
+timeout on the processes and on every collective, so a hang fails instead of blocking): once as
+bnsurgery runs by default, the compiled CPU kernels computing each rank's share, and once with
+``BNSURGERY_KERNEL=reference``, the pure-tensor building blocks. The processes run every
+scenario, save what they computed, and the tests here compare it with ONE process running a plain
+BatchNorm on the concatenated batch: float64 runs must agree to rounding, float32 runs may be at
+most about as far from the float64 reference as a single float32 process is.
+
+The compiled local steps are also checked one by one against the pure-tensor functions and a
+float64 oracle, in one process.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from conftest import AtenOpRecorder
 from torch import nn
 
 import bnsurgery.sync_batchnorm as sync_module
+from bnsurgery import kernel_cpp, kernels
 from bnsurgery.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d
 from bnsurgery.calibrate import calibrate_batchnorm
-from bnsurgery.errors import InvalidInputError
+from bnsurgery.errors import InvalidInputError, KernelUnavailableError
 from bnsurgery.functional import batch_norm
 from bnsurgery.replace import convert_sync_batchnorm
 from bnsurgery.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct
@@ -251,6 +257,204 @@ def test_merge_is_exact_where_sum_of_squares_is_not():
     naive_error = (naive32.double() - exact_var).abs().max() / exact_var.max()
     assert merge_error < 1e-3  # measured 2.6e-4: float32 sums of values near 1e3
     assert naive_error > 0.1  # measured 3.5: every digit lost
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled local steps (bnsurgery/csrc/sync_cpu.cpp) against the pure-tensor ones.
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled():
+    try:
+        kernel_cpp.build()
+    except KernelUnavailableError as exc:
+        pytest.skip(f"the C++ kernel cannot be built here: {exc}")
+    return kernel_cpp
+
+
+STEP_INPUTS = {  # shape, layout: both memory paths of the kernel, several blocks and parts
+    "2d": ((64, 5), "contiguous"),
+    "2d-many_rows": ((4096, 64), "contiguous"),
+    "3d": ((4, 5, 33), "contiguous"),
+    "4d": ((3, 5, 7, 9), "contiguous"),
+    "4d-wide": ((8, 16, 32, 32), "contiguous"),
+    "4d-channels_last": ((3, 5, 7, 9), "channels_last"),
+    "5d-channels_last": ((2, 5, 3, 4, 5), "channels_last"),
+    "4d-strided": ((3, 5, 7, 9), "strided"),
+}
+STEP_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+               "bfloat16": torch.bfloat16}
+# Against the float64 oracle, relative to the largest magnitude of the quantity.
+ORACLE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3,
+               torch.bfloat16: 3e-2}
+
+
+def _step_input(shape, layout, dtype, offset=1.0, spread=2.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * spread + offset
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)
+    elif layout == "strided":  # every other value of a twice-as-long last dimension
+        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+    return x.to(dtype)
+
+
+def _dims(x):
+    return [0, *range(2, x.dim())]
+
+
+def _oracle_close(actual, reference, oracle, dtype, what):
+    """float64: equal to the pure-tensor result to rounding. Lower precision: within the dtype's
+    tolerance of the float64 oracle, and no further from it than the pure-tensor result (times
+    two, plus a few roundings of the largest value)."""
+    scale = max(oracle.abs().max().item(), 1e-30)
+    if dtype == torch.float64:
+        torch.testing.assert_close(actual, reference, rtol=1e-12, atol=1e-12 * scale, msg=what)
+    error = _max_error(actual, oracle) / scale
+    assert error <= ORACLE_RTOL[dtype], f"{what}: relative error {error:.3g}"
+    reference_error = _max_error(reference, oracle) / scale
+    floor = 4 * torch.finfo(dtype).eps
+    assert error <= 2 * reference_error + floor, (
+        f"{what}: error {error:.3g}, the pure-tensor path's {reference_error:.3g}")
+
+
+def _global_statistics(x, seed=1):
+    """Float64 statistics as another rank would make them global: shifted and widened."""
+    gen = torch.Generator().manual_seed(seed)
+    x64 = x.double()
+    channels = x.shape[1]
+    mean = x64.mean(_dims(x)) + 0.3 * torch.randn(channels, generator=gen, dtype=torch.float64)
+    var = x64.var(_dims(x), correction=0) * (1 + torch.rand(channels, generator=gen,
+                                                            dtype=torch.float64))
+    return mean, var
+
+
+def _affine(x, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    channels = x.shape[1]
+    return (torch.rand(channels, generator=gen).to(dtype) + 0.5,
+            torch.randn(channels, generator=gen).to(dtype))
+
+
+def _check_statistics(compiled, x):
+    count, sums, sq_devs = compiled.sync_statistics(x)
+    reference = sync_module._rank_statistics(x)
+    x64 = x.double()
+    oracle_sq = (x64 - x64.mean(_dims(x), keepdim=True)).square().sum(_dims(x))
+    assert count == reference.count == x.numel() // x.shape[1]
+    assert sums.dtype == sq_devs.dtype == torch.float64
+    _oracle_close(sums, reference.sums, x64.sum(_dims(x)), x.dtype, "sums")
+    _oracle_close(sq_devs, reference.sq_devs, oracle_sq, x.dtype, "squared deviations")
+
+
+def _check_normalise(compiled, x, weight, bias, eps=1e-5):
+    mean64, var64 = _global_statistics(x)
+    y, mean, residual, invstd = compiled.sync_normalise(x, mean64, var64, weight, bias, eps)
+    acc = kernels.kernel_tensor.accumulate_dtype(x.dtype)
+    expected = sync_module._global_factors(mean64, var64, x.shape[1], eps, acc)
+    for got, exp, what in zip((mean, residual, invstd), expected,
+                              ("mean", "mean residual", "invstd"), strict=True):
+        assert got.dtype == acc, what
+        torch.testing.assert_close(got, exp, rtol=2 * torch.finfo(acc).eps, atol=0, msg=what)
+    reference = sync_module._normalise(x, sync_module._rank_statistics(x), mean64, expected[2],
+                                       weight, bias)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    oracle = (x.double() - mean64.view(view)) * (var64 + eps).rsqrt().view(view)
+    if weight is not None:
+        oracle = oracle * weight.double().view(view) + bias.double().view(view)
+    assert y.dtype == x.dtype
+    if x.is_contiguous() or x.dim() < 4 or x.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d):
+        assert y.stride() == x.stride()
+    _oracle_close(y, reference, oracle, x.dtype, "y")
+    return mean64, mean, residual, invstd
+
+
+def _check_backward(compiled, x, weight, mean64, mean, residual, invstd, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    sum_dy, sum_dy_xmu = compiled.sync_gradient_sums(grad, x, mean, residual)
+    ref_dy, ref_dy_xmu, scratch, g = sync_module._gradient_sums(grad, x, mean, residual)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    centred64 = x.double() - (mean.double() + residual.double()).view(view)
+    g64 = grad.double()
+    _oracle_close(sum_dy, ref_dy, g64.sum(_dims(x)), x.dtype, "sum(g)")
+    _oracle_close(sum_dy_xmu, ref_dy_xmu, (g64 * centred64).sum(_dims(x)), x.dtype,
+                  "sum(g * (x - mean))")
+    # The global sums: this rank's plus another rank's, over twice the values.
+    total = 2 * (x.numel() // x.shape[1])
+    global_dy = sum_dy * 2 + 0.5
+    global_dy_xmu = sum_dy_xmu * 2 - 0.25
+    grad_x = compiled.sync_input_gradient(grad, x, weight, mean, residual, invstd, global_dy,
+                                          global_dy_xmu, total)
+    reference = sync_module._input_gradient(x, g, scratch, weight, mean, residual, invstd,
+                                            global_dy, global_dy_xmu, total)
+    a = invstd.double() * (1 if weight is None else weight.double())
+    b = -a * invstd.double().square() * global_dy_xmu / total
+    c = -a * global_dy / total
+    oracle = a.view(view) * g64 + b.view(view) * centred64 + c.view(view)
+    assert grad_x.dtype == x.dtype and grad_x.shape == x.shape
+    _oracle_close(grad_x, reference, oracle, x.dtype, "grad_x")
+
+
+@pytest.mark.parametrize("dtype", STEP_DTYPES.values(), ids=STEP_DTYPES.keys())
+@pytest.mark.parametrize(("shape", "layout"), STEP_INPUTS.values(), ids=STEP_INPUTS.keys())
+def test_compiled_local_steps_match_the_pure_tensor_ones(compiled, shape, layout, dtype):
+    x = _step_input(shape, layout, dtype)
+    _check_statistics(compiled, x)
+    for weight, bias in (_affine(x), (None, None)):
+        factors = _check_normalise(compiled, x, weight, bias)
+        _check_backward(compiled, x, weight, *factors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("shape", "layout"), [((6, 3, 8, 8), "contiguous"),
+                                               ((6, 3, 8, 8), "channels_last"),
+                                               ((512, 3), "contiguous")],
+                         ids=["rows", "channels_last", "2d"])
+def test_compiled_local_steps_keep_digits_with_a_mean_far_above_the_spread(compiled, shape,
+                                                                          layout, dtype):
+    """A mean 1e4 times the spread: E[x^2] - E[x]^2 would lose every digit of the variance in
+    float32; the corrected sums keep it, and the rounding of the mean is taken back out."""
+    x = _step_input(shape, layout, dtype, offset=1e4, spread=1.0, seed=4)
+    _check_statistics(compiled, x)
+    weight, bias = _affine(x)
+    _check_backward(compiled, x, weight, *_check_normalise(compiled, x, weight, bias))
+    if dtype == torch.float32:  # the premise: in float32 the rounded mean is off
+        mean = compiled.sync_normalise(x, *_global_statistics(x), None, None, 1e-5)[1]
+        assert mean.double().ne(_global_statistics(x)[0]).all()
+
+
+def test_local_steps_run_in_the_compiled_kernels(compiled, monkeypatch):
+    """One synced training step with a world of one (the collectives made identities): the
+    compiled steps run by default and the pure-tensor ones when forced, with the same result as
+    a plain BatchNorm on the batch."""
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: None)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, 5, generator=gen) * 2 + 1
+    grad = torch.randn(4, 3, 5, 5, generator=gen)
+    weight, bias = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    results = {}
+    for kernel in ("auto", "reference", "plain"):
+        monkeypatch.setenv(kernels.ENV_VAR, "reference" if kernel == "reference" else "auto")
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, weight, bias))
+        running = [torch.zeros(3), torch.ones(3)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            if kernel == "plain":
+                y = batch_norm(xg, *running, wg, bg, True, 0.1, 1e-5)
+            else:
+                y = sync_module._SyncBatchNormFunction.apply(
+                    xg, wg, bg, *running, 1e-5, 0.1, None, 1, 0, 3, "layer")
+            y.backward(grad)
+        ran = {event.name for event in prof.events()}
+        sync_ops = set(kernel_cpp.SYNC_OPERATORS) & ran
+        assert sync_ops == (set(kernel_cpp.SYNC_OPERATORS) if kernel == "auto" else set())
+        results[kernel] = [y, xg.grad, wg.grad, bg.grad, *running]
+    for kernel in ("auto", "reference"):
+        for got, exp in zip(results[kernel], results["plain"], strict=True):
+            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6, msg=kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,9 +726,24 @@ def _destroyed_group(rank) -> dict:
     return {"result": "no error"}
 
 
-def _worker(rank: int, directory: str, layer_cases: list[str]) -> None:
+def _local_kernel_ops(rank) -> dict:
+    """The backend chosen for a CPU input, and every operator one synced training step ran
+    (the profiler sees operators called from C++ too)."""
+    layer = SyncBatchNorm(4)
+    x = torch.randn(3 + rank, 4, 5, 5, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        layer(x).square().sum().backward()
+    return {"backend": kernels.select_backend(x.detach()).__name__,
+            "ops": sorted({event.name for event in profile.events()})}
+
+
+def _worker(rank: int, directory: str, layer_cases: list[str], kernel: str) -> None:
     """One rank: every scenario in order, each result saved for the parent to check."""
     torch.set_num_threads(1)
+    if kernel == "reference":
+        os.environ[kernels.ENV_VAR] = "reference"
+    else:  # as bnsurgery runs by default: the compiled kernel, built by the parent
+        os.environ.pop(kernels.ENV_VAR, None)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
                             world_size=WORLD,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -542,6 +761,7 @@ def _worker(rank: int, directory: str, layer_cases: list[str]) -> None:
         run(name, _run_layer_case, rank, LAYER_CASES[name], payloads[name])
     run("ddp", _run_ddp, rank, payloads["ddp"])
     run("all_reduce_counts", _count_all_reduce, rank)
+    run("local_kernels", _local_kernel_ops, rank)
     run("destroyed_group", _destroyed_group, rank)  # last: it tears the process group down
     torch.save(results, os.path.join(directory, f"results_{rank}.pt"))
 
@@ -579,16 +799,23 @@ def _spawn(target, directory: str, *args, world: int = WORLD) -> list[dict]:
             for rank in range(world)]
 
 
-@pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    """Start two gloo processes once; return ``(payloads, [results of rank 0, rank 1])``."""
-    directory = str(tmp_path_factory.mktemp("sync_batchnorm"))
+@pytest.fixture(scope="module", params=["cpp", "reference"])
+def distributed(request, tmp_path_factory):
+    """Start two gloo processes once per kernel; return ``(payloads, [results of rank 0,
+    rank 1], kernel)``."""
+    kernel = request.param
+    if kernel == "cpp":
+        try:  # here, once: two processes building it at once would wait on each other
+            kernel_cpp.build()
+        except KernelUnavailableError as exc:
+            pytest.skip(f"the C++ kernel cannot be built here: {exc}")
+    directory = str(tmp_path_factory.mktemp(f"sync_batchnorm_{kernel}"))
     payloads = _payloads(directory)
-    return payloads, _spawn(_worker, directory, list(LAYER_CASES))
+    return payloads, _spawn(_worker, directory, list(LAYER_CASES), kernel), kernel
 
 
 def _result(distributed, name):
-    _, results = distributed
+    results = distributed[1]
     for rank, result in enumerate(results):
         if isinstance(result[name], dict) and "crash" in result[name]:
             pytest.fail(f"rank {rank} crashed in '{name}':\n{result[name]['crash']}")
@@ -648,7 +875,7 @@ def test_large_offset_keeps_float32_accuracy(distributed):
     residual in the backward keep every result within a few float32 roundings of float64, where
     one float32 process loses up to three more digits in the weight gradient."""
     name = "uneven_3_5-large_offset-float32"
-    case, (payloads, _) = LAYER_CASES[name], distributed
+    case, payloads = LAYER_CASES[name], distributed[0]
     ranks = _result(distributed, name)
     reference64 = _reference_layer_run(case, payloads[name], torch.float64)
     for index, ref in enumerate(reference64["steps"]):
@@ -686,6 +913,18 @@ def test_one_all_reduce_per_forward_and_per_backward(distributed):
         assert counts["forward_no_grad"] == 1
         assert counts["eval"] == 0
         assert counts["batch_norm_ops"] == []
+
+
+def test_local_steps_run_on_the_selected_kernel(distributed):
+    kernel = distributed[2]
+    for rank in _result(distributed, "local_kernels"):
+        assert rank["backend"] == kernels.BACKENDS[kernel]
+        ran = set(rank["ops"])
+        if kernel == "cpp":
+            assert set(kernel_cpp.SYNC_OPERATORS) <= ran
+        else:
+            assert not {op for op in ran if op.startswith("bnsurgery::cpp_")}
+        assert not {op for op in ran if "batch_norm" in op and not op.startswith("bnsurgery::")}
 
 
 ERROR_CASES = {
