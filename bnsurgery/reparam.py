@@ -33,9 +33,11 @@ import textwrap
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import torch
 from torch import nn
+from torch.fx.node import Argument
 
 from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm, static_skip_reason
 from bnsurgery._dataflow import Dataflow, FlowNode, is_leaf_of_interest
@@ -48,6 +50,7 @@ from bnsurgery.pairs import (
     discover_dataflow,
 )
 from bnsurgery.results import JsonResult
+from bnsurgery.tensors import module_tensor
 
 __all__ = [
     "BranchRecord",
@@ -62,6 +65,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ConvNd = nn.modules.conv._ConvNd
 _F64 = torch.float64
 
 # Labels the dataflow builders give a tensor addition / a multiplication.
@@ -193,7 +197,8 @@ def merge_branch_kernels(kernels: Sequence[torch.Tensor], biases: Sequence[torch
                 got=f"kernel {tuple(spatial)} at offset {tuple(offset)}",
                 expected=f"inside {tuple(kernel_size)}", hint="pass offsets that centre it"))
         window = tuple(slice(o, o + k) for o, k in zip(offset, spatial, strict=True))
-        total[(slice(None), slice(None), *window)] += kernel.to(_F64)
+        index = (slice(None), slice(None), *window)
+        total[index] += kernel.to(_F64)
     bias = torch.stack([b.to(_F64) for b in biases]).sum(0)
     return total.to(dtype), bias.to(dtype)
 
@@ -204,7 +209,8 @@ def _identity_kernel(channels: int, groups: int, spatial: tuple[int, ...], centr
     per_group = channels // groups
     kernel = torch.zeros((channels, per_group, *spatial), dtype=_F64, device=device)
     for channel in range(channels):
-        kernel[(channel, channel % per_group, *centre)] = 1.0
+        index = (channel, channel % per_group, *centre)
+        kernel[index] = 1.0
     return kernel
 
 
@@ -226,7 +232,7 @@ class _Candidate:
     reason: str | None = None
 
 
-def _padding_pairs(conv: nn.Module) -> list[tuple[int, int]] | None:
+def _padding_pairs(conv: _ConvNd) -> list[tuple[int, int]] | None:
     """``(before, after)`` zero padding per spatial axis, first axis first; ``None`` if unknown."""
     amounts = getattr(conv, "_reversed_padding_repeated_twice", None)
     dims = len(conv.kernel_size)
@@ -244,7 +250,10 @@ class _Planner:
     def __init__(self, model: nn.Module, flow: Dataflow) -> None:
         self.model = model
         self.flow = flow
-        self.modules = dict(model.named_modules())
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        # Branch convs are looked up here: every name a _Branch gives as its conv is one.
+        self.convs = {name: module for name, module in self.modules.items()
+                      if isinstance(module, _ConvNd)}
         self.calls = flow.module_calls()
         counts: dict[int, int] = {}
         for module in self.modules.values():
@@ -320,19 +329,20 @@ class _Planner:
                 terms[i] = self.back(inner.inputs[0])  # the factor is read from the block graph
         words = [self.flow.describe(t) for t in terms]
         candidate = _Candidate(terms=words)
-        options = [self._interpretations(t) for t in terms]
-        for term, opts in zip(terms, options, strict=True):
+        options: list[list[_Branch]] = []
+        for term in terms:
+            opts = self._interpretations(term)
             if isinstance(opts, str):
                 candidate.reason = f"{self.flow.describe(term)} {opts}"
                 return candidate
-        sources = set.intersection(*({b.source for b in opts} for opts in options))  # type: ignore[union-attr]
+            options.append(opts)
+        sources = set.intersection(*({b.source for b in opts} for opts in options))
         if not sources:
             candidate.reason = "the branches do not read the same tensor"
             return candidate
         source = max(sources, key=lambda s: (sum(b.conv is not None for opts in options
-                                                 for b in opts if b.source == s), -s))  # type: ignore[union-attr]
-        candidate.branches = [next(b for b in opts if b.source == source)  # type: ignore[union-attr]
-                              for opts in options]
+                                                 for b in opts if b.source == s), -s))
+        candidate.branches = [next(b for b in opts if b.source == source) for opts in options]
         candidate.reason = self._check(candidate.branches)
         return candidate
 
@@ -367,7 +377,7 @@ class _Planner:
         return options
 
     def _check(self, branches: list[_Branch]) -> str | None:
-        convs = [self.modules[b.conv] for b in branches if b.conv]
+        convs = [self.convs[b.conv] for b in branches if b.conv]
         if not convs:
             return "no branch has a convolution to merge into"
         outside = getattr(self.flow, "outside_reads", {})
@@ -379,7 +389,7 @@ class _Planner:
                     return (f"the forward also reads {', '.join(outside[name])} of '{name}' "
                             "outside its call")
             if branch.conv:
-                conv = self.modules[branch.conv]
+                conv = self.convs[branch.conv]
                 if type(conv) not in _CONVS:
                     return (f"'{branch.conv}' is a {type(conv).__qualname__}, not exactly "
                             "nn.Conv1d/2d/3d (a subclass may change its weights in forward)")
@@ -421,27 +431,32 @@ class _Planner:
                         f"{_padding_pairs(conv)} does not line up inside the "
                         f"{kernel} kernel with padding {_padding_pairs(largest)}")
         for branch in branches:
+            if branch.batchnorm is None:
+                continue
+            # static_skip_reason above made sure every branch BatchNorm has its statistics.
+            mean = module_tensor(self.modules[branch.batchnorm], "running_mean")
+            channels = mean.numel() if mean is not None else None
             if branch.kind == "batchnorm":
                 bn = self.modules[branch.batchnorm]
                 if first.in_channels != first.out_channels:
                     return ("an identity branch needs in_channels == out_channels, got "
                             f"{first.in_channels} and {first.out_channels}")
-                if getattr(bn, "num_features", bn.running_mean.numel()) != first.out_channels:
+                if getattr(bn, "num_features", channels) != first.out_channels:
                     return f"'{branch.batchnorm}' has a channel count different from the convs"
                 if _identity_centre(largest) is None:
                     return ("an identity branch needs stride 1 and a kernel whose padding keeps "
                             "the spatial size")
-            elif branch.kind == "conv+batchnorm":
-                bn = self.modules[branch.batchnorm]
-                if bn.running_mean.numel() != first.out_channels:
-                    return f"'{branch.batchnorm}' has a channel count different from the convs"
+            elif branch.kind == "conv+batchnorm" and channels != first.out_channels:
+                return f"'{branch.batchnorm}' has a channel count different from the convs"
         return None
 
 
-def _offsets(conv: nn.Module, largest: nn.Module) -> tuple[int, ...] | None:
+def _offsets(conv: _ConvNd, largest: _ConvNd) -> tuple[int, ...] | None:
     """Where ``conv``'s first tap sits inside ``largest``'s kernel so both compute the same
-    output positions (``None`` when no placement does)."""
+    output positions (``None`` when no placement does, or a padding is unknown)."""
     pads, big_pads = _padding_pairs(conv), _padding_pairs(largest)
+    if pads is None or big_pads is None:
+        return None
     offsets = []
     for axis, dilation in enumerate(conv.dilation):
         (before, after), (big_before, big_after) = pads[axis], big_pads[axis]
@@ -455,12 +470,13 @@ def _offsets(conv: nn.Module, largest: nn.Module) -> tuple[int, ...] | None:
     return tuple(offsets)
 
 
-def _identity_centre(conv: nn.Module) -> tuple[int, ...] | None:
+def _identity_centre(conv: _ConvNd) -> tuple[int, ...] | None:
     """The tap of ``conv``'s kernel that reads output position ``o`` at input position ``o``."""
-    if any(s != 1 for s in conv.stride):
+    pads = _padding_pairs(conv)
+    if pads is None or any(s != 1 for s in conv.stride):
         return None
     centre = []
-    for axis, (before, after) in enumerate(_padding_pairs(conv)):
+    for axis, (before, after) in enumerate(pads):
         dilation, size = conv.dilation[axis], conv.kernel_size[axis]
         if before % dilation or before + after != dilation * (size - 1):
             return None
@@ -554,7 +570,7 @@ class _GraphSum:
                 break
         return root
 
-    def walk(self, node: torch.fx.Node, factor: float) -> str | None:
+    def walk(self, node: Argument, factor: float) -> str | None:
         """Collect each branch's scale and the constant under ``node``; what else it adds."""
         if _is_number(node):
             self.constant += factor * float(node)
@@ -612,21 +628,23 @@ def _match_in_graph(graph: torch.fx.Graph, block_module: nn.Module, block: str,
 def _shared_source(graph_sum: _GraphSum, by_target: dict[str, torch.fx.Node], block: str,
                    branches: list[_Branch]) -> torch.fx.Node | None:
     """The one tensor every branch's first module reads (through identities), else ``None``."""
-    inputs = set()
+    inputs: set[Argument] = set()
     for branch in branches:
-        first = branch.conv if branch.conv else branch.batchnorm
-        node = by_target.get(_relative(first, block))
+        first = branch.conv or branch.batchnorm
+        node = by_target.get(_relative(first, block)) if first else None
         source = node.args[0] if node is not None and node.args else None
         while isinstance(source, torch.fx.Node) and graph_sum.is_identity(source):
             source = source.args[0]
         inputs.add(source)
-    if len(inputs) != 1 or None in inputs:
+    if len(inputs) != 1:
         return None
-    return inputs.pop()
+    source = inputs.pop()
+    return source if isinstance(source, torch.fx.Node) else None
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+def _is_number(value: object) -> TypeGuard[numbers.Real]:
+    """A real constant of a traced graph (a bool is a flag, not a number to sum or scale by)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _trace(block_module: nn.Module) -> torch.fx.Graph:
@@ -637,8 +655,8 @@ def _trace(block_module: nn.Module) -> torch.fx.Graph:
 
 
 
-def _kernel(module: nn.Module, branch: _Branch, dims: int) -> tuple[int, ...]:
-    return tuple(module.kernel_size) if branch.conv else (1,) * dims
+def _kernel(planner: _Planner, branch: _Branch, dims: int) -> tuple[int, ...]:
+    return tuple(planner.convs[branch.conv].kernel_size) if branch.conv else (1,) * dims
 
 
 def plan_reparameterization(model: nn.Module, example_inputs: object = None, *,
@@ -710,13 +728,13 @@ def plan_reparameterization(model: nn.Module, example_inputs: object = None, *,
 
 def _record(planner: _Planner, branches: list[_Branch], owner: str, match: _BlockMatch,
             method: str) -> MergedBlock:
-    convs = [planner.modules[b.conv] for b in branches if b.conv]
+    convs = [planner.convs[b.conv] for b in branches if b.conv]
     dims = len(convs[0].kernel_size)
     kernel = tuple(max(c.kernel_size[d] for c in convs) for d in range(dims))
     main = next(b.conv for b in branches if b.conv
-                and tuple(planner.modules[b.conv].kernel_size) == kernel)
+                and tuple(planner.convs[b.conv].kernel_size) == kernel)
     records = tuple(BranchRecord(kind=b.kind, conv=b.conv, batchnorm=b.batchnorm,
-                                 kernel_size=_kernel(planner.modules.get(b.conv or ""), b, dims),
+                                 kernel_size=_kernel(planner, b, dims),
                                  scale=match.scales[b.end]) for b in branches)
     return MergedBlock(block=owner, conv=main, branches=records, constant=match.constant,
                        method=method)
@@ -724,33 +742,76 @@ def _record(planner: _Planner, branches: list[_Branch], owner: str, match: _Bloc
 
 # --- applying -----------------------------------------------------------------------------------
 
+_PLAN_HINT = "pass the plan made by plan_reparameterization for this model"
+
+
+def _plan_mismatch(what: str, *, where: str, got: object, expected: object) -> InvalidInputError:
+    return InvalidInputError(format_message(
+        f"The re-parameterisation plan does not match the model: {what}", where=where, got=got,
+        expected=expected, hint=_PLAN_HINT))
+
+
+def _plan_conv(model: nn.Module, name: str) -> _ConvNd:
+    """The convolution a plan names (a plan made for another model may name something else)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, _ConvNd):
+        raise _plan_mismatch("a branch conv is not a convolution", where=name,
+                             got=type(module).__qualname__, expected="nn.Conv1d/2d/3d")
+    return module
+
+
+def _plan_scale_shift(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` of the BatchNorm a plan names."""
+    bn = model.get_submodule(name)
+    mean, var = module_tensor(bn, "running_mean"), module_tensor(bn, "running_var")
+    eps = getattr(bn, "eps", None)
+    if mean is None or var is None or not isinstance(eps, (numbers.Real, torch.Tensor)):
+        raise _plan_mismatch("a branch BatchNorm has no running statistics or eps", where=name,
+                             got=type(bn).__qualname__, expected="a BatchNorm to fold")
+    return batchnorm_scale_shift(mean, var, eps=float(eps), weight=module_tensor(bn, "weight"),
+                                 bias=module_tensor(bn, "bias"))
+
+
+def _branch_weights(model: nn.Module, branch: BranchRecord, block: MergedBlock, main: _ConvNd
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """A branch's float64 kernel and bias (its BatchNorm folded in) and where the kernel sits
+    inside the kernel of ``main`` (the conv ``block.conv``)."""
+    folded = None if branch.batchnorm is None else _plan_scale_shift(model, branch.batchnorm)
+    if branch.conv is not None:
+        conv = _plan_conv(model, branch.conv)
+        weight = conv.weight.detach().to(_F64)
+        bias = (torch.zeros(conv.out_channels, dtype=_F64, device=weight.device)
+                if conv.bias is None else conv.bias.detach().to(_F64))
+        if folded is not None:
+            weight, bias = fold_batchnorm_after(weight, bias, *folded, groups=conv.groups)
+        offset = _offsets(conv, main)
+        if offset is None:
+            raise _plan_mismatch("a branch kernel does not line up inside the merged one",
+                                 where=branch.conv, got=tuple(conv.kernel_size),
+                                 expected=f"a kernel that fits {tuple(main.kernel_size)}")
+        return weight, bias, offset
+    centre = _identity_centre(main)
+    if folded is None or centre is None:
+        raise _plan_mismatch("an identity branch cannot be merged into this conv",
+                             where=branch.batchnorm or block.conv, got=branch.kind,
+                             expected="a BatchNorm beside a stride-1 conv whose padding keeps "
+                             "the spatial size")
+    weight = _identity_kernel(main.out_channels, main.groups, (1,) * len(centre),
+                              (0,) * len(centre), main.weight.device)
+    weight, bias = fold_batchnorm_after(weight, None, *folded, groups=main.groups)
+    return weight, bias, centre
+
+
 def _merged_weights(model: nn.Module, block: MergedBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    main = model.get_submodule(block.conv)
-    kernels, biases, offsets = [], [], []
+    main = _plan_conv(model, block.conv)
+    kernels: list[torch.Tensor] = []
+    biases: list[torch.Tensor] = []
+    offsets: list[tuple[int, ...]] = []
     for branch in block.branches:
-        if branch.batchnorm is not None:
-            bn = model.get_submodule(branch.batchnorm)
-            scale, shift = batchnorm_scale_shift(bn.running_mean, bn.running_var,
-                                                 eps=float(bn.eps),
-                                                 weight=getattr(bn, "weight", None),
-                                                 bias=getattr(bn, "bias", None))
-        if branch.conv is not None:
-            conv = model.get_submodule(branch.conv)
-            weight = conv.weight.detach().to(_F64)
-            bias = (torch.zeros(conv.out_channels, dtype=_F64, device=weight.device)
-                    if conv.bias is None else conv.bias.detach().to(_F64))
-            if branch.batchnorm is not None:
-                weight, bias = fold_batchnorm_after(weight, bias, scale, shift,
-                                                    groups=conv.groups)
-            offsets.append(_offsets(conv, main))
-        else:
-            centre = _identity_centre(main)
-            weight = _identity_kernel(main.out_channels, main.groups, (1,) * len(centre),
-                                      (0,) * len(centre), main.weight.device)
-            weight, bias = fold_batchnorm_after(weight, None, scale, shift, groups=main.groups)
-            offsets.append(centre)
+        weight, bias, offset = _branch_weights(model, branch, block, main)
         kernels.append(weight * branch.scale)
         biases.append(bias * branch.scale)
+        offsets.append(offset)
     biases[0] = biases[0] + block.constant
     return merge_branch_kernels(kernels, biases, offsets, tuple(main.kernel_size),
                                 dtype=main.weight.dtype)
@@ -790,7 +851,10 @@ def _rewrite_forward(block_module: nn.Module, block: str, records: list[MergedBl
 # class, so such a block pickles as a call that remakes its class from the original class and
 # the forward's source (module-level functions only: no closure, nothing local to a call).
 _GlobalSpec = tuple[str, str, object]
-_block_classes: dict[tuple[type, str, tuple[str, ...]], type] = {}
+#: What remakes a block class: the original class, the forward's source and its globals.
+_BlockSpec = tuple[type[nn.Module], str, tuple[_GlobalSpec, ...]]
+_block_classes: dict[tuple[type, str, tuple[str, ...]], type[nn.Module]] = {}
+_block_specs: dict[type, _BlockSpec] = {}
 
 
 def _global_spec(value: object) -> tuple[str, object]:
@@ -800,12 +864,25 @@ def _global_spec(value: object) -> tuple[str, object]:
     return "object", value
 
 
-def _block_class(original: type, source: str, source_globals: tuple[_GlobalSpec, ...]) -> type:
+def _global_value(name: str, kind: str, value: object) -> object:
+    """A stored global of a traced forward, as the forward's source reads it."""
+    if kind != "module":
+        return value
+    if not isinstance(value, str):  # only a pickle not written by _reduce_block holds this
+        raise InvalidInputError(format_message(
+            "A re-parameterised block names a module global by something else than its name",
+            where=name, got=repr(value), expected="a module name such as 'torch'",
+            hint="load a block pickled by bnsurgery"))
+    return importlib.import_module(value)
+
+
+def _block_class(original: type[nn.Module], source: str,
+                 source_globals: tuple[_GlobalSpec, ...]) -> type[nn.Module]:
     """The subclass of ``original`` whose forward is ``source``, made once and cached."""
     key = (original, source, tuple(name for name, _, _ in source_globals))
     cls = _block_classes.get(key)
     if cls is None:
-        namespace = {name: importlib.import_module(value) if kind == "module" else value
+        namespace = {name: _global_value(name, kind, value)
                      for name, kind, value in source_globals}
         exec(compile(source, f"<re-parameterised {original.__qualname__}.forward>", "exec"),
              namespace)
@@ -815,17 +892,19 @@ def _block_class(original: type, source: str, source_globals: tuple[_GlobalSpec,
             "reparameterized_from": original, "reparameterized_source": source,
             "reparameterized_globals": source_globals})
         _block_classes[key] = cls
+        _block_specs[cls] = (original, source, source_globals)
     return cls
 
 
 def _reduce_block(self: nn.Module, protocol: int) -> tuple[object, ...]:
     """pickle / deepcopy support: rebuild the class from the original class and the source."""
-    cls = type(self)
-    return (_new_block, (cls.reparameterized_from, cls.reparameterized_source,
-                         cls.reparameterized_globals), self.__getstate__())
+    # Only classes made by _block_class carry this method; a subclass of one inherits its spec.
+    spec = next(_block_specs[c] for c in type(self).__mro__ if c in _block_specs)
+    state = self.__getstate__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    return (_new_block, spec, state)
 
 
-def _new_block(original: type, source: str, source_globals: tuple[_GlobalSpec, ...]
+def _new_block(original: type[nn.Module], source: str, source_globals: tuple[_GlobalSpec, ...]
                ) -> nn.Module:
     """An empty re-parameterised block, its state to be set by pickle (``__setstate__``)."""
     cls = _block_class(original, source, source_globals)
@@ -887,7 +966,7 @@ def reparameterize_branches(model: nn.Module, example_inputs: object = None, *,
             _rewrite_forward(work.get_submodule(block), block, records, branches_of)
         for record in plan.merged:
             weight, bias = weights[id(record)]
-            conv = work.get_submodule(record.conv)
+            conv = _plan_conv(work, record.conv)
             conv.weight.copy_(weight)
             if conv.bias is None:
                 conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)

@@ -344,6 +344,28 @@ def _assert_same_merged_model(copied: nn.Module, merged: nn.Module, x: torch.Ten
         torch.testing.assert_close(copied.state_dict()[key], value, rtol=0, atol=0)
 
 
+PLAN_MISMATCHES = {
+    # The planned branch conv is an nn.Identity in the other model.
+    "conv_is_identity": (Branches([K3, IDENTITY, IDENTITY]), "a branch conv is not a convolution"),
+    # The planned identity-branch BatchNorm is an nn.Identity in the other model.
+    "batchnorm_is_identity": (Branches([K3, K1, {"identity": True, "bn": False}]),
+                              "a branch BatchNorm has no running statistics"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_MISMATCHES))
+def test_plan_for_another_model_is_refused(name: str) -> None:
+    x = _input(Branches([K3]))
+    plan = plan_reparameterization(_calibrated(Branches([K3, K1, IDENTITY]), x))
+    other, reason = PLAN_MISMATCHES[name]
+    other = _calibrated(other, x)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(InvalidInputError, match=f"plan does not match the model: {reason}"):
+        reparameterize_branches(other, x, plan=plan, inplace=True)
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
 def test_merged_model_pickles_and_deep_copies() -> None:
     model, merged, x = _merged_two_blocks()
     for copied in (pickle.loads(pickle.dumps(merged)), copy.deepcopy(merged)):
