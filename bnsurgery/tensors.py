@@ -37,17 +37,21 @@ __all__ = [
 ]
 
 
-def as_input_tuple(inputs: Tensor | Sequence[Tensor], *, where: str = "inputs"
-                   ) -> tuple[Tensor, ...]:
+def as_input_tuple(inputs: object, *, where: str = "inputs") -> tuple[Tensor, ...]:
     """Normalise one tensor or a sequence of tensors into a tuple of positional inputs.
+
+    Takes any object because it is the check: callers that accept user inputs of any type
+    (``example_inputs: object``) hand them here to be refused in the house words.
 
     Raises:
         InvalidInputError: ``inputs`` is empty or holds something other than tensors.
     """
     if isinstance(inputs, Tensor):
         return (inputs,)
-    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
-        return tuple(inputs)
+    if isinstance(inputs, (tuple, list)) and inputs:
+        tensors = tuple(t for t in inputs if isinstance(t, Tensor))
+        if len(tensors) == len(inputs):
+            return tensors
     got = type(inputs).__name__ if not isinstance(inputs, (tuple, list)) else \
         f"a {type(inputs).__name__} of {[type(t).__name__ for t in inputs]}"
     raise InvalidInputError(format_message(
