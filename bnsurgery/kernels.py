@@ -25,15 +25,18 @@ import importlib
 import os
 from collections.abc import Callable
 from types import ModuleType
+from typing import Protocol, cast
 
 import torch
+from torch import Tensor
 from torch.autograd import forward_ad
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from bnsurgery import kernel_tensor
 from bnsurgery.errors import InvalidInputError, KernelUnavailableError, format_message
 
-__all__ = ["BACKENDS", "ENV_VAR", "KernelInfo", "fast_path", "kernel_info", "select_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "Backend", "KernelInfo", "fast_path", "kernel_info",
+           "select_backend"]
 
 #: The environment variable that forces a backend.
 ENV_VAR = "BNSURGERY_KERNEL"
@@ -51,13 +54,25 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "reference"),
 }
 
+class Backend(Protocol):
+    """The contract every backend module meets (described in :mod:`bnsurgery.kernel_tensor`)."""
+
+    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+                momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def backward(self, grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                 invstd: Tensor, training: bool, needs: tuple[bool, bool, bool]
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]: ...
+
+
 # The reference backend is loaded up front: graph capture selects it, and an import under
 # torch.compile would break the graph.
 _modules: dict[str, ModuleType] = {"reference": kernel_tensor}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # (device type, ENV_VAR's value) -> the backend chosen: availability does not change within a
 # process, and choosing costs more than a small BatchNorm itself.
-_chosen: dict[tuple[str, object], ModuleType] = {}
+_chosen: dict[tuple[str, object], Backend] = {}
 # ``os.environ.get`` costs more than a microsecond per call (a Python-level mapping that encodes
 # the key and decodes the value each time), a tenth of a small BatchNorm. Where the mapping keeps
 # its raw store (CPython on POSIX) the variable is read there, with the key encoded once; the
@@ -113,7 +128,8 @@ def _unavailable(name: str, device: torch.device) -> str | None:
         module = _module(name)
     except ImportError as exc:  # an optional backend's own optional dependency is missing
         return f"cannot be imported ({exc})"
-    return module.unavailable_reason(device)
+    reason: str | None = module.unavailable_reason(device)  # every backend but the reference's
+    return reason
 
 
 def _forced() -> str | None:
@@ -142,7 +158,11 @@ def _capturing(x: torch.Tensor) -> bool:
         return True
     if type(x) not in _PLAIN or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return (torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    # torch.jit's __all__ leaves out its documented is_tracing and is_scripting, and is_tracing
+    # is unannotated.
+    return (torch.compiler.is_exporting()
+            or torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
+            or torch.jit.is_scripting()  # type: ignore[attr-defined]
             or is_fx_symbolic_tracing())
 
 
@@ -167,18 +187,20 @@ def _choose(device: torch.device) -> tuple[str, str, dict[str, str]]:
     return "reference", "the fallback of last resort", unavailable  # pragma: no cover
 
 
-def select_backend(x: torch.Tensor) -> ModuleType:
+def select_backend(x: torch.Tensor) -> Backend:
     """The backend module that computes BatchNorm for ``x`` now.
 
     While a graph is being captured this is always the reference backend, whatever is forced:
     a captured graph must hold only operators that exporters and compilers understand.
     """
     if _capturing(x):
-        return _module("reference")
+        return kernel_tensor
     key = ("cpu" if x.is_cpu else x.device.type, _forced_raw())  # is_cpu: no device object
     module = _chosen.get(key)
     if module is None:
-        module = _chosen[key] = _module(_choose(x.device)[0])
+        # Each module in BACKENDS implements the contract: mypy checks the reference's where it
+        # is returned above, tests/test_kernel_cpp.py and test_kernel_triton.py the others'.
+        module = _chosen[key] = cast(Backend, _module(_choose(x.device)[0]))
     return module
 
 
