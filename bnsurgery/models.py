@@ -190,6 +190,16 @@ def _close(name: str, choices: list[str]) -> str:
         "torchvision.models.list_models() or timm.list_models()"
 
 
+def _built(model: object, where: str) -> nn.Module:
+    """What torchvision or timm built, checked: mypy sees neither library's types."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(format_message(
+            "The model builder did not return a torch.nn.Module", where=where,
+            got=type(model).__name__, expected="an nn.Module",
+            hint="check the installed torchvision/timm version"))
+    return model
+
+
 def _build_torchvision(name: str, weights: str | None) -> nn.Module:
     models = require("torchvision.models", purpose=f"Building torchvision:{name}")
     available = models.list_models()
@@ -199,7 +209,7 @@ def _build_torchvision(name: str, weights: str | None) -> nn.Module:
             expected="a name from torchvision.models.list_models()",
             hint=_close(name, available)))
     if weights != DEFAULT_WEIGHTS:
-        return models.get_model(name, weights=None)
+        return _built(models.get_model(name, weights=None), f"torchvision:{name}")
     try:
         enum = models.get_model_weights(name)
         default = enum.DEFAULT
@@ -209,7 +219,7 @@ def _build_torchvision(name: str, weights: str | None) -> nn.Module:
             got="--weights DEFAULT", expected="a model with torchvision weights",
             hint="pass --weights PATH to a state_dict instead")) from exc
     try:
-        return models.get_model(name, weights=default)
+        return _built(models.get_model(name, weights=default), f"torchvision:{name}")
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad download a RuntimeError
         raise BnSurgeryError(format_message(
             "Downloading torchvision's pretrained weights failed", where=str(default),
@@ -224,9 +234,9 @@ def _build_timm(name: str, weights: str | None) -> nn.Module:
             "Unknown timm model", where=f"timm:{name}", got=repr(name),
             expected="a name from timm.list_models()", hint=_close(name, timm.list_models())))
     if weights != DEFAULT_WEIGHTS:
-        return timm.create_model(name, pretrained=False)
+        return _built(timm.create_model(name, pretrained=False), f"timm:{name}")
     try:
-        return timm.create_model(name, pretrained=True)
+        return _built(timm.create_model(name, pretrained=True), f"timm:{name}")
     except (OSError, RuntimeError) as exc:
         raise BnSurgeryError(format_message(
             "Loading timm's pretrained weights failed", where=f"timm:{name}",

@@ -42,8 +42,9 @@ from bnsurgery._bn_registry import (
     static_skip_reason,
 )
 from bnsurgery._dataflow import Dataflow, FlowNode, build_dataflow
-from bnsurgery.errors import InvalidInputError, format_message
+from bnsurgery.errors import FusionError, InvalidInputError, format_message
 from bnsurgery.results import JsonResult
+from bnsurgery.tensors import module_tensor
 
 __all__ = [
     "DISCOVERY_METHODS",
@@ -254,13 +255,22 @@ def global_hooks_reason() -> str | None:
 
 def channels_out(module: nn.Module) -> int:
     """Output channels of a convolution (plain or transposed) or features of a linear layer."""
-    return int(module.out_features if isinstance(module, nn.Linear)
-               else module.out_channels)  # type: ignore[arg-type]  # a conv's int attribute
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return _fold_target(module).out_channels
 
 
 def _channels_in(module: nn.Module) -> int:
-    return int(module.in_features if isinstance(module, nn.Linear)
-               else module.in_channels)  # type: ignore[arg-type]  # a conv's int attribute
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return _fold_target(module).in_channels
+
+
+def _fold_target(module: nn.Module) -> nn.modules.conv._ConvNd:
+    """A fold target that is not nn.Linear: every other class in _TARGETS is a convolution."""
+    if not isinstance(module, nn.modules.conv._ConvNd):  # target_base admits no other class
+        raise FusionError(f"{type(module).__qualname__} is neither a convolution nor nn.Linear")
+    return module
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
@@ -280,8 +290,8 @@ class _Analysis:
         self.flow = flow if flow is not None else Dataflow("none")
         self.args = args
         self.attempts = attempts
-        self.modules = dict(model.named_modules())
-        self.canonical = {id(m): name for name, m in self.modules.items()}
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        self.canonical: dict[int, str] = {id(m): name for name, m in self.modules.items()}
         self.calls: dict[str, list[FlowNode]] = {}
         for label, nodes in self.flow.module_calls().items():
             self.calls.setdefault(self._canonical(label), []).extend(nodes)
@@ -328,6 +338,12 @@ class _Analysis:
 
     # -- checks ------------------------------------------------------------------------------
 
+    def _batchnorm_channels(self, bn_name: str) -> int:
+        mean = module_tensor(self.modules[bn_name], "running_mean")
+        if mean is None:  # run() pairs only BatchNorms that static_skip_reason accepts
+            raise FusionError(f"'{bn_name}' has no running statistics to pair")
+        return mean.numel()
+
     def _layer_reason(self, name: str) -> str | None:
         """Why layer ``name`` cannot absorb a BatchNorm, whatever the dataflow, or ``None``."""
         module = self.modules[name]
@@ -339,7 +355,7 @@ class _Analysis:
         if isinstance(weight, nn.parameter.UninitializedParameter) or not isinstance(
                 weight, torch.Tensor) or not weight.is_floating_point():
             return f"'{name}' has no initialised floating-point weight"
-        for param in (module.weight, module.bias):
+        for param in (weight, module_tensor(module, "bias")):
             if param is None:
                 continue
             owners = self.param_owners.get(id(param), {})
@@ -350,7 +366,7 @@ class _Analysis:
         own = {f"{name}.{attr}" if name else attr for attr, _ in module.named_parameters(
             recurse=False)} | {f"{name}.{attr}" if name else attr
                                for attr, _ in module.named_buffers(recurse=False)}
-        for param in (module.weight, module.bias):
+        for param in (weight, module_tensor(module, "bias")):
             key = None if param is None else _storage_key(param)
             sharing = sorted(self.storages.get(key, set()) - own) if key else []
             if sharing:
@@ -385,7 +401,7 @@ class _Analysis:
         if len(sources) != 1:
             return None, f"it reads {len(sources)} tensors"
         source = self.flow.nodes[sources[0]]
-        channels = self.modules[bn_name].running_mean.numel()
+        channels = self._batchnorm_channels(bn_name)
         if source.kind == "module":
             reason = self._producer_reason(source, bn_node.index, channels)
             return (None, reason) if reason else ((self._canonical(source.label),), "")
@@ -465,7 +481,7 @@ class _Analysis:
         if reason:
             return None, reason
         layer = self.modules[name]
-        channels = self.modules[bn_name].running_mean.numel()
+        channels = self._batchnorm_channels(bn_name)
         if _channels_in(layer) != channels:
             return None, (f"'{name}' has {_channels_in(layer)} input channels, the BatchNorm "
                           f"{channels}")
