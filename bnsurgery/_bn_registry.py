@@ -81,12 +81,16 @@ class BatchNormKind:
 _ACT = ("drop", "act")
 _TIMM = "timm.layers.norm_act"
 
+#: One row of the table below.
+_Row = tuple[type | str, bool, tuple[str, ...], int | None, type | None, type | None,
+             type | str | None, bool]
+
 #: The table. A class is given as itself, or as ``"module:Class"`` for optional packages (looked
 #: up in ``sys.modules`` only). Columns: source, frozen, kept children, input rank, bnsurgery
 #: counterpart, synced counterpart, class a directly built layer restores to, subclass source.
 #: Order only matters for duplicates (timm re-exports torchvision's FrozenBatchNorm2d): the first
 #: row wins.
-_TABLE: tuple[tuple, ...] = (
+_TABLE: tuple[_Row, ...] = (
     (nn.BatchNorm1d, False, (), None, scratch.BatchNorm1d, synced.SyncBatchNorm, None, True),
     (nn.BatchNorm2d, False, (), 4, scratch.BatchNorm2d, synced.SyncBatchNorm, None, True),
     (nn.BatchNorm3d, False, (), 5, scratch.BatchNorm3d, synced.SyncBatchNorm, None, True),
@@ -249,10 +253,11 @@ def _derived(target: type, source: type) -> type:
     return _DERIVED[key]
 
 
-def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
+def _reduce_swapped(self: nn.Module, protocol: int) -> tuple[object, ...]:
     """Pickle a swapped layer by its two classes: the made class has no importable name."""
     target, source = next(key for key, cls in _DERIVED.items() if cls is type(self))
-    return _rebuild_swapped, (target, source), self.__getstate__()
+    state = self.__getstate__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+    return _rebuild_swapped, (target, source), state
 
 
 def _rebuild_swapped(target: type, source: type) -> nn.Module:

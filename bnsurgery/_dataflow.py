@@ -523,7 +523,9 @@ class _Recorder(TorchFunctionMode):
         found = (self.producer.get(id(t)) for t in _tensors_in(obj))
         return [p for p in found if p is not None]
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func: Callable[..., object], types: Sequence[type],
+                           args: Sequence[object] = (),
+                           kwargs: Mapping[str, object] | None = None) -> object:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if self.depth:
@@ -591,7 +593,9 @@ def _from_hooks(model: nn.Module, example_inputs: tuple[object, ...] | None) -> 
                                                             with_kwargs=True))
         for position, tensor in enumerate(_tensors_in(inputs)):
             recorder.track([tensor], flow.add("input", f"input {position}", []))
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        # torch leaves torch.cuda.is_initialized unannotated.
+        initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        devices = list(range(torch.cuda.device_count())) if initialized else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), recorder:
             output = work(*inputs)
         flow.add("output", "output", recorder.producers(output))

@@ -22,6 +22,8 @@ takes no context and returns the mean and ``1/std`` it used next to the output, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -62,7 +64,10 @@ def has_tangent(*tensors: Tensor | None) -> bool:
     # accessor; reading it first keeps the common case (no forward AD at all) free of cost.
     if forward_ad._current_level < 0:
         return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    # torch leaves unpack_dual unannotated.
+    return any(t is not None
+               and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+               for t in tensors)
 
 
 def backward_differentiable(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
@@ -177,8 +182,10 @@ class BatchNormFunction(torch.autograd.Function):
             mean = mean.clone()
         return y, mean, invstd
 
+    # ctx is autograd's context object, typed Any in torch too: attributes are set on it freely.
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]
+                      ) -> None:
         x, weight, bias, _, _, training, _, eps = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
@@ -189,9 +196,11 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None):
+    def backward(ctx: Any, grad_out: Tensor, _grad_mean: Tensor | None,
+                 _grad_invstd: Tensor | None) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
+        grads: tuple[Tensor | None, Tensor | None, Tensor | None]
         if x.numel() == 0:
             zeros = None if weight is None else torch.zeros_like(weight)
             grads = (torch.zeros_like(x), zeros, zeros)
@@ -209,7 +218,8 @@ class BatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, *_ignored):
+    def jvp(ctx: Any, dx: Tensor | None, dw: Tensor | None, db: Tensor | None,
+            *_ignored: Tensor | None) -> tuple[Tensor | None, None, None]:
         x, weight, mean, invstd = ctx.saved_tensors
         if x.numel() == 0:
             dy = None if dx is None and dw is None and db is None else torch.zeros_like(x)
@@ -218,7 +228,10 @@ class BatchNormFunction(torch.autograd.Function):
         return dy, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    def vmap(info: Any, in_dims: tuple[int | None, ...], x: Tensor, weight: Tensor | None,
+             bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+             training: bool, momentum: float, eps: float
+             ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
         """``B`` BatchNorm problems over ``C`` channels as one over ``B * C`` channels.
 
         The vmapped dimension is moved next to the channels and merged with them, so each
@@ -249,7 +262,8 @@ class BatchNormFunction(torch.autograd.Function):
         if training:
             for t, dim, flat in ((running_mean, mean_dim, stats[0]),
                                  (running_var, var_dim, stats[1])):
-                if t is not None:
+                # An unbatched t was refused above, and flat is None only when t is.
+                if t is not None and dim is not None and flat is not None:
                     t.movedim(dim, 0).copy_(flat.view(batch, -1))
         return ((y.view(shape), mean.view(batch, -1), invstd.view(batch, -1)), (1, 0, 0))
 

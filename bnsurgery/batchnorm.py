@@ -156,7 +156,8 @@ class BatchNormAct2d(BatchNorm2d):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 affine: bool = True, track_running_stats: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  *, bias: bool = True, act: nn.Module | None = None,
                  drop: nn.Module | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
@@ -166,4 +167,5 @@ class BatchNormAct2d(BatchNorm2d):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise, then apply ``drop`` and ``act``, in that order (timm's order)."""
-        return self.act(self.drop(super().forward(input)))
+        output: Tensor = self.act(self.drop(super().forward(input)))  # Module calls are untyped
+        return output

@@ -25,7 +25,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from bnsurgery.errors import (
     BnSurgeryError,
@@ -51,6 +51,8 @@ EXIT_BAD_INPUT = 2
 _MODEL_HELP = ("torchvision:NAME, timm:NAME, package.module:factory (also found in the current "
                "folder) or path/to/file.py:factory (e.g. torchvision:resnet18)")
 _SAVE_SUFFIXES = (".pt2", ".pt", ".pth", ".safetensors")
+#: What ``add_subparsers`` returns; generic only in typeshed, so the alias stays a string.
+_Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class _Progress:
@@ -877,7 +879,7 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
                         help="also plot the error per layer into a PNG (needs matplotlib)")
 
 
-def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+def _add_demo_parser(sub: _Subcommands) -> None:
     """``bnsurgery demo``: the resnet18 walk-through."""
     demo = sub.add_parser("demo", help="resnet18: replace, fuse, export, validate; write a "
                                        "report and a plot")
@@ -896,7 +898,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(handler=_cmd_demo)
 
 
-def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+def _add_inspect_parser(sub: _Subcommands) -> None:
     """``bnsurgery inspect``: BatchNorm or ONNX summary."""
     inspect = sub.add_parser("inspect", help="list every BatchNorm with its fold status and "
                                              "reason; or summarise FILE.onnx (inputs, ops, "
@@ -906,7 +908,7 @@ def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=_cmd_inspect)
 
 
-def _add_replace_parser(sub: argparse._SubParsersAction) -> None:
+def _add_replace_parser(sub: _Subcommands) -> None:
     """``bnsurgery replace``: swap in the from-scratch BatchNorm."""
     replace = sub.add_parser("replace", help="swap in the from-scratch BatchNorm, compare, save")
     _model_options(replace)
@@ -920,7 +922,7 @@ def _add_replace_parser(sub: argparse._SubParsersAction) -> None:
 
 
 
-def _add_fuse_parser(sub: argparse._SubParsersAction) -> None:
+def _add_fuse_parser(sub: _Subcommands) -> None:
     """``bnsurgery fuse``: fold BatchNorm into neighbours (or inside an ONNX graph)."""
     fuse = sub.add_parser("fuse", help="fold BatchNorm into neighbouring layers, compare, save; "
                                        "a MODEL.onnx has its BatchNormalization nodes folded "
@@ -942,7 +944,7 @@ def _add_fuse_parser(sub: argparse._SubParsersAction) -> None:
     fuse.set_defaults(handler=_cmd_fuse)
 
 
-def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+def _add_export_parser(sub: _Subcommands) -> None:
     """``bnsurgery export``: ONNX (and TensorRT) export."""
     export = sub.add_parser("export", help="export to one ONNX file (folded by default)")
     _model_options(export)
@@ -971,7 +973,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 
-def _add_validate_parser(sub: argparse._SubParsersAction) -> None:
+def _add_validate_parser(sub: _Subcommands) -> None:
     """``bnsurgery validate``: compare an ONNX file with the model, or two ONNX files."""
     validate = sub.add_parser("validate", help="compare an ONNX file with the original model, "
                                                "or two ONNX files (validate A.onnx B.onnx)")
@@ -989,7 +991,7 @@ def _add_validate_parser(sub: argparse._SubParsersAction) -> None:
     validate.set_defaults(handler=_cmd_validate)
 
 
-def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
+def _add_recalibrate_parser(sub: _Subcommands) -> None:
     """``bnsurgery recalibrate``: re-estimate BatchNorm statistics."""
     recalibrate = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics from "
                                                      "a tensor file, save the model")
@@ -1007,7 +1009,7 @@ def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
     recalibrate.set_defaults(handler=_cmd_recalibrate)
 
 
-def _add_kernels_parser(sub: argparse._SubParsersAction) -> None:
+def _add_kernels_parser(sub: _Subcommands) -> None:
     """``bnsurgery kernels``: which kernel runs where."""
     kernels = sub.add_parser("kernels", help="which BatchNorm kernel runs on each device, and why")
     kernels.add_argument("--build", action="store_true",

@@ -246,7 +246,8 @@ def _buffers_without_tangents(input: Tensor, weight: Tensor | None, bias: Tensor
             "cannot have forward grad defined", where="running_mean/running_var",
             got="a dual tensor (forward_ad.make_dual) with a tangent",
             expected="plain buffers", hint="pass the buffers without a tangent"))
-    mean, var = (None if t is None else forward_ad.unpack_dual(t).primal
+    # torch leaves unpack_dual unannotated.
+    mean, var = (None if t is None else forward_ad.unpack_dual(t).primal  # type: ignore[no-untyped-call]
                  for t in (running_mean, running_var))
     return mean, var
 
@@ -304,13 +305,13 @@ def batch_norm(
         # any fails, or an argument is not a plain CPU tensor, and the Python path says why.
         out = fast(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if out is not None:
-            return cast(Tensor, out)
+            return out
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # only an empty one passes the checks
         return input.clone()
     # Each condition below is evaluated once: a small BatchNorm costs a few microseconds, and
     # the checks would otherwise cost as much as the kernel.
-    tracing = torch.jit.is_tracing()
+    tracing = torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]  # not in __all__
     if tracing and training:
         _refuse_training_trace()
     # Forward-mode AD (a dual level is open) and torch.func transforms need the Python Function.
@@ -337,5 +338,7 @@ def batch_norm(
     # Dynamo cannot trace a Function with its own forward-mode rule; compiled graphs get the
     # same node without it.
     function = CapturedBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
-    return function.apply(input, weight, bias, running_mean, running_var, training, momentum,
-                          eps)[0]
+    # Function.apply is untyped in torch; it returns what BatchNormFunction.forward returns.
+    outputs: tuple[Tensor, Tensor, Tensor] = function.apply(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    return outputs[0]

@@ -92,7 +92,8 @@ class FoldedBatchNormAct(nn.Module):
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(x))
+        output: torch.Tensor = self.act(self.drop(x))  # Module calls are untyped
+        return output
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,9 @@ def _shapes(args: Sequence[object]) -> tuple[int, ...]:
 
 
 def _run(model: Callable[..., object], args: Sequence[object]) -> list[tuple[str, Tensor]]:
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # torch leaves torch.cuda.is_initialized unannotated.
+    initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    devices = list(range(torch.cuda.device_count())) if initialized else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         return [(n, t.detach()) for n, t in flatten_outputs(model(*copy.deepcopy(tuple(args))))]
@@ -115,7 +117,8 @@ def _other_sizes(args: tuple[object, ...]) -> list[tuple[object, ...]]:
         return []
     gen = torch.Generator().manual_seed(2)
     options: list[tuple[object, ...]] = []
-    for resize in (lambda n: n // 2, lambda n: n + max(1, n // 2)):
+    resizes: tuple[Callable[[int], int], ...] = (lambda n: n // 2, lambda n: n + max(1, n // 2))
+    for resize in resizes:
         new: list[Tensor] = []
         for tensor in tensors:
             if tensor.dim() < 3 or not tensor.is_floating_point():

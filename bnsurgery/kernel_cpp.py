@@ -42,8 +42,9 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -101,6 +102,8 @@ _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "library": Path once loaded; "error": str once failed
+#: The overloads of OPERATORS, in order; each returns three tensors (see their schemas in csrc/).
+_Operators = tuple[Callable[..., tuple[Tensor, Tensor, Tensor]], ...]
 
 
 def cache_dir() -> Path:
@@ -137,7 +140,7 @@ def _key() -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` across processes, released if the holder dies."""
     try:
         import fcntl
@@ -265,7 +268,8 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
             running_var: Tensor | None, training: bool, momentum: float,
             eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """The backend contract's forward (see :func:`bnsurgery.kernel_tensor.forward`)."""
-    ops: Any = _state.get("ops") or _resolve_operators()
+    # _state["ops"] is only ever set by _resolve_operators.
+    ops = cast(_Operators, _state.get("ops") or _resolve_operators())
     if training:
         return ops[1](x, weight, bias, running_mean, running_var, momentum, eps)
     return ops[0](x, weight, bias, running_mean, running_var, eps)
@@ -275,13 +279,14 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
              training: bool, needs: tuple[bool, bool, bool]
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backend contract's backward (see :func:`bnsurgery.kernel_tensor.backward`)."""
-    ops: Any = _state.get("ops") or _resolve_operators()
+    # _state["ops"] is only ever set by _resolve_operators.
+    ops = cast(_Operators, _state.get("ops") or _resolve_operators())
     grads = ops[2](grad_out, x, weight, mean, invstd, training, list(needs))
     grad_x, grad_w, grad_b = (g if need else None for g, need in zip(grads, needs, strict=True))
     return grad_x, grad_w, grad_b
 
 
-def _resolve_operators() -> tuple:
+def _resolve_operators() -> _Operators:
     """The operators' overloads, looked up once: ``torch.ops`` attribute access and the
     overload packet's resolution cost microseconds per call, which small inputs feel."""
     ops = _direct_callables(_BATCH_NORM_OPERATORS)
@@ -289,7 +294,7 @@ def _resolve_operators() -> tuple:
     return ops
 
 
-def _direct_callables(names: tuple[str, ...]) -> tuple:
+def _direct_callables(names: tuple[str, ...]) -> tuple[Callable[..., Any], ...]:
     overloads = (getattr(torch.ops.bnsurgery, name.split("::")[1]).default for name in names)
     # An overload's ``_op`` is the C++ callable its ``__call__`` forwards to: calling it directly
     # saves a Python frame per call (a tenth of a small BatchNorm). Same dispatch, same result.
@@ -310,17 +315,23 @@ def _stats_like(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[1],), dtype=accumulate_dtype(x.dtype))
 
 
-def _fake_eval(x, weight, bias, running_mean, running_var, eps):
+def _fake_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None, eps: float
+               ) -> tuple[Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         return torch.empty_like(x), _stats_like(x), _stats_like(x)
     return _output_like(x), _stats_like(x), _stats_like(x)
 
 
-def _fake_train(x, weight, bias, running_mean, running_var, momentum, eps):
+def _fake_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fake_eval(x, weight, bias, running_mean, running_var, eps)
 
 
-def _fake_backward(grad_out, x, weight, mean, invstd, training, output_mask):
+def _fake_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                   invstd: Tensor, training: bool, output_mask: Sequence[bool]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulate_dtype(x.dtype)
     grad_x = (torch.empty_like(x) if x.numel() == 0 else _output_like(x)) if output_mask[0] \
         else x.new_empty((0,))
@@ -346,8 +357,9 @@ def _register_fakes() -> None:
 # takes the library as built (callers check unavailable_reason first, as select_backend does).
 
 
-def _sync_operators() -> tuple:
-    ops: Any = _state.get("sync_ops")
+def _sync_operators() -> tuple[Callable[..., Any], ...]:
+    # _state["sync_ops"] is only ever set here.
+    ops = cast("tuple[Callable[..., Any], ...] | None", _state.get("sync_ops"))
     if ops is None:
         ops = _state["sync_ops"] = _direct_callables(SYNC_OPERATORS)
     return ops
@@ -364,14 +376,18 @@ def sync_normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
                    bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, rounded mean, mean residual, invstd)`` from the global float64 ``mean`` and biased
     ``var``; ``y`` has ``x``'s dtype and layout, the rest the accumulation dtype."""
-    return _sync_operators()[1](x, mean, var, weight, bias, eps)
+    # The operators' results are what their schemas (csrc/sync_cpu.cpp) say.
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor] = _sync_operators()[1](x, mean, var, weight,
+                                                                          bias, eps)
+    return outputs
 
 
 def sync_gradient_sums(grad_out: Tensor, x: Tensor, mean: Tensor,
                        mean_residual: Tensor) -> tuple[Tensor, Tensor]:
     """This rank's float64 ``sum(g)`` and ``sum(g * (x - mean))``, the mean being the rounded
     ``mean`` plus ``mean_residual`` (as :func:`sync_normalise` returns them)."""
-    return _sync_operators()[2](grad_out, x, mean, mean_residual)
+    sums: tuple[Tensor, Tensor] = _sync_operators()[2](grad_out, x, mean, mean_residual)
+    return sums
 
 
 def sync_input_gradient(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
@@ -379,27 +395,32 @@ def sync_input_gradient(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean
                         sum_dy_xmu: Tensor, count: int) -> Tensor:
     """``dL/dx`` from the GLOBAL ``sum_dy`` and ``sum_dy_xmu`` over ``count`` values per
     channel; ``x``'s dtype and layout."""
-    return _sync_operators()[3](grad_out, x, weight, mean, mean_residual, invstd, sum_dy,
-                                sum_dy_xmu, count)
+    grad_x: Tensor = _sync_operators()[3](grad_out, x, weight, mean, mean_residual, invstd,
+                                          sum_dy, sum_dy_xmu, count)
+    return grad_x
 
 
 def _channel_vector(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.new_empty((x.shape[1],), dtype=dtype)
 
 
-def _fake_sync_statistics(x):
+def _fake_sync_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     return _channel_vector(x, torch.float64), _channel_vector(x, torch.float64)
 
 
-def _fake_sync_normalise(x, mean, var, weight, bias, eps):
+def _fake_sync_normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                         bias: Tensor | None, eps: float
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y = torch.empty_like(x) if x.numel() == 0 else _output_like(x)
     return y, _stats_like(x), _stats_like(x), _stats_like(x)
 
 
-def _fake_sync_grad_sums(grad_out, x, mean, mean_residual):
+def _fake_sync_grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, mean_residual: Tensor
+                         ) -> tuple[Tensor, Tensor]:
     return _fake_sync_statistics(x)
 
 
-def _fake_sync_grad_input(grad_out, x, weight, mean, mean_residual, invstd, sum_dy, sum_dy_xmu,
-                          count):
+def _fake_sync_grad_input(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                          mean_residual: Tensor, invstd: Tensor, sum_dy: Tensor,
+                          sum_dy_xmu: Tensor, count: int) -> Tensor:
     return torch.empty_like(x) if x.numel() == 0 else _output_like(x)

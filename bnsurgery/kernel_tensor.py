@@ -83,7 +83,8 @@ def channel_dot(a: Tensor, b: Tensor) -> Tensor:
     ``a * a`` temporary: on large tensors, allocating fresh memory costs more than the arithmetic.
     """
     if a is b and a.shape[2] > 1:
-        return torch.linalg.vector_norm(a, dim=2).square().sum(0)
+        norms: Tensor = torch.linalg.vector_norm(a, dim=2)  # torch.linalg is untyped
+        return norms.square().sum(0)
     return (a * b).sum((0, 2))
 
 

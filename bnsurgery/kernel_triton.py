@@ -37,7 +37,7 @@ import os
 import struct
 from collections.abc import Sequence
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -173,7 +173,7 @@ def _halves(value: float) -> tuple[float, float]:
     return high, float(value) - high
 
 
-def _device_guard(x: Tensor) -> contextlib.AbstractContextManager:
+def _device_guard(x: Tensor) -> contextlib.AbstractContextManager[object]:
     """Triton launches on the current CUDA device: make it ``x``'s."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -346,23 +346,28 @@ def _fake_forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @forward_train_op.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps):
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+      running_var: Tensor | None, momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fake_forward(x)
 
 
 @forward_eval_op.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+      running_var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fake_forward(x)
 
 
 @backward_op.register_fake
-def _(grad_out, x, weight, mean, invstd, training, need_input, need_params):
+def _(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+      training: bool, need_input: bool, need_params: bool) -> tuple[Tensor, Tensor, Tensor]:
     grad_x = _output_like(x) if need_input else x.new_empty(0)
     grad_w = x.new_empty(x.shape[1] if need_params else 0, dtype=invstd.dtype)
     return grad_x, grad_w, torch.empty_like(grad_w)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+# ctx is autograd's context object, typed Any in torch too: attributes are set on it freely.
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]
+                   ) -> None:
     x, weight, bias = inputs[:3]
     _, mean, invstd = output
     ctx.save_for_backward(x, weight, mean, invstd)
@@ -370,7 +375,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, invstd)
 
 
-def _operator_backward(ctx, grad_y, grad_mean, grad_invstd):
+def _operator_backward(ctx: Any, grad_y: Tensor, grad_mean: Tensor | None,
+                       grad_invstd: Tensor | None) -> tuple[Tensor | None, ...]:
     """Evaluation mode: mean and ``invstd`` are constants, ``dL/dx = weight * invstd * g``."""
     x, weight, mean, invstd = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]

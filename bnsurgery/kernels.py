@@ -228,7 +228,8 @@ def fast_path() -> FastCall | None:
     # The compiler's flag first (see _capturing), then the cheapest.
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-            or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+            or torch.compiler.is_exporting()
+            or torch.jit.is_tracing()):  # type: ignore[attr-defined, no-untyped-call]  # as above
         return None
     raw = _forced_raw()
     if raw in _fast:

@@ -189,7 +189,8 @@ class _Graph:
 
     def dtype(self, name: str) -> str:
         proto = self.graph.initializer[self.initializers[name]]
-        return self.onnx.helper.tensor_dtype_to_np_dtype(proto.data_type).name
+        dtype_name: str = self.onnx.helper.tensor_dtype_to_np_dtype(proto.data_type).name
+        return dtype_name
 
     def set_array(self, name: str, value: Tensor) -> None:
         """Store ``value`` under ``name``, replacing an initializer or adding one."""
@@ -418,7 +419,8 @@ def _valueless(onnx: Any, data_type: int, dims: list[Any], name: str) -> Any:
 
 
 def _node_name(node: Any) -> str:
-    return node.name or node.output[0]
+    name: str = node.name or node.output[0]
+    return name
 
 
 def batchnorm_fold_plan(onnx: Any, model: Any) -> tuple[BatchNormFoldDecision, ...]:

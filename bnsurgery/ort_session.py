@@ -301,7 +301,8 @@ def run_with_limit(session: Any, feed: dict[str, Any], *, timeout: float, where:
             expected="inputs matching the file's inputs (count, dtype, shape, batch axis)",
             hint="compare the inputs with the file's inputs (onnxruntime's "
                  "InferenceSession.get_inputs())")) from error
-    return outcome["results"]
+    results: list[Any] = outcome["results"]  # what InferenceSession.run returned
+    return results
 
 
 class OnnxRunner:

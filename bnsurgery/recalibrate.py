@@ -261,7 +261,7 @@ class _BatchStatisticsForward:
 
     def __call__(self, x: Tensor) -> Tensor:
         module = self.module
-        module._check_input_dim(x)
+        module._check_input_dim(x)  # type: ignore[no-untyped-call]  # unannotated in torch
         measured = self.moments.add(x)
         if measured is None or measured[0] < 2:  # torch's own forward says what is wrong
             return type(module).forward(module, x)

@@ -191,7 +191,8 @@ def _decide_restore(name: str, module: nn.Module) -> tuple[type | None, str | No
     return target, None
 
 
-def _swap(module: nn.Module, target: type, *, restoring: bool, extra: dict) -> nn.Module:
+def _swap(module: nn.Module, target: type, *, restoring: bool, extra: dict[str, object]
+          ) -> nn.Module:
     """A ``target`` instance that takes over ``module``'s whole state.
 
     The state containers (parameter, buffer, child and hook dictionaries) are shared, not copied,
@@ -217,8 +218,12 @@ def _swap(module: nn.Module, target: type, *, restoring: bool, extra: dict) -> n
     return new
 
 
-def _walk(model: nn.Module, decide: Callable, *, apply: bool, restoring: bool,
-          extra: dict | None = None) -> tuple[nn.Module, ReplacementPlan]:
+#: Per module (qualified name, module): the class to swap in, or ``None`` and why not.
+_Decide = Callable[[str, nn.Module], tuple[type | None, str | None]]
+
+
+def _walk(model: nn.Module, decide: _Decide, *, apply: bool, restoring: bool,
+          extra: dict[str, object] | None = None) -> tuple[nn.Module, ReplacementPlan]:
     """Visit every module once (shared modules stay shared), deciding and optionally swapping."""
     replaced: list[ReplacementRecord] = []
     skipped: dict[str, str] = {}

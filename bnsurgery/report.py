@@ -215,7 +215,7 @@ def collect_environment(*, device: str | torch.device | None = None) -> dict[str
             torch.device(device).type == "cuda" else None
         try:
             gpu_name = torch.cuda.get_device_name(index if index is not None else 0)
-            cudnn = torch.backends.cudnn.version()
+            cudnn = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]  # unannotated
         except (RuntimeError, AssertionError) as exc:  # a driver that fails to initialise
             gpu_name = f"unknown ({type(exc).__name__}: {first_line(exc)})"
     return {

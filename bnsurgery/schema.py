@@ -16,7 +16,10 @@ import json
 from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bnsurgery.report import EquivalenceReport
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -39,7 +42,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def load_schema() -> dict[str, Any]:
     """The JSON Schema of the documents, as shipped in the package."""
     text = resources.files("bnsurgery").joinpath("report_schema.json").read_text()
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)  # the shipped file holds one JSON object
+    return schema
 
 
 def passed_value(status: str) -> bool | None:
@@ -55,7 +59,7 @@ def overall_status(statuses: Iterable[str]) -> str:
     return "passed" if "passed" in statuses else "skipped"
 
 
-def report_entry(report: Any) -> dict[str, Any]:
+def report_entry(report: EquivalenceReport) -> dict[str, Any]:
     """An :class:`~bnsurgery.report.EquivalenceReport` as the schema's ``report`` entry.
 
     The report's own ``status`` text (``"skipped: <reason>"``, ``"FAILED"``) becomes the bare

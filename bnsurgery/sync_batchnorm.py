@@ -62,7 +62,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -139,8 +139,9 @@ def _local_kernels(x: Tensor) -> ModuleType | None:
     ``None``: the pure-tensor building blocks do (the backend choice of a plain BatchNorm)."""
     if not x.is_cpu:
         return None
-    backend = select_backend(x)
-    return backend if backend.__name__ == BACKENDS["cpp"] else None
+    backend = select_backend(x)  # a module, as every backend is
+    return (backend if isinstance(backend, ModuleType) and backend.__name__ == BACKENDS["cpp"]
+            else None)
 
 
 def _rank_statistics(x: Tensor, kernels: ModuleType | None = None) -> _RankStatistics:
@@ -335,8 +336,9 @@ def _input_gradient(x: Tensor, g: Tensor, scratch: Tensor, weight: Tensor | None
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Forward with one all_reduce of statistics, backward with one all_reduce of gradient sums."""
 
+    # ctx is autograd's context object, typed Any in torch too: attributes are set on it freely.
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, eps: float,
                 momentum: float, group: ProcessGroup | None, world_size: int, rank: int,
                 num_features: int,
@@ -357,6 +359,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                                     world_size, rank, device, layer, failure)
         if total > 0:
             update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
+        y: Tensor  # kernels is a module: mypy sees sync_normalise's results as Any
         if stats is not None and kernels is not None:
             y, mean, mean_residual, invstd = kernels.sync_normalise(x, mean64, var64, weight,
                                                                     bias, eps)
@@ -375,7 +378,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, mean_residual, invstd = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         kernels, channels = ctx.kernels, mean.numel()
@@ -477,7 +480,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 process_group: ProcessGroup | None = None, device=None, dtype=None, *,
+                 process_group: ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  bias: bool = True) -> None:
         if _BASE_TAKES_BIAS:
             super().__init__(num_features, eps, momentum, affine, track_running_stats,
@@ -606,7 +610,8 @@ class SyncBatchNormAct(SyncBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 process_group: ProcessGroup | None = None, device=None, dtype=None, *,
+                 process_group: ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  bias: bool = True,
                  act: nn.Module | None = None, drop: nn.Module | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,

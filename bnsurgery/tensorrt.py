@@ -58,7 +58,7 @@ def _check_precision(precision: object) -> torch.dtype:
         raise InvalidInputError(format_message(
             "Unknown TensorRT precision", where="precision", got=repr(precision),
             expected=f"one of {sorted(PRECISIONS)}", hint="use precision='fp32' or 'fp16'"))
-    return PRECISIONS[precision]  # type: ignore[index]
+    return PRECISIONS[precision]
 
 
 def export_tensorrt(
@@ -112,7 +112,8 @@ def export_tensorrt(
                    for t in inputs]
     try:
         with tf32_allowed(False):
-            compiled = torch_tensorrt.compile(
+            # untyped; with ir="dynamo" it returns a torch.fx.GraphModule
+            compiled: nn.Module = torch_tensorrt.compile(
                 model, ir="dynamo", inputs=cuda_inputs, enabled_precisions={dtype},
                 require_full_compilation=True, disable_tf32=True, min_block_size=1)
     except Exception as exc:  # torch-tensorrt raises many types; keep it as the cause
