@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check bnsurgery tests examples benchmarks
+	$(PY) -m mypy bnsurgery
 
 bench: $(STAMP)
 	$(PY) benchmarks/bn_kernel.py

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,6 +32,30 @@ def test_license_is_an_spdx_expression_with_its_file():
 def test_py_typed_is_shipped():
     assert (ROOT / "bnsurgery" / "py.typed").is_file()
     assert "py.typed" in PROJECT["tool"]["setuptools"]["package-data"]["bnsurgery"]
+
+
+def _mypy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed (pip install 'bnsurgery[dev]')")
+    return subprocess.run([sys.executable, "-m", "mypy", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+def test_mypy_strict_finds_nothing_in_the_package():
+    # py.typed promises users checked annotations: plain `mypy bnsurgery` is the strict check.
+    assert PROJECT["tool"]["mypy"]["strict"] is True
+    result = _mypy("bnsurgery", cwd=ROOT)
+    assert result.returncode == 0, f"mypy bnsurgery failed:\n{result.stdout}{result.stderr}"
+
+
+def test_the_mypy_check_can_fail(tmp_path):
+    # An unannotated function is an error only in strict mode: the settings above are in force.
+    module = tmp_path / "unannotated.py"
+    module.write_text("def double(value):\n    return value * 2\n")
+    result = _mypy("--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", os.devnull,
+                   str(module), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "unannotated.py:1: error: Function is missing a type annotation" in result.stdout
 
 
 def test_torch_floor_is_the_tested_release():
