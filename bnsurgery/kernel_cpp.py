@@ -16,12 +16,14 @@ rather than twice that in Python checks and a boxed operator call.
 ``bnsurgery/csrc/sync_cpu.cpp`` defines the local steps of :class:`bnsurgery.SyncBatchNorm`
 (:data:`SYNC_OPERATORS`, called through the ``sync_*`` functions here): a rank's statistics, the
 normalisation with the global ones, and the backward's local sums and input gradient, the
-collectives between them staying in Python. Fake implementations
-registered here let ``torch.compile``, ``torch.export`` and ``torch.library.opcheck`` reason
-about them without running them.
+collectives between them staying in Python. ``bnsurgery/csrc/moments_cpu.cpp`` defines
+``cpp_batch_norm_measure`` (:data:`MEASURE_OPERATOR`, called through :func:`measure`) for
+:mod:`bnsurgery.recalibrate`: a BatchNorm input's exact float64 moments and the input normalised
+with them, in one pass over memory. Fake implementations registered here let ``torch.compile``,
+``torch.export`` and ``torch.library.opcheck`` reason about them without running them.
 
 How it ships: it is compiled on first use with ``torch.utils.cpp_extension`` (ninja and the
-system C++ compiler) and cached per user, keyed by the source, the torch version and the CPU, so
+system C++ compiler) and cached per user, keyed by the sources, the torch version and the CPU, so
 it always matches the torch it is loaded into; ``bnsurgery kernels --build`` compiles it ahead of
 time. A prebuilt wheel would have to be built for every torch version a user may have (the C++
 ABI of torch changes between releases); building on the user's machine avoids that, and also
@@ -56,6 +58,7 @@ from bnsurgery.kernel_tensor import accumulate_dtype
 __all__ = [
     "AUTOGRAD_IN_KERNEL",
     "CACHE_ENV_VAR",
+    "MEASURE_OPERATOR",
     "OPERATORS",
     "SOURCE",
     "SOURCES",
@@ -65,6 +68,7 @@ __all__ = [
     "cache_dir",
     "fast_entry",
     "forward",
+    "measure",
     "sync_gradient_sums",
     "sync_input_gradient",
     "sync_normalise",
@@ -76,7 +80,7 @@ __all__ = [
 SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
 
 #: Every C++ source of the library, compiled together: one build, one cache key, one module.
-SOURCES = (SOURCE, SOURCE.parent / "sync_cpu.cpp")
+SOURCES = (SOURCE, SOURCE.parent / "sync_cpu.cpp", SOURCE.parent / "moments_cpu.cpp")
 
 #: The forward operators are differentiable themselves (a C++ autograd node registered for the
 #: Autograd dispatch key), so :func:`bnsurgery.functional.batch_norm` calls them directly in
@@ -94,8 +98,11 @@ SYNC_OPERATORS = ("bnsurgery::cpp_sync_statistics", "bnsurgery::cpp_sync_normali
 _BATCH_NORM_OPERATORS = ("bnsurgery::cpp_batch_norm_eval", "bnsurgery::cpp_batch_norm_train",
                          "bnsurgery::cpp_batch_norm_backward")
 
+#: Recalibration's measure-and-normalise operator (see :func:`measure`).
+MEASURE_OPERATOR = "bnsurgery::cpp_batch_norm_measure"
+
 #: The operators the library registers, as ``torch.ops`` names.
-OPERATORS = (*_BATCH_NORM_OPERATORS, *SYNC_OPERATORS)
+OPERATORS = (*_BATCH_NORM_OPERATORS, *SYNC_OPERATORS, MEASURE_OPERATOR)
 
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
@@ -286,6 +293,36 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
     return grad_x, grad_w, grad_b
 
 
+def measure(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats_dtype: torch.dtype,
+            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A BatchNorm input's exact moments and the input normalised with them, in one operator.
+
+    What recalibration needs from a plain BatchNorm: the float64 per-channel mean and sum of
+    squared deviations of ``x``, and the output a training-mode forward hands on, i.e.
+    ``F.batch_norm(x, mean.to(stats_dtype), (sq_dev / count).to(stats_dtype), weight, bias,
+    training=False, eps=eps)``, without reading ``x`` from memory a second time for it (on
+    contiguous inputs; see ``csrc/moments_cpu.cpp``). Not differentiable: it is meant for
+    passes without gradients. Takes the library as built (callers check
+    :func:`unavailable_reason` first, as :func:`bnsurgery.kernels.select_backend` does).
+
+    Args:
+        x: The input ``(N, C, ...)``, float64, float32, float16 or bfloat16, on the CPU.
+        weight: The affine weight ``(C,)``, or ``None``.
+        bias: The affine bias ``(C,)``, or ``None``.
+        stats_dtype: The dtype the statistics are rounded to before normalising (the layer's
+            running buffers').
+        eps: Added to the variance.
+
+    Returns:
+        ``(output, mean, sq_dev)``; ``mean`` and ``sq_dev`` are float64 ``(C,)``.
+    """
+    # _state["measure_op"] is only ever set here.
+    op = cast("Callable[..., tuple[Tensor, Tensor, Tensor]] | None", _state.get("measure_op"))
+    if op is None:
+        op = _state["measure_op"] = _direct_callables((MEASURE_OPERATOR,))[0]
+    return op(x, weight, bias, stats_dtype, eps)
+
+
 def _resolve_operators() -> _Operators:
     """The operators' overloads, looked up once: ``torch.ops`` attribute access and the
     overload packet's resolution cost microseconds per call, which small inputs feel."""
@@ -349,6 +386,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("bnsurgery::cpp_sync_normalise", _fake_sync_normalise)
     torch.library.register_fake("bnsurgery::cpp_sync_grad_sums", _fake_sync_grad_sums)
     torch.library.register_fake("bnsurgery::cpp_sync_grad_input", _fake_sync_grad_input)
+    torch.library.register_fake(MEASURE_OPERATOR, _fake_measure)
     _state["registered"] = True
 
 
@@ -424,3 +462,9 @@ def _fake_sync_grad_input(grad_out: Tensor, x: Tensor, weight: Tensor | None, me
                           mean_residual: Tensor, invstd: Tensor, sum_dy: Tensor,
                           sum_dy_xmu: Tensor, count: int) -> Tensor:
     return torch.empty_like(x) if x.numel() == 0 else _output_like(x)
+
+
+def _fake_measure(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  stats_dtype: torch.dtype, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    output = torch.empty_like(x) if x.numel() == 0 else _output_like(x)
+    return output, _channel_vector(x, torch.float64), _channel_vector(x, torch.float64)

@@ -263,9 +263,12 @@ def _op_samples():
                 ("cpp_batch_norm_backward", (grad, x, None, mean, invstd, False,
                                              [True, False, True])),
                 *_sync_op_samples(x, grad, weight, bias, mean, invstd),
+                ("cpp_batch_norm_measure", (x, weight, bias, torch.float32, 1e-5)),
+                ("cpp_batch_norm_measure", (x, None, None, dtype, 1e-3)),
             ]
     empty = torch.randn(0, 4, 3)
     samples += _sync_op_samples(empty, empty.clone(), None, None, torch.zeros(4), torch.ones(4))
+    samples.append(("cpp_batch_norm_measure", (empty, None, None, torch.float32, 1e-5)))
     return samples
 
 
@@ -503,3 +506,118 @@ def test_fast_path_only_in_plain_eager_mode(built, monkeypatch):
     assert seen == [None]
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert kernels.fast_path() is None
+
+
+# --- The measure operator (recalibration) -----------------------------------------------------
+
+MEASURE_DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16,
+                  "bf16": torch.bfloat16}
+
+
+def _moments_oracle(x):
+    """Per-channel float64 mean and sum of squared deviations, by plain two-pass torch."""
+    values = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean = values.mean(1)
+    return mean, (values - mean[:, None]).square().sum(1)
+
+
+def _stats_dtype(dtype):
+    """A module's buffer dtype for an input of ``dtype`` (half inputs keep float32 buffers)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@pytest.mark.parametrize("dtype", MEASURE_DTYPES.values(), ids=MEASURE_DTYPES.keys())
+@pytest.mark.parametrize("shape,layout", [
+    (shape, layout) for shape in SHAPES.values() for layout in LAYOUTS
+    if layout != "channels_last" or len(shape) >= 4],
+    ids=lambda v: v if isinstance(v, str) else f"{len(v)}d")
+@pytest.mark.parametrize("offset,spread", [(0.8, 1.7), (1e4, 1.0)], ids=["plain", "far-mean"])
+def test_measure_moments_equal_a_float64_oracle(built, dtype, shape, layout, offset, spread):
+    """Exact to float64 (rel 1e-12), a mean 1e4 times the spread included."""
+    x, *_ = _case((shape[0] * 8, *shape[1:]), dtype, layout, param_dtype=torch.float32,
+                  offset=offset, spread=spread)
+    _, mean, sq_dev = kernel_cpp.measure(x, None, None, _stats_dtype(dtype), 1e-5)
+    want_mean, want_sq_dev = _moments_oracle(x)
+    assert mean.dtype == sq_dev.dtype == torch.float64
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sq_dev, want_sq_dev, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", MEASURE_DTYPES.values(), ids=MEASURE_DTYPES.keys())
+@pytest.mark.parametrize("shape,layout", [
+    (shape, layout) for shape in SHAPES.values() for layout in LAYOUTS
+    if layout != "channels_last" or len(shape) >= 4],
+    ids=lambda v: v if isinstance(v, str) else f"{len(v)}d")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_measure_output_is_batch_norm_with_the_rounded_statistics(built, dtype, shape, layout,
+                                                                  affine):
+    """What F.batch_norm gives when fed the measured mean and biased variance, rounded to the
+    buffer dtype, in the input's layout."""
+    stats = _stats_dtype(dtype)
+    x, weight, bias, *_ = _case(shape, dtype, layout, param_dtype=stats)
+    weight, bias = (weight, bias) if affine else (None, None)
+    out, mean, sq_dev = kernel_cpp.measure(x, weight, bias, stats, 1e-5)
+    count = x.numel() // x.shape[1]
+    expected = F.batch_norm(x, mean.to(stats), (sq_dev / count).to(stats), weight, bias,
+                            training=False, eps=1e-5)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    dense = x.is_contiguous() or layout == "channels_last"
+    assert out.stride() == (x.stride() if dense else x.contiguous().stride())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_measure_output_keeps_its_digits_with_a_far_mean(built, layout):
+    """Mean 1e4, spread 1e-2 in float64 data: the output is centred before it is scaled, so it
+    matches a float64 normalisation with the same rounded statistics to float32 rounding (a
+    kernel that folds the mean into the shift, x * scale + shift, loses about four digits)."""
+    x, weight, bias, *_ = _case((16, 4, 9, 9), torch.float32, layout, offset=1e4, spread=1e-2)
+    out, mean, sq_dev = kernel_cpp.measure(x, weight, bias, torch.float32, 1e-5)
+    count = x.numel() // x.shape[1]
+    m, v = mean.float().double(), (sq_dev / count).float().double()
+    shape = (1, -1, 1, 1)
+    oracle = ((x.double() - m.view(shape)) / (v.view(shape) + 1e-5).sqrt()
+              * weight.double().view(shape) + bias.double().view(shape))
+    torch.testing.assert_close(out.double(), oracle, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_measure_split_across_threads_agrees(built, threads):
+    """Channel groups (row path) and per-thread parts of rows (interleaved path)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, layout in (((32, 16, 32, 32), "contiguous"),
+                              ((32, 16, 32, 32), "channels_last"), ((16384, 32), "contiguous")):
+            x, weight, bias, *_ = _case(shape, torch.float32, layout)
+            out, mean, sq_dev = kernel_cpp.measure(x, weight, bias, torch.float32, 1e-5)
+            want_mean, want_sq_dev = _moments_oracle(x)
+            torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=0)
+            torch.testing.assert_close(sq_dev, want_sq_dev, rtol=1e-12, atol=0)
+            count = x.numel() // x.shape[1]
+            expected = F.batch_norm(x, mean.float(), (sq_dev / count).float(), weight, bias,
+                                    training=False, eps=1e-5)
+            torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_measure_empty_batch_and_bad_arguments(built):
+    out, mean, sq_dev = kernel_cpp.measure(torch.randn(0, 3, 4), None, None, torch.float32, 1e-5)
+    assert out.shape == (0, 3, 4)
+    torch.testing.assert_close((mean, sq_dev), (torch.zeros(3, dtype=torch.float64),) * 2)
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        kernel_cpp.measure(torch.randn(4, 3), torch.ones(2), None, torch.float32, 1e-5)
+    with pytest.raises(RuntimeError, match="a batch and a channel"):
+        kernel_cpp.measure(torch.randn(4), None, None, torch.float32, 1e-5)
+    with pytest.raises(RuntimeError, match="stats_dtype must be a float dtype"):
+        kernel_cpp.measure(torch.randn(4, 3), None, None, torch.int64, 1e-5)
+
+
+def test_measure_runs_no_torch_batch_norm_kernel(built):
+    x, weight, bias, *_ = _case((4, 3, 5, 5), torch.float32, "channels_last")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        kernel_cpp.measure(x, weight, bias, torch.float32, 1e-5)
+    names = {event.name for event in prof.events()}
+    assert "bnsurgery::cpp_batch_norm_measure" in names
+    assert not {n for n in names if "batch_norm" in n and not n.startswith("bnsurgery::")}

@@ -75,6 +75,8 @@ def test_every_kernel_source_is_shipped():
     patterns = PROJECT["tool"]["setuptools"]["package-data"]["bnsurgery"]
     package = Path(kernel_cpp.__file__).parent
     assert kernel_cpp.SOURCES[0] == kernel_cpp.SOURCE
+    # Every source in csrc/ is compiled into the library and part of its cache key.
+    assert set((package / "csrc").glob("*.cpp")) == set(kernel_cpp.SOURCES)
     for source in kernel_cpp.SOURCES:
         assert source.is_file(), source
         relative = source.relative_to(package).as_posix()

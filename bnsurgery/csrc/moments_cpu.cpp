@@ -1,0 +1,467 @@
+// Measure-and-normalise for BatchNorm recalibration: one operator, `cpp_batch_norm_measure`, that
+// returns a BatchNorm input's exact float64 moments per channel and the input normalised with
+// them, as a training-mode forward would hand it on. Written from scratch (no torch batch-norm
+// call); compiled into the same library as batch_norm_cpu.cpp, in the same `bnsurgery`
+// namespace.
+//
+// What it computes, per channel c of an input x of shape (N, C, ...):
+//   mean[c]   = the mean of every value of the channel, float64;
+//   sq_dev[c] = sum((x - mean[c])^2) over the channel, float64;
+//   y         = (x - m) / sqrt(v + eps) * weight[c] + bias[c], where m and v are mean[c] and the
+//               biased variance sq_dev[c] / count, each ROUNDED to `stats_dtype` (the dtype of
+//               the layer's running buffers): what F.batch_norm(x, mean.to(dtype),
+//               var.to(dtype), weight, bias, training=False, eps=eps) gives, so the statistics a
+//               layer hands on do not depend on which implementation measured them.
+//
+// Numerics. Values are accumulated in double lanes as d = x - K, K a provisional per-channel
+// value (the mean of the first stretch the channel is read in), so sum(d^2) - sum(d)^2 / n does
+// not cancel: with K that close to the mean the variance keeps its digits however large the
+// mean is next to the spread (E[x^2] - E[x]^2 loses them all). Parts reduced on different
+// threads are merged with Chan's formula, in a fixed order.
+//
+// Memory. On the row path (contiguous NCHW and 3-D / 5-D) a group of channels, a few hundred KB,
+// is measured and then normalised while it is still in L2: the input is read from memory once,
+// the output written once, as an evaluation-mode BatchNorm does (a single channel larger than
+// L2, e.g. batch 64 at 112 x 112, is read twice). On the interleaved path (channels-last, and
+// 2-D (N, C)) every row holds one value of every channel, so the statistics of any channel need
+// the whole input: it is read twice there, as a training-mode forward reads it.
+//
+// The reductions use GCC / Clang vector types, as the build's flags (-march=native, -fopenmp)
+// already assume one of those compilers.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Values per parallel task below which a thread costs more than it saves (as batch_norm_cpu.cpp).
+constexpr int64_t kMinTaskValues = 65536;
+// Bytes of input per group of channels on the row path: small enough to stay in L2 between the
+// statistics and the normalisation.
+constexpr int64_t kGroupBytes = 262144;
+// Channels per group at most: enough for the affine maps' loop to vectorise.
+constexpr int64_t kMaxGroupChannels = 64;
+// Rows averaged for the provisional per-channel value on the interleaved path.
+constexpr int64_t kShiftRows = 64;
+// Rows of the interleaved path gathered before they are added to the per-channel sums: the
+// sums are loaded and stored once per kRowGroup rows instead of once per row.
+constexpr int64_t kRowGroup = 4;
+
+struct Layout {
+  Tensor x;          // the input, dense in the layout below
+  int64_t rows;      // N on the row path; N * prod(spatial) on the interleaved path
+  int64_t channels;  // C
+  int64_t inner;     // prod(spatial) on the row path; 1 on the interleaved path
+};
+
+Layout layout_of(const Tensor& input) {
+  const int64_t channels = input.size(1);
+  const int64_t per_channel = input.numel() / channels;
+  if (input.is_contiguous()) {
+    return {input, input.size(0), channels, per_channel / input.size(0)};
+  }
+  if ((input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+    return {input, per_channel, channels, 1};
+  }
+  Tensor dense = input.contiguous();
+  return {dense, dense.size(0), channels, per_channel / dense.size(0)};
+}
+
+// A per-channel parameter as a contiguous tensor of `acc`, or an undefined tensor.
+Tensor param(const c10::optional<Tensor>& t, at::ScalarType acc) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
+  return t->to(acc).contiguous();
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+// --- Reductions ----------------------------------------------------------------------------------
+// Written with GCC / Clang vector types, which the compiler lowers to the target's registers (one
+// AVX-512 register for eight doubles, two AVX2 or four NEON ones): the auto-vectoriser keeps to
+// half-width registers on some x86 targets and, for a 4x4 map's 16 values a row, spills its
+// accumulators to the stack, which cost more than the arithmetic.
+
+typedef double Lanes __attribute__((vector_size(64)));  // eight doubles
+typedef float Floats8 __attribute__((vector_size(32)));
+constexpr int64_t kWidth = 8;
+
+template <typename scalar_t>
+inline Lanes load_lanes(const scalar_t* p) {
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    Lanes v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  } else {
+    Floats8 f;
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      std::memcpy(&f, p, sizeof f);
+    } else {
+      for (int j = 0; j < kWidth; ++j) f[j] = static_cast<float>(p[j]);
+    }
+    return __builtin_convertvector(f, Lanes);
+  }
+}
+
+// The sum of the eight lanes, as a tree (a chain of seven dependent adds is slower).
+inline double lane_sum(Lanes v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+// sum(x) over n contiguous values, in double lanes.
+template <typename scalar_t>
+inline double plain_sum(const scalar_t* __restrict__ p, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]);
+  return s;
+}
+
+// Running sums of d and d^2 in four independent vector accumulators, so the adds do not wait on
+// each other; summed across lanes once, at the end of a channel.
+struct Sums {
+  Lanes d0 = {}, d1 = {}, q0 = {}, q1 = {};
+};
+
+// Adds d = x - shift and d^2 over n contiguous values to `s`.
+template <typename scalar_t>
+inline void shifted_sums(const scalar_t* __restrict__ p, int64_t n, double shift, Sums& s) {
+  int64_t i = 0;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    const Lanes a = load_lanes(p + i) - shift, b = load_lanes(p + i + kWidth) - shift;
+    s.d0 += a;
+    s.d1 += b;
+    s.q0 += a * a;
+    s.q1 += b * b;
+  }
+  if (i + kWidth <= n) {
+    const Lanes a = load_lanes(p + i) - shift;
+    s.d0 += a;
+    s.q0 += a * a;
+    i += kWidth;
+  }
+  if (i < n) {
+    Lanes a = {};
+    for (int64_t j = 0; i + j < n; ++j) a[j] = static_cast<double>(p[i + j]) - shift;
+    s.d1 += a;
+    s.q1 += a * a;
+  }
+}
+
+// Chan's formula: merge `nb` values (mean mb, squared deviations m2b) into `na` values.
+inline void merge(double& na, double& mean, double& m2, double nb, double mb, double m2b) {
+  if (nb == 0) return;
+  const double n = na + nb;
+  const double delta = mb - mean;
+  mean += delta * (nb / n);
+  m2 += m2b + delta * delta * (na * nb / n);
+  na = n;
+}
+
+// --- Normalisation constants ----------------------------------------------------------------------
+
+struct Options {
+  at::ScalarType stats_dtype;
+  double eps;
+};
+
+// `values` rounded to `dtype` and back in place, as Tensor.to(dtype) rounds them (half and
+// bfloat16 through float, as c10's conversions go). The switch is outside the loops so that they
+// vectorise.
+void round_in_place(double* values, int64_t n, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble:
+      return;
+    case at::kFloat:
+      for (int64_t i = 0; i < n; ++i) values[i] = static_cast<float>(values[i]);
+      return;
+    case at::kHalf:
+      for (int64_t i = 0; i < n; ++i) {
+        values[i] = static_cast<float>(c10::Half(static_cast<float>(values[i])));
+      }
+      return;
+    case at::kBFloat16:
+      for (int64_t i = 0; i < n; ++i) {
+        values[i] = static_cast<float>(c10::BFloat16(static_cast<float>(values[i])));
+      }
+      return;
+    default:
+      TORCH_CHECK(false, "cpp_batch_norm_measure: stats_dtype must be a float dtype, got ", dtype);
+  }
+}
+
+// The per-channel affine map y = (x - centre) * scale + shift that normalises with the statistics
+// rounded to `stats_dtype`, for channels [c0, c1). `centre` is that mean in the arithmetic dtype;
+// what rounding to it loses (only when stats_dtype is wider) goes back in through the shift.
+// Centring first, rather than folding the mean into the shift, keeps x - centre exact when the
+// mean is large next to the spread. `work` holds 2 * (c1 - c0) doubles.
+template <typename acc_t>
+void affine_maps(int64_t c0, int64_t c1, const double* mean, const double* sq_dev, double count,
+                 Options o, const acc_t* weight, const acc_t* bias, double* work, acc_t* centre,
+                 acc_t* scale, acc_t* shift) {
+  const int64_t n = c1 - c0;
+  double* m = work;
+  double* v = work + n;
+  for (int64_t k = 0; k < n; ++k) {
+    m[k] = mean[c0 + k];
+    v[k] = sq_dev[c0 + k] / count;
+  }
+  round_in_place(m, n, o.stats_dtype);
+  round_in_place(v, n, o.stats_dtype);
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t invstd = static_cast<acc_t>(1.0 / std::sqrt(v[k] + o.eps));
+    const acc_t sc = weight ? weight[c0 + k] * invstd : invstd;
+    const acc_t ce = static_cast<acc_t>(m[k]);
+    const double residual = m[k] - static_cast<double>(ce);
+    centre[c0 + k] = ce;
+    scale[c0 + k] = sc;
+    shift[c0 + k] = static_cast<acc_t>((bias ? bias[c0 + k] : acc_t(0)) - residual * sc);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void apply_affine(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
+                         acc_t centre, acc_t scale, acc_t shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>((static_cast<acc_t>(in[i]) - centre) * scale + shift);
+  }
+}
+
+// --- Row path: a group of channels measured, then normalised from cache ----------------------
+// A channel is A stretches of L contiguous values, C * L values apart. Each channel of a group is
+// measured stretch by stretch, its accumulators kept in registers; then the group's affine maps
+// are computed together (their square roots and divisions vectorise); then the group is
+// normalised while its values are still in L2. With a small map each stretch is a cache line or
+// two, and the next channel's are the next lines of the same A streams, which the hardware
+// prefetcher follows.
+
+template <typename scalar_t>
+void channel_moments(const scalar_t* x, int64_t A, int64_t stride, int64_t L, double& mean,
+                     double& sq_dev) {
+  const double shift = plain_sum(x, L) / static_cast<double>(L);
+  Sums sums;
+  for (int64_t a = 0; a < A; ++a) shifted_sums(x + a * stride, L, shift, sums);
+  const double n = static_cast<double>(A * L);
+  const double sum_d = lane_sum(sums.d0 + sums.d1), sum_sq = lane_sum(sums.q0 + sums.q1);
+  mean = shift + sum_d / n;
+  sq_dev = std::max(0.0, sum_sq - sum_d * sum_d / n);
+}
+
+// What every group of one input shares.
+template <typename scalar_t, typename acc_t>
+struct RowJob {
+  const scalar_t* x;
+  int64_t rows, inner, stride;  // A, L, C * L
+  scalar_t* out;
+  const acc_t* weight;
+  const acc_t* bias;
+  Options o;
+  double* mean;
+  double* sq_dev;
+  acc_t* centre;
+  acc_t* scale;
+  acc_t* shift;
+};
+
+template <typename scalar_t, typename acc_t>
+void measure_group(const RowJob<scalar_t, acc_t>& j, int64_t c0, int64_t c1,
+                   std::vector<double>& work) {
+  const int64_t A = j.rows, L = j.inner, stride = j.stride;
+  const scalar_t* x = j.x;
+  for (int64_t c = c0; c < c1; ++c) {
+    channel_moments(x + c * L, A, stride, L, j.mean[c], j.sq_dev[c]);
+  }
+  work.resize(2 * (c1 - c0));
+  affine_maps<acc_t>(c0, c1, j.mean, j.sq_dev, static_cast<double>(A * L), j.o, j.weight, j.bias,
+                     work.data(), j.centre, j.scale, j.shift);
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t a = 0; a < A; ++a) {
+      const int64_t off = c * L + a * stride;
+      apply_affine<scalar_t, acc_t>(x + off, j.out + off, L, j.centre[c], j.scale[c], j.shift[c]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void measure_rows(const Layout& l, Tensor& y, const acc_t* weight, const acc_t* bias, Options o,
+                  double* mean, double* sq_dev) {
+  const int64_t C = l.channels, per_channel = l.rows * l.inner;
+  const int64_t bytes = per_channel * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(1, bytes), 1,
+                                            kMaxGroupChannels);
+  const int64_t groups = (C + group - 1) / group;
+  const int64_t grain =
+      std::max<int64_t>(1, kMinTaskValues / std::max<int64_t>(1, group * per_channel));
+  std::vector<acc_t> maps(3 * C);
+  const RowJob<scalar_t, acc_t> job{l.x.data_ptr<scalar_t>(), l.rows, l.inner, C * l.inner,
+                                    y.data_ptr<scalar_t>(), weight, bias, o, mean, sq_dev,
+                                    maps.data(), maps.data() + C, maps.data() + 2 * C};
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> work;
+    for (int64_t g = begin; g < end; ++g) {
+      measure_group<scalar_t, acc_t>(job, g * group, std::min(C, (g + 1) * group), work);
+    }
+  });
+}
+
+// --- Interleaved path: parts of rows measured in parallel, merged, then normalised --------------
+
+// Moments of rows [r0, r1) into part_mean / part_m2 (C each), shifted by the mean of its first
+// kShiftRows rows. `sums` is scratch space.
+template <typename scalar_t>
+void part_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* part_mean,
+                  double* part_m2, std::vector<double>& sums) {
+  sums.assign(3 * C, 0.0);
+  double* __restrict__ sd = sums.data();
+  double* __restrict__ sq = sd + C;
+  double* __restrict__ shift = sq + C;
+  const int64_t head = std::min(kShiftRows, r1 - r0);
+  for (int64_t r = r0; r < r0 + head; ++r) {
+    const scalar_t* __restrict__ row = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<double>(row[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) shift[c] /= static_cast<double>(head);
+  int64_t r = r0;
+  for (; r + kRowGroup <= r1; r += kRowGroup) {
+    const scalar_t* __restrict__ p = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double d0 = static_cast<double>(p[c]) - shift[c];
+      const double d1 = static_cast<double>(p[C + c]) - shift[c];
+      const double d2 = static_cast<double>(p[2 * C + c]) - shift[c];
+      const double d3 = static_cast<double>(p[3 * C + c]) - shift[c];
+      sd[c] += (d0 + d1) + (d2 + d3);
+      sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < r1; ++r) {
+    const scalar_t* __restrict__ row = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = static_cast<double>(row[c]) - shift[c];
+      sd[c] += d;
+      sq[c] += d * d;
+    }
+  }
+  const double n = static_cast<double>(r1 - r0);
+  for (int64_t c = 0; c < C; ++c) {
+    part_mean[c] = shift[c] + sd[c] / n;
+    part_m2[c] = std::max(0.0, sq[c] - sd[c] * sd[c] / n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void measure_interleaved(const Layout& l, Tensor& y, const acc_t* weight, const acc_t* bias,
+                         Options o, double* mean, double* sq_dev) {
+  const int64_t R = l.rows, C = l.channels;
+  const scalar_t* x = l.x.data_ptr<scalar_t>();
+  const int64_t by_size = std::max<int64_t>(1, R * C / kMinTaskValues);
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), by_size, R}));
+  std::vector<double> part_mean(parts * C), part_m2(parts * C);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums;
+    for (int64_t p = begin; p < end; ++p) {
+      part_moments<scalar_t>(x, C, R * p / parts, R * (p + 1) / parts, part_mean.data() + p * C,
+                             part_m2.data() + p * C, sums);
+    }
+  });
+  std::vector<acc_t> centre(C), scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double n = 0, m = 0, m2 = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      merge(n, m, m2, static_cast<double>(R * (p + 1) / parts - R * p / parts),
+            part_mean[p * C + c], part_m2[p * C + c]);
+    }
+    mean[c] = m;
+    sq_dev[c] = m2;
+  }
+  std::vector<double> work(2 * C);
+  affine_maps<acc_t>(0, C, mean, sq_dev, static_cast<double>(R), o, weight, bias, work.data(),
+                     centre.data(), scale.data(), shift.data());
+  scalar_t* out = y.data_ptr<scalar_t>();
+  const acc_t* __restrict__ ce = centre.data();
+  const acc_t* __restrict__ sc = scale.data();
+  const acc_t* __restrict__ sh = shift.data();
+  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / C);
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* __restrict__ row = x + r * C;
+      scalar_t* __restrict__ dst = out + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c] = static_cast<scalar_t>((static_cast<acc_t>(row[c]) - ce[c]) * sc[c] + sh[c]);
+      }
+    }
+  });
+}
+
+// --- Operator ------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_measure(const Tensor& input,
+                                                      const c10::optional<Tensor>& weight_opt,
+                                                      const c10::optional<Tensor>& bias_opt,
+                                                      at::ScalarType stats_dtype, double eps) {
+  TORCH_CHECK(input.dim() >= 2, "cpp_batch_norm_measure: the input needs a batch and a channel "
+              "axis (N, C, ...), got ", input.dim(), " dimension(s)");
+  TORCH_CHECK(at::isFloatingType(stats_dtype), "cpp_batch_norm_measure: stats_dtype must be a "
+              "float dtype, got ", stats_dtype);
+  const int64_t C = input.size(1);
+  for (const auto* t : {&weight_opt, &bias_opt}) {
+    TORCH_CHECK(!t->has_value() || !(*t)->defined() || (*t)->numel() == C,
+                "cpp_batch_norm_measure: weight and bias need one value per channel (", C,
+                "), got ", (*t)->numel());
+  }
+  auto stats_options = input.options().dtype(at::kDouble);
+  Tensor mean = at::zeros({C}, stats_options), sq_dev = at::zeros({C}, stats_options);
+  if (input.numel() == 0) return {at::empty_like(input), mean, sq_dev};
+  const Layout l = layout_of(input);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  Tensor weight = param(weight_opt, acc), bias = param(bias_opt, acc);
+  Tensor y = at::empty_like(l.x);
+  const Options o{stats_dtype, eps};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "bnsurgery_batch_norm_measure", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = ptr_or_null<acc_t>(weight);
+    const acc_t* b = ptr_or_null<acc_t>(bias);
+    if (l.inner > 1) {
+      measure_rows<scalar_t, acc_t>(l, y, w, b, o, mean.data_ptr<double>(),
+                                    sq_dev.data_ptr<double>());
+    } else {
+      measure_interleaved<scalar_t, acc_t>(l, y, w, b, o, mean.data_ptr<double>(),
+                                           sq_dev.data_ptr<double>());
+    }
+  });
+  return {y, mean, sq_dev};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bnsurgery, m) {
+  m.def("cpp_batch_norm_measure(Tensor input, Tensor? weight, Tensor? bias, "
+        "ScalarType stats_dtype, float eps) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnsurgery, CPU, m) {
+  m.impl("cpp_batch_norm_measure", &batch_norm_measure);
+}
