@@ -21,6 +21,13 @@ normalises in one pass, instead of measuring the batch a second time in its own 
 forward; its output then differs from that forward's only by the rounding of the statistics
 (torch's are float32). Any other BatchNorm class (a subclass that does more after normalising,
 bnsurgery's own classes) runs its own training-mode forward, its input measured by a hook.
+
+Where the compiled CPU kernel runs (:mod:`bnsurgery.kernels` chooses it for the input, as for
+every bnsurgery BatchNorm), a plain BatchNorm is measured and normalised by one operator,
+:func:`bnsurgery.kernel_cpp.measure`: the same numbers, with the input read from memory once
+rather than once for the moments and once more to normalise. Elsewhere, and with
+``BNSURGERY_KERNEL=reference``, :func:`batch_moments` and ``F.batch_norm`` do it in torch
+operations, the readable reference.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnsurgery import kernels
 from bnsurgery._bn_registry import batchnorm_kind, looks_like_batchnorm
 from bnsurgery.errors import InvalidInputError, format_message
 from bnsurgery.kernel_tensor import channel_block, channel_dot, channel_sum
@@ -228,21 +236,43 @@ class _Moments:
         if x.numel() == 0:
             return None
         count, mean, sq_dev = batch_moments(x)
+        self.merge(count, mean, sq_dev)
+        return count, mean, sq_dev
+
+    def merge(self, count: int, mean: Tensor, sq_dev: Tensor) -> None:
+        """Merge in one batch's moments (``count`` values per channel, float64 ``(C,)``)."""
         if self.mean is None or self.sq_dev is None:
-            self.count, self.mean, self.sq_dev = count, mean, sq_dev
-            return count, mean, sq_dev
-        # Chan's merge of two parts, written out: no stacking, no device synchronisation.
+            # Copies: the running moments are updated in place from the next batch on.
+            self.count, self.mean, self.sq_dev = count, mean.clone(), sq_dev.clone()
+            return
+        # Chan's merge of two parts, written out and in place: four small tensor operations per
+        # layer and batch, no stacking, no device synchronisation.
         total = self.count + count
         delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.sq_dev = self.sq_dev + sq_dev + delta.square_() * (self.count * count / total)
+        self.mean.add_(delta, alpha=count / total)
+        self.sq_dev.add_(sq_dev).addcmul_(delta, delta, value=self.count * count / total)
         self.count = total
-        return count, mean, sq_dev
 
 
 #: BatchNorm classes whose training-mode forward is exactly ``F.batch_norm`` with batch statistics
 #: (exact types: a subclass such as timm's ``BatchNormAct2d`` does more after normalising).
 _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+#: Input dtypes the compiled measure-and-normalise operator takes.
+_MEASURED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _compiled_measure(x: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
+    """The backend's measure-and-normalise operator for ``x``, or ``None`` for the torch path.
+
+    The backend is the one every bnsurgery BatchNorm would use for ``x`` (so
+    ``BNSURGERY_KERNEL=reference`` selects the torch path, and graph capture, tensor subclasses
+    and devices without the compiled kernel do too); only a backend that offers ``measure``
+    (the compiled CPU kernel) has one.
+    """
+    if x.dtype not in _MEASURED_DTYPES:
+        return None
+    return getattr(kernels.select_backend(x), "measure", None)
 
 
 class _BatchStatisticsForward:
@@ -251,9 +281,11 @@ class _BatchStatisticsForward:
     During recalibration a BatchNorm must still hand the next layers what training would: its
     input normalised with *this batch's* mean and biased variance. Its own training-mode forward
     would measure them a second time (and move its running buffers, which are overwritten
-    afterwards anyway); here they come from the float64 moments the layer is being measured with,
-    and the input is normalised by the one-pass evaluation kernel fed those batch statistics.
-    Installed as the instance's ``forward`` for the pass only, so the module's hooks still run.
+    afterwards anyway); here they come from the float64 moments the layer is being measured with.
+    Where the compiled kernel runs, one operator measures the input and normalises it while it is
+    still in cache; elsewhere :func:`batch_moments` measures it and the one-pass evaluation
+    kernel normalises it with those batch statistics. Installed as the instance's ``forward`` for
+    the pass only, so the module's hooks still run.
     """
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm, moments: _Moments) -> None:
@@ -262,11 +294,16 @@ class _BatchStatisticsForward:
     def __call__(self, x: Tensor) -> Tensor:
         module = self.module
         module._check_input_dim(x)  # type: ignore[no-untyped-call]  # unannotated in torch
+        dtype = x.dtype if module.running_mean is None else module.running_mean.dtype
+        channels = x.shape[1]  # _check_input_dim has seen a batch and a channel axis
+        if channels and x.numel() >= 2 * channels and (measure := _compiled_measure(x)):
+            output, mean, sq_dev = measure(x, module.weight, module.bias, dtype, module.eps)
+            self.moments.merge(x.numel() // channels, mean, sq_dev)
+            return output
         measured = self.moments.add(x)
         if measured is None or measured[0] < 2:  # torch's own forward says what is wrong
             return type(module).forward(module, x)
         count, mean, sq_dev = measured
-        dtype = x.dtype if module.running_mean is None else module.running_mean.dtype
         return F.batch_norm(x, mean.to(dtype), (sq_dev / count).to(dtype), module.weight,
                             module.bias, training=False, momentum=0.0, eps=module.eps)
 
