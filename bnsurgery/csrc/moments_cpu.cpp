@@ -35,6 +35,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -110,6 +114,13 @@ inline Lanes load_lanes(const scalar_t* p) {
     std::memcpy(&v, p, sizeof v);
     return v;
   } else {
+#if defined(__AVX512F__)
+    // One widening conversion; GCC otherwise converts in four-lane halves and reassembles them,
+    // three shuffles per eight values that make the reduction wait on the shuffle port.
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      return reinterpret_cast<Lanes>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+    }
+#endif
     Floats8 f;
     if constexpr (std::is_same<scalar_t, float>::value) {
       std::memcpy(&f, p, sizeof f);
@@ -125,43 +136,37 @@ inline double lane_sum(Lanes v) {
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-// sum(x) over n contiguous values, in double lanes.
-template <typename scalar_t>
-inline double plain_sum(const scalar_t* __restrict__ p, int64_t n) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]);
-  return s;
-}
-
-// Running sums of d and d^2 in four independent vector accumulators, so the adds do not wait on
-// each other; summed across lanes once, at the end of a channel.
+// Running sums of d and d^2 in eight independent vector accumulators, so that the adds do not
+// wait on each other (an add's latency is four times its throughput); summed across lanes once,
+// at the end of a channel.
 struct Sums {
-  Lanes d0 = {}, d1 = {}, q0 = {}, q1 = {};
+  Lanes d[4] = {}, q[4] = {};
+
+  double sum_d() const { return lane_sum((d[0] + d[1]) + (d[2] + d[3])); }
+  double sum_sq() const { return lane_sum((q[0] + q[1]) + (q[2] + q[3])); }
 };
 
 // Adds d = x - shift and d^2 over n contiguous values to `s`.
 template <typename scalar_t>
 inline void shifted_sums(const scalar_t* __restrict__ p, int64_t n, double shift, Sums& s) {
   int64_t i = 0;
-  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
-    const Lanes a = load_lanes(p + i) - shift, b = load_lanes(p + i + kWidth) - shift;
-    s.d0 += a;
-    s.d1 += b;
-    s.q0 += a * a;
-    s.q1 += b * b;
+  for (; i + 4 * kWidth <= n; i += 4 * kWidth) {
+    for (int k = 0; k < 4; ++k) {
+      const Lanes a = load_lanes(p + i + k * kWidth) - shift;
+      s.d[k] += a;
+      s.q[k] += a * a;
+    }
   }
-  if (i + kWidth <= n) {
+  for (int k = 0; i + kWidth <= n; i += kWidth, ++k) {
     const Lanes a = load_lanes(p + i) - shift;
-    s.d0 += a;
-    s.q0 += a * a;
-    i += kWidth;
+    s.d[k] += a;
+    s.q[k] += a * a;
   }
   if (i < n) {
     Lanes a = {};
     for (int64_t j = 0; i + j < n; ++j) a[j] = static_cast<double>(p[i + j]) - shift;
-    s.d1 += a;
-    s.q1 += a * a;
+    s.d[3] += a;
+    s.q[3] += a * a;
   }
 }
 
@@ -256,11 +261,13 @@ inline void apply_affine(const scalar_t* __restrict__ in, scalar_t* __restrict__
 template <typename scalar_t>
 void channel_moments(const scalar_t* x, int64_t A, int64_t stride, int64_t L, double& mean,
                      double& sq_dev) {
-  const double shift = plain_sum(x, L) / static_cast<double>(L);
+  Sums first;  // the provisional value: the mean of the channel's first stretch
+  shifted_sums(x, L, 0.0, first);
+  const double shift = first.sum_d() / static_cast<double>(L);
   Sums sums;
   for (int64_t a = 0; a < A; ++a) shifted_sums(x + a * stride, L, shift, sums);
   const double n = static_cast<double>(A * L);
-  const double sum_d = lane_sum(sums.d0 + sums.d1), sum_sq = lane_sum(sums.q0 + sums.q1);
+  const double sum_d = sums.sum_d(), sum_sq = sums.sum_sq();
   mean = shift + sum_d / n;
   sq_dev = std::max(0.0, sum_sq - sum_d * sum_d / n);
 }
@@ -292,8 +299,9 @@ void measure_group(const RowJob<scalar_t, acc_t>& j, int64_t c0, int64_t c1,
   work.resize(2 * (c1 - c0));
   affine_maps<acc_t>(c0, c1, j.mean, j.sq_dev, static_cast<double>(A * L), j.o, j.weight, j.bias,
                      work.data(), j.centre, j.scale, j.shift);
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t a = 0; a < A; ++a) {
+  // Row by row: each row of the group is one contiguous stretch of (c1 - c0) * L values.
+  for (int64_t a = 0; a < A; ++a) {
+    for (int64_t c = c0; c < c1; ++c) {
       const int64_t off = c * L + a * stride;
       apply_affine<scalar_t, acc_t>(x + off, j.out + off, L, j.centre[c], j.scale[c], j.shift[c]);
     }
