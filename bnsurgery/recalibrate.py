@@ -24,10 +24,12 @@ bnsurgery's own classes) runs its own training-mode forward, its input measured 
 
 Where the compiled CPU kernel runs (:mod:`bnsurgery.kernels` chooses it for the input, as for
 every bnsurgery BatchNorm), a plain BatchNorm is measured and normalised by one operator,
-:func:`bnsurgery.kernel_cpp.measure`: the same numbers, with the input read from memory once
-rather than once for the moments and once more to normalise. Elsewhere, and with
-``BNSURGERY_KERNEL=reference``, :func:`batch_moments` and ``F.batch_norm`` do it in torch
-operations, the readable reference.
+:func:`bnsurgery.kernel_cpp.measure`, with the input read from memory once rather than once for
+the moments and once more to normalise: the same moments to float64 rounding, the same output to
+the rounding of its dtype (closer to exact where the mean is far larger than the spread: it
+centres before it scales, where torch's evaluation kernel folds the mean into a shift).
+Elsewhere, and with ``BNSURGERY_KERNEL=reference``, :func:`batch_moments` and ``F.batch_norm``
+do it in torch operations, the readable reference.
 """
 
 from __future__ import annotations
@@ -266,11 +268,11 @@ def _compiled_measure(x: Tensor) -> Callable[..., tuple[Tensor, Tensor, Tensor]]
     """The backend's measure-and-normalise operator for ``x``, or ``None`` for the torch path.
 
     The backend is the one every bnsurgery BatchNorm would use for ``x`` (so
-    ``BNSURGERY_KERNEL=reference`` selects the torch path, and graph capture, tensor subclasses
-    and devices without the compiled kernel do too); only a backend that offers ``measure``
-    (the compiled CPU kernel) has one.
+    ``BNSURGERY_KERNEL=reference`` selects the torch path, and so do graph capture and tensor
+    subclasses); only a backend that offers ``measure`` (the compiled CPU kernel) has one. Other
+    devices are not asked: choosing a backend there would load its compiler for nothing.
     """
-    if x.dtype not in _MEASURED_DTYPES:
+    if not x.is_cpu or x.dtype not in _MEASURED_DTYPES:
         return None
     return getattr(kernels.select_backend(x), "measure", None)
 
