@@ -103,6 +103,11 @@ const acc_t* ptr_or_null(const Tensor& t) {
 // half-width registers on some x86 targets and, for a 4x4 map's 16 values a row, spills its
 // accumulators to the stack, which cost more than the arithmetic.
 
+// Passed only between inlined functions of this file, so the ABI note GCC makes for 64-byte
+// vectors on targets without AVX-512 does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef double Lanes __attribute__((vector_size(64)));  // eight doubles
 typedef float Floats8 __attribute__((vector_size(32)));
 constexpr int64_t kWidth = 8;
