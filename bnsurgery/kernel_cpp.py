@@ -58,6 +58,7 @@ from bnsurgery.kernel_tensor import accumulate_dtype
 __all__ = [
     "AUTOGRAD_IN_KERNEL",
     "CACHE_ENV_VAR",
+    "HEADERS",
     "MEASURE_OPERATOR",
     "OPERATORS",
     "SOURCE",
@@ -81,6 +82,9 @@ SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cpp"
 
 #: Every C++ source of the library, compiled together: one build, one cache key, one module.
 SOURCES = (SOURCE, SOURCE.parent / "sync_cpu.cpp", SOURCE.parent / "moments_cpu.cpp")
+
+#: The headers the sources include (what they share): part of the cache key, not compiled alone.
+HEADERS = (SOURCE.parent / "cpu_common.h",)
 
 #: The forward operators are differentiable themselves (a C++ autograd node registered for the
 #: Autograd dispatch key), so :func:`bnsurgery.functional.batch_norm` calls them directly in
@@ -137,7 +141,7 @@ def _cpu_identity() -> str:
 
 def _key() -> str:
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(),
+    for part in (*(f.read_bytes() for f in (*SOURCES, *HEADERS)), torch.__version__.encode(),
                  sys.version.encode(),
                  platform.machine().encode(), _cpu_identity().encode(),
                  " ".join(_CFLAGS + _LDFLAGS).encode()):

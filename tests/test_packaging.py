@@ -77,7 +77,9 @@ def test_every_kernel_source_is_shipped():
     assert kernel_cpp.SOURCES[0] == kernel_cpp.SOURCE
     # Every source in csrc/ is compiled into the library and part of its cache key.
     assert set((package / "csrc").glob("*.cpp")) == set(kernel_cpp.SOURCES)
-    for source in kernel_cpp.SOURCES:
+    # Every header is part of the key too (a change to it must rebuild), and ships.
+    assert set((package / "csrc").glob("*.h")) == set(kernel_cpp.HEADERS)
+    for source in (*kernel_cpp.SOURCES, *kernel_cpp.HEADERS):
         assert source.is_file(), source
         relative = source.relative_to(package).as_posix()
         assert any(fnmatch(relative, pattern) for pattern in patterns), relative

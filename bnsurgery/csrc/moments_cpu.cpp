@@ -35,6 +35,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_common.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -51,8 +53,8 @@ namespace {
 
 using at::Tensor;
 
-// Values per parallel task below which a thread costs more than it saves (as batch_norm_cpu.cpp).
-constexpr int64_t kMinTaskValues = 65536;
+using namespace bnsurgery_cpu;  // Block, block_of, param, kMinTaskElements
+
 // Bytes of input per group of channels on the row path: small enough to stay in L2 between the
 // statistics and the normalisation.
 constexpr int64_t kGroupBytes = 262144;
@@ -63,39 +65,6 @@ constexpr int64_t kShiftRows = 64;
 // Rows of the interleaved path gathered before they are added to the per-channel sums: the
 // sums are loaded and stored once per kRowGroup rows instead of once per row.
 constexpr int64_t kRowGroup = 4;
-
-struct Layout {
-  Tensor x;          // the input, dense in the layout below
-  int64_t rows;      // N on the row path; N * prod(spatial) on the interleaved path
-  int64_t channels;  // C
-  int64_t inner;     // prod(spatial) on the row path; 1 on the interleaved path
-};
-
-Layout layout_of(const Tensor& input) {
-  const int64_t channels = input.size(1);
-  const int64_t per_channel = input.numel() / channels;
-  if (input.is_contiguous()) {
-    return {input, input.size(0), channels, per_channel / input.size(0)};
-  }
-  if ((input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-      (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
-    return {input, per_channel, channels, 1};
-  }
-  Tensor dense = input.contiguous();
-  return {dense, dense.size(0), channels, per_channel / dense.size(0)};
-}
-
-// A per-channel parameter as a contiguous tensor of `acc`, or an undefined tensor.
-Tensor param(const c10::optional<Tensor>& t, at::ScalarType acc) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
-  return t->to(acc).contiguous();
-}
-
-template <typename acc_t>
-const acc_t* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
-}
 
 // --- Reductions ----------------------------------------------------------------------------------
 // Written with GCC / Clang vector types, which the compiler lowers to the target's registers (one
@@ -314,7 +283,7 @@ void measure_group(const RowJob<scalar_t, acc_t>& j, int64_t c0, int64_t c1,
 }
 
 template <typename scalar_t, typename acc_t>
-void measure_rows(const Layout& l, Tensor& y, const acc_t* weight, const acc_t* bias, Options o,
+void measure_rows(const Block& l, Tensor& y, const acc_t* weight, const acc_t* bias, Options o,
                   double* mean, double* sq_dev) {
   const int64_t C = l.channels, per_channel = l.rows * l.inner;
   const int64_t bytes = per_channel * static_cast<int64_t>(sizeof(scalar_t));
@@ -322,7 +291,7 @@ void measure_rows(const Layout& l, Tensor& y, const acc_t* weight, const acc_t* 
                                             kMaxGroupChannels);
   const int64_t groups = (C + group - 1) / group;
   const int64_t grain =
-      std::max<int64_t>(1, kMinTaskValues / std::max<int64_t>(1, group * per_channel));
+      std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, group * per_channel));
   std::vector<acc_t> maps(3 * C);
   const RowJob<scalar_t, acc_t> job{l.x.data_ptr<scalar_t>(), l.rows, l.inner, C * l.inner,
                                     y.data_ptr<scalar_t>(), weight, bias, o, mean, sq_dev,
@@ -383,11 +352,11 @@ void part_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
 }
 
 template <typename scalar_t, typename acc_t>
-void measure_interleaved(const Layout& l, Tensor& y, const acc_t* weight, const acc_t* bias,
+void measure_interleaved(const Block& l, Tensor& y, const acc_t* weight, const acc_t* bias,
                          Options o, double* mean, double* sq_dev) {
   const int64_t R = l.rows, C = l.channels;
   const scalar_t* x = l.x.data_ptr<scalar_t>();
-  const int64_t by_size = std::max<int64_t>(1, R * C / kMinTaskValues);
+  const int64_t by_size = std::max<int64_t>(1, R * C / kMinTaskElements);
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), by_size, R}));
   std::vector<double> part_mean(parts * C), part_m2(parts * C);
@@ -415,7 +384,7 @@ void measure_interleaved(const Layout& l, Tensor& y, const acc_t* weight, const 
   const acc_t* __restrict__ ce = centre.data();
   const acc_t* __restrict__ sc = scale.data();
   const acc_t* __restrict__ sh = shift.data();
-  const int64_t grain = std::max<int64_t>(1, kMinTaskValues / C);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / C);
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* __restrict__ row = x + r * C;
@@ -447,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_measure(const Tensor& input,
   auto stats_options = input.options().dtype(at::kDouble);
   Tensor mean = at::zeros({C}, stats_options), sq_dev = at::zeros({C}, stats_options);
   if (input.numel() == 0) return {at::empty_like(input), mean, sq_dev};
-  const Layout l = layout_of(input);
+  const Block l = block_of(input);
   const auto acc = at::toOpMathType(input.scalar_type());
   Tensor weight = param(weight_opt, acc), bias = param(bias_opt, acc);
   Tensor y = at::empty_like(l.x);

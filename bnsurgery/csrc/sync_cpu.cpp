@@ -29,6 +29,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,44 +41,7 @@ namespace {
 
 using at::Tensor;
 
-// Values per task below which a thread costs more than it saves (as in batch_norm_cpu.cpp).
-constexpr int64_t kMinTaskElements = 65536;
-// Interleaved rows are reduced in blocks of at most kMaxBlockRows rows and about kBlockBytes, so
-// that the second pass reads from L2 and each float partial sum adds few values.
-constexpr int64_t kBlockBytes = 131072;
-constexpr int64_t kMaxBlockRows = 64;
-// Channels per block on the row path: a block is read row by row, one contiguous stretch each.
-constexpr int64_t kChannelBlockBytes = 262144;
-
-struct Block {
-  Tensor x;          // the input, dense in the layout below
-  int64_t rows;      // A
-  int64_t channels;  // C
-  int64_t inner;     // L; 1 on the interleaved path
-  at::MemoryFormat format;
-};
-
-Block block_of(const Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2 && input.size(1) > 0,
-              "bnsurgery sync kernels: expected an (N, C, ...) input with C > 0, got shape ",
-              input.sizes());
-  const int64_t channels = input.size(1);
-  const int64_t per_channel = input.numel() / channels;
-  if (input.is_contiguous()) {
-    const int64_t rows = input.size(0);
-    return {input, rows, channels, rows > 0 ? per_channel / rows : 0,
-            at::MemoryFormat::Contiguous};
-  }
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return {input, per_channel, channels, 1, at::MemoryFormat::ChannelsLast};
-  }
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return {input, per_channel, channels, 1, at::MemoryFormat::ChannelsLast3d};
-  }
-  Tensor dense = input.contiguous();
-  const int64_t rows = dense.size(0);
-  return {dense, rows, channels, rows > 0 ? per_channel / rows : 0, at::MemoryFormat::Contiguous};
-}
+using namespace bnsurgery_cpu;  // Block, block_of, ptr_or_null, the work-splitting rules
 
 // A per-channel vector as a contiguous (C,) tensor of `dtype` (no copy when it already is one).
 Tensor channel_vector(const Tensor& t, at::ScalarType dtype, int64_t channels, const char* name) {
@@ -91,32 +56,6 @@ Tensor optional_vector(const c10::optional<Tensor>& t, at::ScalarType dtype, int
                        const char* name) {
   if (!t.has_value() || !t->defined()) return Tensor();
   return channel_vector(*t, dtype, channels, name);
-}
-
-template <typename T>
-const T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-inline int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, elements_per_item));
-}
-
-// Interleaved rows are split into `parts` contiguous ranges, one partial result each, merged in
-// order: the result does not depend on the number of threads that ran them.
-inline int64_t parts_for(int64_t rows, int64_t channels) {
-  const int64_t by_size = std::max<int64_t>(1, rows * channels / kMinTaskElements);
-  return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
-                                                 by_size, rows}));
-}
-
-inline int64_t block_rows(int64_t channels, int64_t elem_size) {
-  const int64_t fit = kBlockBytes / std::max<int64_t>(1, channels * elem_size);
-  return std::max<int64_t>(4, std::min<int64_t>(kMaxBlockRows, fit));
-}
-
-inline int64_t channel_block(int64_t per_channel, int64_t elem_size) {
-  return std::max<int64_t>(1, kChannelBlockBytes / std::max<int64_t>(1, per_channel * elem_size));
 }
 
 // --- Statistics ------------------------------------------------------------------------------
