@@ -11,10 +11,14 @@ the forward pass is expected.
 the BatchNorms in training mode and nothing measured (what batch statistics cost by themselves),
 and ``recalibrate_batchnorm(..., inplace=True)`` (the same without the deep copy of the model).
 
+``--batches 4,16`` times both counts in the same interleaved rounds and adds a table of the cost
+*per batch* (the difference between the two, over the difference in batches): what each further
+batch costs once the one-off work (the deep copy, the report) is paid.
+
 Rerun with::
 
     .venv/bin/python benchmarks/recalibrate_throughput.py
-    .venv/bin/python benchmarks/recalibrate_throughput.py --breakdown --rounds 9
+    .venv/bin/python benchmarks/recalibrate_throughput.py --breakdown --batches 4,16 --rounds 9
     .venv/bin/python benchmarks/recalibrate_throughput.py --model resnet50 --batches 8
 """
 
@@ -24,6 +28,7 @@ import argparse
 import copy
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +46,8 @@ COMMAND = ".venv/bin/python benchmarks/recalibrate_throughput.py"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", default="4",
+                        help="batches per run; two counts (4,16) add the cost per batch")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time a training-mode BatchNorm forward and inplace=True")
     args = parser.parse_args(argv)
+    counts = sorted({int(v) for v in args.batches.split(",")})
     import torchvision
 
     torch.set_num_threads(args.threads)
@@ -56,36 +63,36 @@ def main(argv: list[str] | None = None) -> int:
     model = getattr(torchvision.models, args.model)(weights=None).eval()
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(args.batch, 3, args.size, args.size, generator=gen)
-            for _ in range(args.batches)]
-
-    def forward_only() -> None:
-        with torch.no_grad():
-            for x in data:
-                model(x)
-
-    def update_bn() -> None:
-        torch.optim.swa_utils.update_bn(data, copy.deepcopy(model))
-
-    def recalibrate() -> None:
-        recalibrate_batchnorm(model, data)
-
+            for _ in range(max(counts))]
     training = copy.deepcopy(model)
     for module in training.modules():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             module.train()
     in_place = copy.deepcopy(model)
 
-    def training_forward() -> None:
-        with torch.no_grad():
-            for x in data:
-                training(x)
+    def runners_for(batches: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
+        def forward_only() -> None:
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
 
-    runners = {"forward only": forward_only, "update_bn": update_bn,
-               "recalibrate_batchnorm": recalibrate}
-    if args.breakdown:
-        runners["BatchNorms training"] = training_forward
-        runners["recalibrate, inplace"] = lambda: recalibrate_batchnorm(in_place, data,
-                                                                        inplace=True)
+        def training_forward() -> None:
+            with torch.no_grad():
+                for x in batches:
+                    training(x)
+
+        runners: dict[str, Callable[[], object]] = {
+            "forward only": forward_only,
+            "update_bn": lambda: torch.optim.swa_utils.update_bn(batches, copy.deepcopy(model)),
+            "recalibrate_batchnorm": lambda: recalibrate_batchnorm(model, batches)}
+        if args.breakdown:
+            runners["BatchNorms training"] = training_forward
+            runners["recalibrate, inplace"] = lambda: recalibrate_batchnorm(in_place, batches,
+                                                                            inplace=True)
+        return runners
+
+    runners = {f"{name} @{count}": run for count in counts
+               for name, run in runners_for(data[:count]).items()}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     timings = interleaved_timings(runners, rounds=args.rounds, warmup=1, rotate=True)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -93,13 +100,32 @@ def main(argv: list[str] | None = None) -> int:
           f"--size {args.size} --rounds {args.rounds} --threads {args.threads}"
           + (" --breakdown" if args.breakdown else ""))
     print(f"# load average (1 min) before {load_before:.1f}, after {load_after:.1f}")
-    base = timings["forward only"].median
-    images = args.batches * args.batch
-    rows = [(name, f"{t.median * 1e3:.1f} ms", f"{images / t.median:.1f} images/s",
-             f"x{t.median / base:.2f} of a forward pass") for name, t in timings.items()]
-    for line in render_table(("", "median", "throughput", "cost"), rows, align="lrrl",
-                             rule=False, indent="  "):
-        print(line)
+    names = list(runners_for(data[:1]))
+    for count in counts:
+        base = timings[f"forward only @{count}"].median
+        images = count * args.batch
+        print(f"{count} batches of {args.batch}:")
+        medians = {name: timings[f"{name} @{count}"].median for name in names}
+        rows = [(name, f"{medians[name] * 1e3:.1f} ms", f"{images / medians[name]:.1f} images/s",
+                 f"x{medians[name] / base:.2f} of a forward pass")
+                for name in names]
+        for line in render_table(("", "median", "throughput", "cost"), rows, align="lrrl",
+                                 rule=False, indent="  "):
+            print(line)
+    if len(counts) > 1:
+        low, high = counts[0], counts[-1]
+
+        def per_batch(name: str) -> float:
+            return ((timings[f"{name} @{high}"].median - timings[f"{name} @{low}"].median)
+                    / (high - low))
+
+        base = per_batch("forward only")
+        print(f"per batch (from {low} to {high} batches):")
+        rows = [(name, f"{per_batch(name) * 1e3:.1f} ms",
+                 f"x{per_batch(name) / base:.2f} of a forward pass") for name in names]
+        for line in render_table(("", "per batch", "cost"), rows, align="lrl", rule=False,
+                                 indent="  "):
+            print(line)
     return 0
 
 

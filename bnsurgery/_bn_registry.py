@@ -136,7 +136,31 @@ def _resolve(ref: type | str | None) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
-def _rows() -> dict[type, BatchNormKind]:
+#: The table's ``"module:Class"`` references as ``(module, class)`` pairs, each once, in order:
+#: what the rows depend on.
+_NAMED_REFS = tuple(dict.fromkeys(
+    tuple(ref.split(":")) for row in _TABLE for ref in (row[0], row[6]) if isinstance(ref, str)))
+#: The rows built for the classes those references resolve to now (one entry at most).
+_ROWS_CACHE: dict[tuple[type | None, ...], Mapping[type, BatchNormKind]] = {}
+
+
+def _rows() -> Mapping[type, BatchNormKind]:
+    """The registry's rows for the classes that can be looked up now.
+
+    Rebuilt only when a named reference resolves differently (its package was imported or
+    reloaded since): resolving the names is a few dictionary lookups, building the rows is not,
+    and this is asked once per module whenever a model is walked.
+    """
+    modules = sys.modules
+    key = tuple(getattr(modules.get(module), name, None) for module, name in _NAMED_REFS)
+    rows = _ROWS_CACHE.get(key)
+    if rows is None:
+        _ROWS_CACHE.clear()
+        rows = _ROWS_CACHE[key] = _build_rows()
+    return rows
+
+
+def _build_rows() -> dict[type, BatchNormKind]:
     kinds: dict[type, BatchNormKind] = {}
     for source, frozen, keeps, rank, counterpart, sync, restore, subclass in _TABLE:
         cls = _resolve(source)

@@ -70,6 +70,7 @@ __all__ = [
     "fast_entry",
     "forward",
     "measure",
+    "output_like",
     "sync_gradient_sums",
     "sync_input_gradient",
     "sync_normalise",
@@ -298,7 +299,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, i
 
 
 def measure(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats_dtype: torch.dtype,
-            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+            eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A BatchNorm input's exact moments and the input normalised with them, in one operator.
 
     What recalibration needs from a plain BatchNorm: the float64 per-channel mean and sum of
@@ -316,15 +317,21 @@ def measure(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats_dtype: 
         stats_dtype: The dtype the statistics are rounded to before normalising (the layer's
             running buffers').
         eps: Added to the variance.
+        out: Where to write the output: :func:`output_like` ``(x)`` or a tensor of that shape,
+            dtype and layout (the operator refuses any other, and one that shares memory with
+            ``x``). ``None`` allocates one.
 
     Returns:
-        ``(output, mean, sq_dev)``; ``mean`` and ``sq_dev`` are float64 ``(C,)``.
+        ``(output, mean, sq_dev)``; ``output`` is ``out`` when given; ``mean`` and ``sq_dev``
+        are float64 ``(C,)``.
     """
     # _state["measure_op"] is only ever set here.
-    op = cast("Callable[..., tuple[Tensor, Tensor, Tensor]] | None", _state.get("measure_op"))
+    op = cast("Callable[..., tuple[Tensor, Tensor]] | None", _state.get("measure_op"))
     if op is None:
         op = _state["measure_op"] = _direct_callables((MEASURE_OPERATOR,))[0]
-    return op(x, weight, bias, stats_dtype, eps)
+    output = output_like(x) if out is None else out
+    mean, sq_dev = op(x, weight, bias, stats_dtype, eps, output)
+    return output, mean, sq_dev
 
 
 def _resolve_operators() -> _Operators:
@@ -342,8 +349,8 @@ def _direct_callables(names: tuple[str, ...]) -> tuple[Callable[..., Any], ...]:
     return tuple(getattr(overload, "_op", overload) for overload in overloads)
 
 
-def _output_like(x: Tensor) -> Tensor:
-    """An empty tensor in the layout the kernel writes: ``x``'s when dense, else contiguous."""
+def output_like(x: Tensor) -> Tensor:
+    """An empty tensor in the layout the kernels write: ``x``'s when dense, else contiguous."""
     if x.is_contiguous():
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
@@ -361,7 +368,7 @@ def _fake_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                ) -> tuple[Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         return torch.empty_like(x), _stats_like(x), _stats_like(x)
-    return _output_like(x), _stats_like(x), _stats_like(x)
+    return output_like(x), _stats_like(x), _stats_like(x)
 
 
 def _fake_train(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -374,7 +381,7 @@ def _fake_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Ten
                    invstd: Tensor, training: bool, output_mask: Sequence[bool]
                    ) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulate_dtype(x.dtype)
-    grad_x = (torch.empty_like(x) if x.numel() == 0 else _output_like(x)) if output_mask[0] \
+    grad_x = (torch.empty_like(x) if x.numel() == 0 else output_like(x)) if output_mask[0] \
         else x.new_empty((0,))
     sizes = [(x.shape[1],) if need else (0,) for need in output_mask[1:]]
     return grad_x, x.new_empty(sizes[0], dtype=acc), x.new_empty(sizes[1], dtype=acc)
@@ -453,7 +460,7 @@ def _fake_sync_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
 def _fake_sync_normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
                          bias: Tensor | None, eps: float
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y = torch.empty_like(x) if x.numel() == 0 else _output_like(x)
+    y = torch.empty_like(x) if x.numel() == 0 else output_like(x)
     return y, _stats_like(x), _stats_like(x), _stats_like(x)
 
 
@@ -465,10 +472,9 @@ def _fake_sync_grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, mean_residua
 def _fake_sync_grad_input(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
                           mean_residual: Tensor, invstd: Tensor, sum_dy: Tensor,
                           sum_dy_xmu: Tensor, count: int) -> Tensor:
-    return torch.empty_like(x) if x.numel() == 0 else _output_like(x)
+    return torch.empty_like(x) if x.numel() == 0 else output_like(x)
 
 
 def _fake_measure(x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                  stats_dtype: torch.dtype, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    output = torch.empty_like(x) if x.numel() == 0 else _output_like(x)
-    return output, _channel_vector(x, torch.float64), _channel_vector(x, torch.float64)
+                  stats_dtype: torch.dtype, eps: float, out: Tensor) -> tuple[Tensor, Tensor]:
+    return _channel_vector(x, torch.float64), _channel_vector(x, torch.float64)

@@ -263,12 +263,15 @@ def _op_samples():
                 ("cpp_batch_norm_backward", (grad, x, None, mean, invstd, False,
                                              [True, False, True])),
                 *_sync_op_samples(x, grad, weight, bias, mean, invstd),
-                ("cpp_batch_norm_measure", (x, weight, bias, torch.float32, 1e-5)),
-                ("cpp_batch_norm_measure", (x, None, None, dtype, 1e-3)),
+                ("cpp_batch_norm_measure", (x, weight, bias, torch.float32, 1e-5,
+                                            kernel_cpp.output_like(x))),
+                ("cpp_batch_norm_measure", (x, None, None, dtype, 1e-3,
+                                            kernel_cpp.output_like(x))),
             ]
     empty = torch.randn(0, 4, 3)
     samples += _sync_op_samples(empty, empty.clone(), None, None, torch.zeros(4), torch.ones(4))
-    samples.append(("cpp_batch_norm_measure", (empty, None, None, torch.float32, 1e-5)))
+    samples.append(("cpp_batch_norm_measure", (empty, None, None, torch.float32, 1e-5,
+                                               torch.empty_like(empty))))
     return samples
 
 
@@ -600,6 +603,54 @@ def test_measure_split_across_threads_agrees(built, threads):
             torch.testing.assert_close(out, expected, **TOL[torch.float32])
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("inner", [3, 8, 13, 31, 32, 63, 64, 100, 1000])
+@pytest.mark.parametrize("channels", [3, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_measure_every_map_size_on_the_row_path(built, inner, channels, dtype):
+    """Maps shorter than a vector (a masked tail), shorter than the long-stretch sums (32), than
+    the per-value tables (64), and longer; one group of channels and several (70 > 64). Far-mean
+    channels are mixed in, so a group cannot hide a wrong shift."""
+    gen = torch.Generator().manual_seed(inner * channels)
+    x = torch.randn(5, channels, inner, generator=gen, dtype=dtype)
+    x[:, ::2] += 1e4
+    weight = torch.rand(channels, generator=gen, dtype=dtype) + 0.5
+    bias = torch.randn(channels, generator=gen, dtype=dtype)
+    out, mean, sq_dev = kernel_cpp.measure(x, weight, bias, dtype, 1e-5)
+    want_mean, want_sq_dev = _moments_oracle(x)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sq_dev, want_sq_dev, rtol=1e-12, atol=0)
+    # In float64 from the statistics rounded to the buffer dtype: torch's own kernel folds the
+    # mean into the shift, which costs a float32 output its digits at a mean of 1e4.
+    count = x.numel() // channels
+    expected = F.batch_norm(x.double(), mean.to(dtype).double(),
+                            (sq_dev / count).to(dtype).double(), weight.double(), bias.double(),
+                            training=False, eps=1e-5)
+    torch.testing.assert_close(out, expected.to(dtype), **TOL[dtype])
+
+
+def test_measure_writes_into_out_and_refuses_one_that_does_not_fit(built):
+    x, weight, bias, *_ = _case((4, 6, 5, 5), torch.float32, "contiguous")
+    fresh, mean, sq_dev = kernel_cpp.measure(x, weight, bias, torch.float32, 1e-5)
+    out = torch.full_like(x, float("nan"))
+    written, mean2, sq_dev2 = kernel_cpp.measure(x, weight, bias, torch.float32, 1e-5, out)
+    assert written is out
+    torch.testing.assert_close((written, mean2, sq_dev2), (fresh, mean, sq_dev), rtol=0, atol=0)
+    last = x.contiguous(memory_format=torch.channels_last)
+    written = kernel_cpp.measure(last, weight, bias, torch.float32, 1e-5,
+                                 kernel_cpp.output_like(last))[0]
+    assert written.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(written, fresh, **TOL[torch.float32])
+    misfits = {
+        "the input's shape": torch.empty(4, 6, 5, 4),
+        "dtype": torch.empty_like(x, dtype=torch.float64),
+        "dense in the layout": torch.empty_like(x, memory_format=torch.channels_last),
+        "single memory location": x,
+    }
+    for match, bad in misfits.items():
+        with pytest.raises(RuntimeError, match=match):
+            kernel_cpp.measure(x, weight, bias, torch.float32, 1e-5, bad)
 
 
 def test_measure_empty_batch_and_bad_arguments(built):

@@ -482,3 +482,99 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path) -> None:
         inputs = torch.cat([model[0](x) for x in batches]).double()
     want = inputs.transpose(0, 1).reshape(4, -1).var(1)
     torch.testing.assert_close(torch.tensor(report["var"]), want.float(), **F32)
+
+
+# --- Reused outputs ---------------------------------------------------------------------------
+
+def _holders(output: torch.Tensor) -> dict[str, object]:
+    """Every way a model or a hook can keep hold of a BatchNorm's output."""
+    import torch.utils.dlpack
+
+    return {"tensor": output, "view": output[0], "storage": output.untyped_storage(),
+            "numpy": output.numpy(), "dlpack": torch.utils.dlpack.to_dlpack(output),
+            "list": [output], "detached": output.detach()}
+
+
+def _as_tensor(held: object, like: torch.Tensor) -> torch.Tensor:
+    """What a holder from :func:`_holders` reads now, in ``like``'s shape where it has one."""
+    if isinstance(held, torch.UntypedStorage):
+        return torch.empty(0, dtype=like.dtype).set_(held, 0, like.shape, like.stride())
+    if isinstance(held, list):
+        return held[0]
+    if type(held).__name__ == "PyCapsule":
+        return torch.from_dlpack(held)
+    if not isinstance(held, torch.Tensor):
+        return torch.from_numpy(held)
+    return held
+
+
+def _count_reuses(monkeypatch) -> list[bool]:
+    """Make every output reusable (not only large ones); record whether each layer call got one."""
+    from bnsurgery import recalibrate
+
+    monkeypatch.setattr(recalibrate, "_REUSE_BYTES", 0)
+    reused: list[bool] = []
+    take = recalibrate._Spares.take
+
+    def spy(self, x):
+        spare = take(self, x)
+        reused.append(spare is not None)
+        return spare
+
+    monkeypatch.setattr(recalibrate._Spares, "take", spy)
+    return reused
+
+
+def test_outputs_nothing_holds_are_written_again_and_the_statistics_stay_exact(
+        compiled, monkeypatch) -> None:
+    from bnsurgery import kernels
+
+    monkeypatch.setenv(kernels.ENV_VAR, "cpp")
+    reused = _count_reuses(monkeypatch)
+    model, batches = _net(), _batches(sizes=(3, 3, 3, 2))
+    report = recalibrate_batchnorm(model, batches)
+    # Two layers of different shapes, four batches: from the second batch of each shape on.
+    assert reused == [False, False, True, True, True, True, False, False]
+    for name, (mean, var) in _oracle(model, batches).items():
+        tolerance = F32 if name == "1" else DEEPER
+        bn = report.model.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean, mean.float(), **tolerance)
+        torch.testing.assert_close(bn.running_var, var.float(), **tolerance)
+
+
+@pytest.mark.parametrize("holder", list(_holders(torch.zeros(2, 2))))
+def test_an_output_something_still_holds_is_never_written_again(compiled, monkeypatch,
+                                                                holder) -> None:
+    """A forward hook keeps each batch's output (or a view, its storage, a numpy array, a DLPack
+    capsule, ...): what it kept must still read as it was when it was handed on."""
+    from bnsurgery import kernels
+
+    monkeypatch.setenv(kernels.ENV_VAR, "cpp")
+    reused = _count_reuses(monkeypatch)
+    kept: list[tuple[object, torch.Tensor]] = []
+
+    def keep(_module, _args, output):
+        kept.append((_holders(output)[holder], output.clone()))
+
+    model, batches = _net(), _batches(sizes=(3, 3, 3))
+    model[1].register_forward_hook(keep)
+    recalibrate_batchnorm(model, batches, inplace=True)
+    assert len(kept) == 3
+    assert reused[0::2] == [False, False, False]  # model[1]'s calls: nothing could be reused
+    for held, when_handed_on in kept:
+        got = _as_tensor(held, when_handed_on)
+        torch.testing.assert_close(got, when_handed_on.reshape(got.shape) if holder != "view"
+                                   else when_handed_on[0], rtol=0, atol=0)
+
+
+def test_unshared_sees_every_kind_of_holder() -> None:
+    from bnsurgery.recalibrate import _unshared
+
+    def probe(make_holder) -> bool:
+        tensor = torch.empty(16)
+        holder = make_holder(tensor)  # noqa: F841  # alive during the check
+        return _unshared(tensor, 1)
+
+    assert probe(lambda t: None)
+    for name in _holders(torch.zeros(2, 2)):
+        assert not probe(lambda t, n=name: _holders(t)[n]), name

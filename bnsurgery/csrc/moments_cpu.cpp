@@ -1,6 +1,6 @@
 // Measure-and-normalise for BatchNorm recalibration: one operator, `cpp_batch_norm_measure`, that
-// returns a BatchNorm input's exact float64 moments per channel and the input normalised with
-// them, as a training-mode forward would hand it on. Written from scratch (no torch batch-norm
+// returns a BatchNorm input's exact float64 moments per channel and writes the input normalised
+// with them into `out`, as a training-mode forward would hand it on. Written from scratch (no torch batch-norm
 // call); compiled into the same library as batch_norm_cpu.cpp, in the same `bnsurgery`
 // namespace.
 //
@@ -31,6 +31,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -105,6 +106,29 @@ inline Lanes load_lanes(const scalar_t* p) {
   }
 }
 
+// a = x - shift over the first n < kWidth values at p, zero in the other lanes. A masked load
+// where the target has one; otherwise through a zeroed buffer (writing the lanes of a vector one
+// by one goes through the stack and stalls the load that follows, about as long as a short map
+// takes to reduce).
+template <typename scalar_t>
+inline Lanes partial_lanes(const scalar_t* p, int64_t n, double shift) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  const __mmask8 mask = static_cast<__mmask8>((1u << n) - 1);
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    const __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, p));
+    return reinterpret_cast<Lanes>(_mm512_maskz_sub_pd(mask, v, _mm512_set1_pd(shift)));
+  } else if constexpr (std::is_same<scalar_t, double>::value) {
+    const __m512d v = _mm512_maskz_loadu_pd(mask, p);
+    return reinterpret_cast<Lanes>(_mm512_maskz_sub_pd(mask, v, _mm512_set1_pd(shift)));
+  }
+#endif
+  scalar_t buffer[kWidth];
+  for (int j = 0; j < kWidth; ++j) buffer[j] = j < n ? p[j] : scalar_t(0);
+  Lanes keep;
+  for (int j = 0; j < kWidth; ++j) keep[j] = j < n ? 1.0 : 0.0;
+  return (load_lanes(buffer) - shift) * keep;
+}
+
 // The sum of the eight lanes, as a tree (a chain of seven dependent adds is slower).
 inline double lane_sum(Lanes v) {
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
@@ -137,8 +161,7 @@ inline void shifted_sums(const scalar_t* __restrict__ p, int64_t n, double shift
     s.q[k] += a * a;
   }
   if (i < n) {
-    Lanes a = {};
-    for (int64_t j = 0; i + j < n; ++j) a[j] = static_cast<double>(p[i + j]) - shift;
+    const Lanes a = partial_lanes(p + i, n - i, shift);
     s.d[3] += a;
     s.q[3] += a * a;
   }
@@ -225,26 +248,50 @@ inline void apply_affine(const scalar_t* __restrict__ in, scalar_t* __restrict__
 }
 
 // --- Row path: a group of channels measured, then normalised from cache ----------------------
-// A channel is A stretches of L contiguous values, C * L values apart. Each channel of a group is
-// measured stretch by stretch, its accumulators kept in registers; then the group's affine maps
-// are computed together (their square roots and divisions vectorise); then the group is
-// normalised while its values are still in L2. With a small map each stretch is a cache line or
-// two, and the next channel's are the next lines of the same A streams, which the hardware
-// prefetcher follows.
+// A channel is A stretches of L contiguous values, C * L values apart, and the stretches of a
+// group of channels in one row are one contiguous run of (c1 - c0) * L values. The group is read
+// row by row, as memory lies (one channel at a time would start A new streams per channel, each
+// a few KB, which the hardware prefetcher takes a while to follow), each channel's sums kept in
+// its own accumulators; then the group's affine maps are computed together (their square roots
+// and divisions vectorise); then the group is normalised, row by row again, while its values
+// are still in L2.
 
+// One channel's running sums of d = x - shift and d^2, eight double lanes each.
+struct ChannelSums {
+  Lanes d = {}, q = {};
+};
+
+// Adds d = x - shift and d^2 over n contiguous values into `acc`. A long stretch goes through
+// shifted_sums' eight independent accumulators; a short one (a small map: 4 x 4, 7 x 7) adds
+// straight into the channel's own two.
 template <typename scalar_t>
-void channel_moments(const scalar_t* x, int64_t A, int64_t stride, int64_t L, double& mean,
-                     double& sq_dev) {
-  Sums first;  // the provisional value: the mean of the channel's first stretch
-  shifted_sums(x, L, 0.0, first);
-  const double shift = first.sum_d() / static_cast<double>(L);
-  Sums sums;
-  for (int64_t a = 0; a < A; ++a) shifted_sums(x + a * stride, L, shift, sums);
-  const double n = static_cast<double>(A * L);
-  const double sum_d = sums.sum_d(), sum_sq = sums.sum_sq();
-  mean = shift + sum_d / n;
-  sq_dev = std::max(0.0, sum_sq - sum_d * sum_d / n);
+inline void add_stretch(const scalar_t* __restrict__ p, int64_t n, double shift,
+                        ChannelSums& acc) {
+  if (n >= 4 * kWidth) {
+    Sums s;
+    shifted_sums(p, n, shift, s);
+    acc.d += (s.d[0] + s.d[1]) + (s.d[2] + s.d[3]);
+    acc.q += (s.q[0] + s.q[1]) + (s.q[2] + s.q[3]);
+    return;
+  }
+  Lanes d = acc.d, q = acc.q;
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) {
+    const Lanes a = load_lanes(p + i) - shift;
+    d += a;
+    q += a * a;
+  }
+  if (i < n) {
+    const Lanes a = partial_lanes(p + i, n - i, shift);
+    d += a;
+    q += a * a;
+  }
+  acc.d = d;
+  acc.q = q;
 }
+
+// Maps of fewer values than this are normalised through per-value tables (below).
+constexpr int64_t kShortInner = 64;
 
 // What every group of one input shares.
 template <typename scalar_t, typename acc_t>
@@ -262,22 +309,71 @@ struct RowJob {
   acc_t* shift;
 };
 
+// One thread's scratch space, reused from group to group.
+template <typename acc_t>
+struct Scratch {
+  std::vector<ChannelSums> sums;
+  std::vector<double> shifts, work;
+  std::vector<acc_t> table;
+};
+
 template <typename scalar_t, typename acc_t>
 void measure_group(const RowJob<scalar_t, acc_t>& j, int64_t c0, int64_t c1,
-                   std::vector<double>& work) {
-  const int64_t A = j.rows, L = j.inner, stride = j.stride;
-  const scalar_t* x = j.x;
-  for (int64_t c = c0; c < c1; ++c) {
-    channel_moments(x + c * L, A, stride, L, j.mean[c], j.sq_dev[c]);
+                   Scratch<acc_t>& s) {
+  const int64_t A = j.rows, L = j.inner, stride = j.stride, G = c1 - c0;
+  const scalar_t* x = j.x + c0 * L;
+  s.sums.assign(G, ChannelSums{});
+  s.shifts.resize(G);
+  // Row 0: each channel's provisional value is the mean of its first stretch (still in L1
+  // when it is added in).
+  for (int64_t k = 0; k < G; ++k) {
+    Sums first;
+    shifted_sums(x + k * L, L, 0.0, first);
+    s.shifts[k] = first.sum_d() / static_cast<double>(L);
+    add_stretch(x + k * L, L, s.shifts[k], s.sums[k]);
   }
-  work.resize(2 * (c1 - c0));
-  affine_maps<acc_t>(c0, c1, j.mean, j.sq_dev, static_cast<double>(A * L), j.o, j.weight, j.bias,
-                     work.data(), j.centre, j.scale, j.shift);
-  // Row by row: each row of the group is one contiguous stretch of (c1 - c0) * L values.
+  for (int64_t a = 1; a < A; ++a) {
+    const scalar_t* row = x + a * stride;
+    for (int64_t k = 0; k < G; ++k) add_stretch(row + k * L, L, s.shifts[k], s.sums[k]);
+  }
+  const double n = static_cast<double>(A * L);
+  for (int64_t k = 0; k < G; ++k) {
+    const double sum_d = lane_sum(s.sums[k].d), sum_sq = lane_sum(s.sums[k].q);
+    j.mean[c0 + k] = s.shifts[k] + sum_d / n;
+    j.sq_dev[c0 + k] = std::max(0.0, sum_sq - sum_d * sum_d / n);
+  }
+  s.work.resize(2 * G);
+  affine_maps<acc_t>(c0, c1, j.mean, j.sq_dev, n, j.o, j.weight, j.bias, s.work.data(),
+                     j.centre, j.scale, j.shift);
+  scalar_t* out = j.out + c0 * L;
+  if (L >= kShortInner) {
+    for (int64_t a = 0; a < A; ++a) {
+      for (int64_t k = 0; k < G; ++k) {
+        const int64_t off = a * stride + k * L;
+        apply_affine<scalar_t, acc_t>(x + off, out + off, L, j.centre[c0 + k], j.scale[c0 + k],
+                                      j.shift[c0 + k]);
+      }
+    }
+    return;
+  }
+  // A short map: the group's maps written out once per value of a row, so that each row is one
+  // vectorised loop over G * L values rather than G loops of a few values each.
+  const int64_t width = G * L;
+  s.table.resize(3 * width);
+  acc_t* __restrict__ ce = s.table.data();
+  acc_t* __restrict__ sc = ce + width;
+  acc_t* __restrict__ sh = sc + width;
+  for (int64_t k = 0; k < G; ++k) {
+    std::fill_n(ce + k * L, L, j.centre[c0 + k]);
+    std::fill_n(sc + k * L, L, j.scale[c0 + k]);
+    std::fill_n(sh + k * L, L, j.shift[c0 + k]);
+  }
   for (int64_t a = 0; a < A; ++a) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * L + a * stride;
-      apply_affine<scalar_t, acc_t>(x + off, j.out + off, L, j.centre[c], j.scale[c], j.shift[c]);
+    const scalar_t* __restrict__ in = x + a * stride;
+    scalar_t* __restrict__ dst = out + a * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      dst[i] = static_cast<scalar_t>((static_cast<acc_t>(in[i]) - ce[i]) * sc[i] + sh[i]);
     }
   }
 }
@@ -297,9 +393,9 @@ void measure_rows(const Block& l, Tensor& y, const acc_t* weight, const acc_t* b
                                     y.data_ptr<scalar_t>(), weight, bias, o, mean, sq_dev,
                                     maps.data(), maps.data() + C, maps.data() + 2 * C};
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    std::vector<double> work;
+    Scratch<acc_t> scratch;
     for (int64_t g = begin; g < end; ++g) {
-      measure_group<scalar_t, acc_t>(job, g * group, std::min(C, (g + 1) * group), work);
+      measure_group<scalar_t, acc_t>(job, g * group, std::min(C, (g + 1) * group), scratch);
     }
   });
 }
@@ -399,10 +495,15 @@ void measure_interleaved(const Block& l, Tensor& y, const acc_t* weight, const a
 
 // --- Operator ------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_measure(const Tensor& input,
-                                                      const c10::optional<Tensor>& weight_opt,
-                                                      const c10::optional<Tensor>& bias_opt,
-                                                      at::ScalarType stats_dtype, double eps) {
+// Writes the normalised input into `out`, which the caller allocates in the layout the kernel
+// writes (the input's own when it is dense, contiguous or channels-last; contiguous otherwise),
+// so that recalibration can hand a layer the buffer it wrote last batch once nothing else holds
+// it. `out` shares no memory with `input` (the loops read and write through restrict pointers).
+std::tuple<Tensor, Tensor> batch_norm_measure(const Tensor& input,
+                                              const c10::optional<Tensor>& weight_opt,
+                                              const c10::optional<Tensor>& bias_opt,
+                                              at::ScalarType stats_dtype, double eps,
+                                              Tensor& out) {
   TORCH_CHECK(input.dim() >= 2, "cpp_batch_norm_measure: the input needs a batch and a channel "
               "axis (N, C, ...), got ", input.dim(), " dimension(s)");
   TORCH_CHECK(at::isFloatingType(stats_dtype), "cpp_batch_norm_measure: stats_dtype must be a "
@@ -413,13 +514,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_measure(const Tensor& input,
                 "cpp_batch_norm_measure: weight and bias need one value per channel (", C,
                 "), got ", (*t)->numel());
   }
+  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type() &&
+              out.device() == input.device(), "cpp_batch_norm_measure: out must have the "
+              "input's shape, dtype and device, got ", out.sizes(), " ", out.scalar_type(),
+              " for ", input.sizes(), " ", input.scalar_type());
   auto stats_options = input.options().dtype(at::kDouble);
   Tensor mean = at::zeros({C}, stats_options), sq_dev = at::zeros({C}, stats_options);
-  if (input.numel() == 0) return {at::empty_like(input), mean, sq_dev};
+  if (input.numel() == 0) return {mean, sq_dev};
   const Block l = block_of(input);
+  TORCH_CHECK(out.is_contiguous(l.format), "cpp_batch_norm_measure: out must be dense in the "
+              "layout the kernel writes (", l.format, "), got strides ", out.strides());
+  at::assert_no_overlap(out, l.x);
   const auto acc = at::toOpMathType(input.scalar_type());
   Tensor weight = param(weight_opt, acc), bias = param(bias_opt, acc);
-  Tensor y = at::empty_like(l.x);
+  Tensor& y = out;
   const Options o{stats_dtype, eps};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "bnsurgery_batch_norm_measure", [&] {
@@ -434,14 +542,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_measure(const Tensor& input,
                                            sq_dev.data_ptr<double>());
     }
   });
-  return {y, mean, sq_dev};
+  return {mean, sq_dev};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bnsurgery, m) {
   m.def("cpp_batch_norm_measure(Tensor input, Tensor? weight, Tensor? bias, "
-        "ScalarType stats_dtype, float eps) -> (Tensor, Tensor, Tensor)");
+        "ScalarType stats_dtype, float eps, Tensor(a!) out) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnsurgery, CPU, m) {
