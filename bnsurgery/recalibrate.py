@@ -222,12 +222,22 @@ def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
 
 
 class _Moments:
-    """Float64 count, mean and sum of squared deviations of one layer's input, per channel."""
+    """Float64 count, mean and sum of squared deviations of one layer's input, per channel.
+
+    Batches' moments are kept and merged a few dozen at a time (:func:`merge_moments`, Chan's
+    formula over all parts at once): a merge per batch is four small tensor operations per layer,
+    which in a network of small layers costs as much as measuring one. Not all of them until the
+    end: thousands of small tensors kept alive scatter the heap, and the large activations
+    allocated between them then come from fresh, page-faulting memory.
+    """
+
+    #: Parts kept before they are merged into one.
+    PARTS = 32
 
     def __init__(self) -> None:
-        self.count = 0
-        self.mean: Tensor | None = None
-        self.sq_dev: Tensor | None = None
+        self.counts: list[int] = []
+        self.means: list[Tensor] = []
+        self.sq_devs: list[Tensor] = []
 
     def add(self, x: Tensor) -> tuple[int, Tensor, Tensor] | None:
         """Measure one batch, merge it in, and return its own moments (``None`` when empty)."""
@@ -243,17 +253,24 @@ class _Moments:
 
     def merge(self, count: int, mean: Tensor, sq_dev: Tensor) -> None:
         """Merge in one batch's moments (``count`` values per channel, float64 ``(C,)``)."""
-        if self.mean is None or self.sq_dev is None:
-            # Copies: the running moments are updated in place from the next batch on.
-            self.count, self.mean, self.sq_dev = count, mean.clone(), sq_dev.clone()
-            return
-        # Chan's merge of two parts, written out and in place: four small tensor operations per
-        # layer and batch, no stacking, no device synchronisation.
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean.add_(delta, alpha=count / total)
-        self.sq_dev.add_(sq_dev).addcmul_(delta, delta, value=self.count * count / total)
-        self.count = total
+        self.counts.append(count)
+        self.means.append(mean)
+        self.sq_devs.append(sq_dev)
+        if len(self.counts) >= self.PARTS:
+            merged = self.total()
+            if merged[1] is not None:  # always: there are parts
+                self.counts, self.means, self.sq_devs = [merged[0]], [merged[1]], [merged[2]]
+
+    def total(self) -> tuple[int, Tensor, Tensor] | tuple[int, None, None]:
+        """``(count, mean, sq_dev)`` over every batch merged in; ``(0, None, None)`` for none."""
+        if not self.counts:
+            return 0, None, None
+        if len(self.counts) == 1:
+            return self.counts[0], self.means[0], self.sq_devs[0]
+        counts = torch.tensor(self.counts, dtype=_F64, device=self.means[0].device)
+        _, mean, sq_dev = merge_moments(counts, torch.stack(self.means),
+                                        torch.stack(self.sq_devs))
+        return sum(self.counts), mean, sq_dev
 
 
 #: BatchNorm classes whose training-mode forward is exactly ``F.batch_norm`` with batch statistics
@@ -328,30 +345,41 @@ def _lone_storage() -> tuple[int, int]:
     return sys.getrefcount(storage), int(_STORAGE_USE_COUNT(storage._cdata))
 
 
+#: Outputs kept per shape. Two are alive at once in a residual stage (a block's output is the
+#: next block's shortcut while that block's last BatchNorm runs); one more for a branch.
+_KEPT_PER_SHAPE = 3
+
+
 class _Spares:
-    """Outputs handed on earlier in the pass, one per shape, written again once nothing else
-    holds them (see above). One per shape, not per layer: a pass keeps no more memory than the
-    few distinct large shapes take, not one output per BatchNorm as a training step would."""
+    """Outputs handed on earlier in the pass, a few per shape, written again once nothing else
+    holds them (see above). Per shape, not per layer: a pass keeps no more memory than a few
+    outputs of each large shape, not one per BatchNorm as a training step would."""
 
     def __init__(self) -> None:
-        self.by_shape: dict[tuple[object, ...], Tensor] = {}
+        self.by_shape: dict[tuple[object, ...], list[Tensor]] = {}
 
     def take(self, x: Tensor) -> Tensor | None:
         """A kept output to write ``x``'s into, or ``None`` (the operator allocates one)."""
         if (torch.is_grad_enabled() or not x.is_contiguous()
                 or x.numel() * x.element_size() < _REUSE_BYTES):
             return None
-        key = (x.shape, x.dtype, x.device)
-        spare = self.by_shape.pop(key, None)
-        # The only reference should be this local name: the pool's was just popped.
-        if spare is None or not _unshared(spare, 1):
+        kept = self.by_shape.get((x.shape, x.dtype, x.device))
+        if not kept:
             return None
-        return spare
+        for i in range(len(kept)):  # by index: enumerate's tuple would hold one more reference
+            spare = kept[i]
+            # References: the list's and this local name's.
+            if _unshared(spare, 2):
+                del kept[i]
+                return spare
+        return None
 
     def keep(self, output: Tensor) -> None:
         """Keep ``output`` for a later BatchNorm of its shape, if it is large enough to pay."""
         if output.is_contiguous() and output.numel() * output.element_size() >= _REUSE_BYTES:
-            self.by_shape[(output.shape, output.dtype, output.device)] = output
+            kept = self.by_shape.setdefault((output.shape, output.dtype, output.device), [])
+            kept.append(output)
+            del kept[:-_KEPT_PER_SHAPE]
 
 
 class _BatchStatisticsForward:
@@ -463,10 +491,11 @@ def _merge_across_ranks(moments: list[tuple[str, _Moments, int]],
     payload = torch.zeros(world_size, width, dtype=_F64, device=device)
     offset = 0
     for _, moment, channels in moments:
-        if moment.mean is not None and moment.sq_dev is not None:
-            payload[rank, offset] = moment.count
-            payload[rank, offset + 1:offset + 1 + channels] = moment.mean
-            payload[rank, offset + 1 + channels:offset + 1 + 2 * channels] = moment.sq_dev
+        count, mean, sq_dev = moment.total()
+        if mean is not None and sq_dev is not None:
+            payload[rank, offset] = count
+            payload[rank, offset + 1:offset + 1 + channels] = mean
+            payload[rank, offset + 1 + channels:offset + 1 + 2 * channels] = sq_dev
         offset += 1 + 2 * channels
     dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=process_group)
     merged, offset = [], 0
@@ -579,7 +608,7 @@ def _gather(moments: list[tuple[str, _Moments, int]], batches: int,
     """Every layer's moments over all ranks, the batches over all ranks, and the world size."""
     world_size, rank = _world(process_group)
     if world_size == 1:
-        return [(m.count, m.mean, m.sq_dev) for _, m, _ in moments], batches, 1
+        return [m.total() for _, m, _ in moments], batches, 1
     import torch.distributed as dist
 
     merged = _merge_across_ranks(moments, process_group, world_size, rank, device)

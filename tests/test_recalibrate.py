@@ -578,3 +578,20 @@ def test_unshared_sees_every_kind_of_holder() -> None:
     assert probe(lambda t: None)
     for name in _holders(torch.zeros(2, 2)):
         assert not probe(lambda t, n=name: _holders(t)[n]), name
+
+
+def test_moments_of_more_batches_than_are_kept_apart_equal_the_concatenation() -> None:
+    """Parts are merged a few dozen at a time; the total must not depend on where that happens."""
+    from bnsurgery.recalibrate import _Moments
+
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(int(n), 4, 3, generator=gen, dtype=torch.float64) * 3 + 100
+             for n in torch.randint(1, 6, (2 * _Moments.PARTS + 5,), generator=gen)]
+    moments = _Moments()
+    for part in parts:
+        moments.add(part)
+    count, mean, sq_dev = moments.total()
+    every = torch.cat(parts).transpose(0, 1).reshape(4, -1)
+    assert count == every.shape[1]
+    torch.testing.assert_close(mean, every.mean(1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(sq_dev, every.var(1, correction=0) * count, rtol=1e-12, atol=0)

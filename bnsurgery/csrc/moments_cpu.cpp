@@ -519,8 +519,9 @@ std::tuple<Tensor, Tensor> batch_norm_measure(const Tensor& input,
               "input's shape, dtype and device, got ", out.sizes(), " ", out.scalar_type(),
               " for ", input.sizes(), " ", input.scalar_type());
   auto stats_options = input.options().dtype(at::kDouble);
-  Tensor mean = at::zeros({C}, stats_options), sq_dev = at::zeros({C}, stats_options);
-  if (input.numel() == 0) return {mean, sq_dev};
+  if (input.numel() == 0) return {at::zeros({C}, stats_options), at::zeros({C}, stats_options)};
+  // Every channel's entry is written by either path.
+  Tensor mean = at::empty({C}, stats_options), sq_dev = at::empty({C}, stats_options);
   const Block l = block_of(input);
   TORCH_CHECK(out.is_contiguous(l.format), "cpp_batch_norm_measure: out must be dense in the "
               "layout the kernel writes (", l.format, "), got strides ", out.strides());
