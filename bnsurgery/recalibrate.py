@@ -30,6 +30,12 @@ the rounding of its dtype (closer to exact where the mean is far larger than the
 centres before it scales, where torch's evaluation kernel folds the mean into a shift).
 Elsewhere, and with ``BNSURGERY_KERNEL=reference``, :func:`batch_moments` and ``F.batch_norm``
 do it in torch operations, the readable reference.
+
+Two things keep the pass near the cost of a plain forward pass. A large output (4 MiB and up) is
+written, in a later batch, into one handed on before, once nothing else can reach that one
+(reference counts, views and storage are checked, see :func:`_unshared`): fresh memory of that
+size page-faults its way in, which costs more than the normalisation. And a layer's per-batch
+moments are merged a few dozen batches at a time rather than after every batch.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@
 // Memory. On the row path (contiguous NCHW and 3-D / 5-D) a group of channels, a few hundred KB,
 // is measured and then normalised while it is still in L2: the input is read from memory once,
 // the output written once, as an evaluation-mode BatchNorm does (a single channel larger than
-// L2, e.g. batch 64 at 112 x 112, is read twice). On the interleaved path (channels-last, and
+// L2, e.g. batch 64 at 112 x 112, is read twice). While one group is written out the next is
+// fetched into L2 (on maps of 64 values and more), so that reading and writing overlap as they
+// do in one pass. On the interleaved path (channels-last, and
 // 2-D (N, C)) every row holds one value of every channel, so the statistics of any channel need
 // the whole input: it is read twice there, as a training-mode forward reads it.
 //
