@@ -15,10 +15,17 @@ and ``recalibrate_batchnorm(..., inplace=True)`` (the same without the deep copy
 *per batch* (the difference between the two, over the difference in batches): what each further
 batch costs once the one-off work (the deep copy, the report) is paid.
 
+``--processes`` runs each row in a fresh process of its own (one per row and round, the rows'
+order rotating from round to round; a warm-up run, then ``--repeats`` timed ones). In one
+process the rows share a heap: whatever one leaves allocated or frees decides whether the next
+one's large activations come from memory already mapped or page-fault their way in, which moved
+the forward pass alone by 5-10% depending on its neighbours.
+
 Rerun with::
 
     .venv/bin/python benchmarks/recalibrate_throughput.py
     .venv/bin/python benchmarks/recalibrate_throughput.py --breakdown --batches 4,16 --rounds 9
+    .venv/bin/python benchmarks/recalibrate_throughput.py --breakdown --batches 4,16 --processes
     .venv/bin/python benchmarks/recalibrate_throughput.py --model resnet50 --batches 8
 """
 
@@ -26,8 +33,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnsurgery.recalibrate import recalibrate_batchnorm  # noqa: E402
 from bnsurgery.tables import render_table  # noqa: E402
-from bnsurgery.timing import interleaved_timings  # noqa: E402
+from bnsurgery.timing import Timing, interleaved_timings  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/recalibrate_throughput.py"
 
@@ -54,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--breakdown", action="store_true",
                         help="also time a training-mode BatchNorm forward and inplace=True")
+    parser.add_argument("--processes", action="store_true",
+                        help="time each row in fresh processes of its own")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per process with --processes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     counts = sorted({int(v) for v in args.batches.split(",")})
     import torchvision
@@ -93,12 +108,26 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {f"{name} @{count}": run for count in counts
                for name, run in runners_for(data[:count]).items()}
+    if args.child is not None:
+        runners[args.child]()  # warm-up
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            runners[args.child]()
+            seconds.append(time.perf_counter() - start)
+        print(json.dumps(seconds))
+        return 0
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    timings = interleaved_timings(runners, rounds=args.rounds, warmup=1, rotate=True)
+    if args.processes:
+        timings = _in_processes(list(runners), argv if argv is not None else sys.argv[1:],
+                                args.rounds)
+    else:
+        timings = interleaved_timings(runners, rounds=args.rounds, warmup=1, rotate=True)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {COMMAND} --model {args.model} --batches {args.batches} --batch {args.batch} "
           f"--size {args.size} --rounds {args.rounds} --threads {args.threads}"
-          + (" --breakdown" if args.breakdown else ""))
+          + (" --breakdown" if args.breakdown else "")
+          + (f" --processes --repeats {args.repeats}" if args.processes else ""))
     print(f"# load average (1 min) before {load_before:.1f}, after {load_after:.1f}")
     names = list(runners_for(data[:1]))
     for count in counts:
@@ -127,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
                                  indent="  "):
             print(line)
     return 0
+
+
+def _in_processes(keys: list[str], argv: list[str], rounds: int) -> dict[str, Timing]:
+    """Each key timed in a fresh process per round, the order rotating; medians of all runs."""
+    seconds: dict[str, list[float]] = {key: [] for key in keys}
+    for round_ in range(rounds):
+        shift = round_ % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            done = subprocess.run([sys.executable, __file__, *argv, "--child", key],
+                                  check=True, capture_output=True, text=True)
+            seconds[key] += json.loads(done.stdout.strip().splitlines()[-1])
+    return {key: Timing.of(values) for key, values in seconds.items()}
 
 
 if __name__ == "__main__":
