@@ -240,15 +240,6 @@ void affine_maps(int64_t c0, int64_t c1, const double* mean, const double* sq_de
   }
 }
 
-template <typename scalar_t, typename acc_t>
-inline void apply_affine(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
-                         acc_t centre, acc_t scale, acc_t shift) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>((static_cast<acc_t>(in[i]) - centre) * scale + shift);
-  }
-}
-
 // --- Row path: a group of channels measured, then normalised from cache ----------------------
 // A channel is A stretches of L contiguous values, C * L values apart, and the stretches of a
 // group of channels in one row are one contiguous run of (c1 - c0) * L values. The group is read
@@ -323,7 +314,7 @@ struct Scratch {
 template <typename scalar_t>
 constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
 
-// apply_affine, one cache line at a time, asking with each for a line of `ahead` (the next
+// out = (in - centre) * scale + shift, rounded once, one cache line at a time, asking with each for a line of `ahead` (the next
 // group's values at the same place in the row) to be brought into L2: while this group is
 // written out the next one comes in, and its statistics are then read from L2 rather than from
 // memory. Without it the two steps take turns, the read of one group waiting on memory alone,
